@@ -1,0 +1,52 @@
+r"""Converts a PyTorch DiT checkpoint to Flax params saved with orbax.
+
+  python convert_torch_checkpoint.py --checkpoint DiT-XL-2-256x256.pt --output ckpt/dit_xl_2_256
+  python convert_torch_checkpoint.py --checkpoint path/to/diffusers/transformer --output ckpt/x
+
+IN is an original DiT .pt (a plain state_dict, or a train.py checkpoint holding model/ema/opt;
+EMA weights are taken, as the original's sample.py does) or a diffusers DiT folder. The model
+and input size are inferred from tensor shapes unless given. The output directory holds
+model.json and params/ (orbax) and is replaced atomically: a failed run leaves it as it was.
+"""
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--checkpoint', required=True, help='original .pt file or diffusers DiT folder')
+  parser.add_argument('--output', required=True, help='output directory (model.json + params/)')
+  parser.add_argument('--model', default=None, help='e.g. DiT-XL/2 (default: inferred from shapes)')
+  parser.add_argument('--image-size', type=int, default=None, choices=[256, 512], help='image size (default: inferred)')
+  args = parser.parse_args(argv)
+
+  from dpq_jax import convert
+  from dpq_jax.models import dit
+
+  try:
+    if args.model is not None:
+      dit.parse_name(args.model)
+    convert.check_writable_dir_parent(args.output)
+    spec, params = convert.load_torch_checkpoint(
+      args.checkpoint, args.model, None if args.image_size is None else args.image_size // 8
+    )
+    convert.save_converted(args.output, spec, params, source=args.checkpoint)
+  except (ValueError, OSError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  n = sum(v.size for v in _leaves(params))
+  print(f'converted {args.checkpoint} -> {args.output}: {spec.name}, {spec.input_size * 8}px, {n:,} params')
+  return 0
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for v in tree.values():
+      yield from _leaves(v)
+  else:
+    yield tree
+
+
+if __name__ == '__main__':
+  sys.exit(main())

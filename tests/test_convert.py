@@ -1,0 +1,202 @@
+"""Converter: original-format and diffusers checkpoints, the CLI, and every refusal."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dpq_jax import convert
+from tests import torch_refs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def reference():
+  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
+  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
+  return ref, state
+
+
+def _original_state_dict(state):
+  """A synthetic original-format state_dict, pos_embed buffer included, as torch tensors."""
+  from dpq_jax.models import dit
+
+  out = {k: torch.from_numpy(v) for k, v in state.items()}
+  out['pos_embed'] = torch.from_numpy(dit.get_2d_sincos_pos_embed(384, 4)).float()[None]
+  return out
+
+
+def _check_forward(ref, spec, params):
+  x = np.random.RandomState(0).randn(2, 8, 8, 4).astype(np.float32)
+  t, y = np.array([0, 999]), np.array([3, 10])
+  got = spec.create().apply({'params': params}, x, t, y)
+  want = torch_refs.diffusers_forward(ref, x, t, y)
+  assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_plain_state_dict(reference, tmp_path):
+  ref, state = reference
+  path = tmp_path / 'DiT-S-2.pt'
+  torch.save(_original_state_dict(state), path)
+  spec, params = convert.load_torch_checkpoint(str(path))
+  assert spec == convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10)
+  _check_forward(ref, spec, params)
+
+
+def test_training_checkpoint_takes_ema_and_allows_namespace(reference, tmp_path):
+  ref, state = reference
+  sd = _original_state_dict(state)
+  model_sd = {k: torch.zeros_like(v) for k, v in sd.items()}  # 'model' differs: EMA must win
+  path = tmp_path / '0050000.pt'
+  torch.save(
+    {
+      'model': model_sd,
+      'ema': sd,
+      'opt': {'state': {}, 'param_groups': []},
+      'args': argparse.Namespace(model='DiT-S/2', image_size=64),
+    },
+    path,
+  )
+  name, params = convert.load_torch_dit(str(path))
+  assert name == 'DiT-S/2'
+  _check_forward(ref, convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
+
+
+def test_diffusers_folder(reference, tmp_path):
+  ref, _ = reference
+  ref.save_pretrained(tmp_path / 'transformer', safe_serialization=True)
+  name, params = convert.load_torch_dit(str(tmp_path / 'transformer'))
+  assert name == 'DiT-S/2'
+  _check_forward(ref, convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
+  # A whole pipeline folder (transformer/ inside) works as well.
+  name2, _ = convert.load_torch_dit(str(tmp_path))
+  assert name2 == 'DiT-S/2'
+
+
+def test_diffusers_untied_embedders_refused(reference, tmp_path):
+  ref, _ = reference
+  sd = torch_refs.state_dict_numpy(ref)
+  sd['transformer_blocks.3.norm1.emb.timestep_embedder.linear_1.bias'] += 1.0
+  with pytest.raises(convert.CheckpointError, match='block 3'):
+    convert.diffusers_to_original(sd)
+
+
+def test_wrong_model_name(reference, tmp_path):
+  _, state = reference
+  with pytest.raises(ValueError, match='unknown DiT model'):
+    convert.infer_spec(state, 'DiT-Q/3', 8)
+  with pytest.raises(convert.CheckpointError, match='does not match the checkpoint'):
+    convert.infer_spec(state, 'DiT-B/2', 8)
+
+
+def test_missing_and_extra_keys(reference):
+  _, state = reference
+  spec = convert.infer_spec(state, None, 8)
+  missing = dict(state)
+  del missing['blocks.4.mlp.fc2.weight']
+  with pytest.raises(convert.CheckpointError, match=r'missing for DiT-S/2: blocks_4/mlp/fc2/kernel'):
+    convert.original_to_flax(missing, spec)
+  extra = dict(state, **{'blocks.4.mlp.fc3.weight': np.zeros(3, np.float32), 'foo': np.zeros(1, np.float32)})
+  with pytest.raises(convert.CheckpointError, match=r'unconsumed source keys: blocks.4.mlp.fc3.weight, foo'):
+    convert.original_to_flax(extra, spec)
+  wrong = dict(state, **{'blocks.0.attn.proj.bias': np.zeros(5, np.float32)})
+  with pytest.raises(convert.CheckpointError, match=r'blocks_0/attn/proj/bias has shape \(5,\)'):
+    convert.original_to_flax(wrong, spec)
+
+
+def test_truncated_file(reference, tmp_path):
+  _, state = reference
+  path = tmp_path / 'full.pt'
+  torch.save(_original_state_dict(state), path)
+  data = path.read_bytes()
+  cut = tmp_path / 'cut.pt'
+  cut.write_bytes(data[: len(data) // 2])
+  with pytest.raises(convert.CheckpointError, match='truncated'):
+    convert.load_torch_checkpoint(str(cut))
+  with pytest.raises(convert.CheckpointError, match='does not exist'):
+    convert.load_torch_checkpoint(str(tmp_path / 'nope.pt'))
+
+
+class _Payload:
+  """Unpickling this would run code: it creates the file named in marker."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_pickled_code_is_refused_not_run(reference, tmp_path):
+  _, state = reference
+  marker = tmp_path / 'pwned'
+  sd = _original_state_dict(state)
+  path = tmp_path / 'evil.pt'
+  torch.save({'ema': sd, 'args': _Payload(str(marker))}, path)
+  with pytest.raises(convert.CheckpointError, match='refusing to load'):
+    convert.load_torch_checkpoint(str(path))
+  assert not marker.exists()
+
+
+def _cli(*args):
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'convert_torch_checkpoint.py'), *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    timeout=300,
+  )
+
+
+def test_cli_roundtrip_and_failed_run_keeps_output(reference, tmp_path):
+  ref, state = reference
+  src = tmp_path / 'DiT-S-2.pt'
+  torch.save(_original_state_dict(state), src)
+  out = tmp_path / 'converted'
+  r = _cli('--checkpoint', str(src), '--output', str(out))
+  assert r.returncode == 0, r.stderr
+  spec, params = convert.load_converted(str(out))
+  assert json.loads((out / 'model.json').read_text())['name'] == 'DiT-S/2'
+  _check_forward(ref, spec, params)
+  before = sorted(p.relative_to(out).as_posix() for p in out.rglob('*'))
+  # A failing conversion onto the same output: one error line, non-zero exit, output intact.
+  bad = tmp_path / 'bad.pt'
+  bad.write_bytes(src.read_bytes()[:1000])
+  r = _cli('--checkpoint', str(bad), '--output', str(out))
+  assert r.returncode != 0
+  assert r.stderr.strip().count('\n') == 0 and r.stderr.startswith('error:'), r.stderr
+  assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*')) == before
+  spec2, params2 = convert.load_converted(str(out))
+  _check_forward(ref, spec2, params2)
+  assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name]
+
+
+def test_cli_wrong_model_and_unwritable_output(reference, tmp_path):
+  _, state = reference
+  src = tmp_path / 'DiT-S-2.pt'
+  torch.save(_original_state_dict(state), src)
+  r = _cli('--checkpoint', str(src), '--output', str(tmp_path / 'o'), '--model', 'DiT-B/2')
+  assert r.returncode != 0 and 'DiT-B/2 does not match' in r.stderr
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('x')
+  r = _cli('--checkpoint', str(src), '--output', str(blocker / 'out'))
+  assert r.returncode != 0 and 'not writable' in r.stderr, r.stderr
+  assert blocker.read_text() == 'x'
+  assert not (tmp_path / 'o').exists()
+
+
+def test_safetensors_only_in_diffusers_folder(reference, tmp_path):
+  ref, _ = reference
+  folder = tmp_path / 'transformer'
+  ref.save_pretrained(folder, safe_serialization=True)
+  for f in folder.glob('*.safetensors'):
+    f.unlink()
+  torch.save(ref.state_dict(), folder / 'diffusion_pytorch_model.bin')
+  with pytest.raises(convert.CheckpointError, match='no .safetensors'):
+    convert.load_torch_dit(str(folder))
