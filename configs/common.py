@@ -23,7 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = 'job'
   config.seed = 0
-  config.stages = ['load', 'sample']
+  config.stages = ('load', 'sample')
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'DiT-XL/2'

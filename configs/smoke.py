@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, model='DiT-S/2', steps=4, samples=8)
   config = common.base_config()
   config.name = 'smoke'
-  config.stages = ['load', 'sample']
+  config.stages = ('load', 'sample')
   config.model.name = args.model
   config.model.init = 'random'
   config.model.input_size = 32

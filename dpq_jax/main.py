@@ -21,13 +21,13 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  from dpq_jax import pipeline  # Imports jax: after flag parsing, so --help stays fast.
+  from dpq_jax import convert, pipeline  # Imports jax: after flag parsing, so --help stays fast.
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('runs', config.name)
   try:
     report = pipeline.run(config, workdir)
-  except pipeline.ConfigError as e:
+  except (pipeline.ConfigError, convert.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(

@@ -54,14 +54,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Checks the config, runs its stages, writes report.json and report.md; returns the report."""
   check_config(config)
+  created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
   state = {
     'report': {'config_name': config.name, 'stages': list(config.stages), 'metrics': {}, 'timings_s': {}},
     'report_notes': [],
   }
-  for name in config.stages:
-    start = time.perf_counter()
-    state = STAGES[name](config, workdir, state)
-    state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
+  try:
+    for name in config.stages:
+      start = time.perf_counter()
+      state = STAGES[name](config, workdir, state)
+      state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
+  except BaseException:
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)  # A run that failed before writing anything leaves no trace.
+    raise
   report_lib.write(workdir, state['report'], state['report_notes'], config)
   return state['report']

@@ -43,7 +43,7 @@ def load_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[convert.M
     params = jax.jit(lambda key: dit.init_params(spec.create(), key))(jax.random.key(seed))
     params = randomize_zero_init(params, jax.random.key(seed + 1))
   else:
-    spec, params = convert.load_any(cfg.checkpoint, name=cfg.name or None)
+    spec, params = convert.load_any(cfg.checkpoint, name=cfg.name or None, input_size=cfg.input_size or None)
   model = spec.create(dtype=DTYPES[cfg.dtype])
   return spec, model, jax.tree.map(jnp.asarray, params)
 
