@@ -18,11 +18,23 @@ def normal_kl(mean1, logvar1, mean2, logvar2) -> jax.Array:
 
 
 def approx_standard_normal_cdf(x: jax.Array) -> jax.Array:
+  """The tanh approximation of the standard normal CDF that the original uses (kept for parity)."""
   return 0.5 * (1.0 + jnp.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * jnp.power(x, 3))))
 
 
 def discretized_gaussian_log_likelihood(x: jax.Array, *, means: jax.Array, log_scales: jax.Array) -> jax.Array:
-  """Log-likelihood (nats) of data in [-1, 1] quantized to 256 bins under a Gaussian."""
+  """Log-likelihood (nats) of data in [-1, 1] quantized to 256 bins under a Gaussian.
+
+  Args:
+    x: targets, uint8 values rescaled to [-1, 1]; the edge bins extend to -inf / +inf.
+    means: the Gaussian means, x's shape.
+    log_scales: the Gaussian log standard deviations, x's shape.
+
+  Returns:
+    Elementwise log-probabilities, x's shape.
+  """
+  if not x.shape == means.shape == log_scales.shape:
+    raise ValueError(f'shapes differ: x {x.shape}, means {means.shape}, log_scales {log_scales.shape}')
   centered = x - means
   inv_stdv = jnp.exp(-log_scales)
   cdf_plus = approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
