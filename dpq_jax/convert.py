@@ -345,6 +345,7 @@ def save_converted(output_dir: str, spec: ModelSpec, params: Params, source: str
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.rename(tmp, output_dir)
+    os.chmod(output_dir, 0o755)  # mkdtemp made it private
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

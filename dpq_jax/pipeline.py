@@ -13,25 +13,26 @@ from typing import Callable
 
 import ml_collections
 
+from dpq_jax import errors
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.evaluate import sample as sample_stage
 from dpq_jax.models import load as load_stage
+from dpq_jax.quant import stage as quantize_stage
 
-
-class ConfigError(ValueError):
-  """A config value that cannot run; the message names the value and what was expected."""
+ConfigError = errors.ConfigError
 
 
 def _load(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   del workdir
   spec, model, params = load_stage.load_model(config.model, config.seed)
-  state.update(spec=spec, model=model, params=params)
+  state.update(spec=spec, model=model, variables={'params': params})
   state['report'].update(report_lib.full_precision_summary(spec, params))
   return state
 
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, str, dict], dict]] = {
   'load': _load,
+  'quantize': quantize_stage.run,
   'sample': sample_stage.run,
 }
 
@@ -45,6 +46,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if stages and stages[0] != 'load':
     errors.append(f"config.stages={stages}: the first stage must be 'load'")
   errors += load_stage.check_config(config.model)
+  if 'quantize' in stages:
+    errors += quantize_stage.check_config(config.quant)
   if 'sample' in stages:
     errors += sample_stage.check_config(config.sample, config.model.num_classes)
   if errors:

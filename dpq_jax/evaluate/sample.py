@@ -59,7 +59,7 @@ def sample_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> j
   return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
 
 
-def generate(model, params, cfg: ml_collections.ConfigDict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def generate(model, variables, cfg: ml_collections.ConfigDict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Draws cfg.num_samples latents: (N, H, W, C) float32 and their (N,) labels."""
   respacing = f'ddim{cfg.steps}' if cfg.sampler == 'ddim' else str(cfg.steps)
   diffusion = diffusion_lib.create_diffusion(respacing)
@@ -81,7 +81,7 @@ def generate(model, params, cfg: ml_collections.ConfigDict, progress: bool = Tru
       z, y = diffusion_lib.cfg_batch(z, y, model.num_classes)
       kwargs = {'y': y, 'cfg_scale': cfg.cfg_scale}
     rng = jax.random.fold_in(jax.random.key(cfg.seed + 1), start)
-    x = loop(apply_fn, {'params': params}, z.shape, rng, noise=z, model_kwargs=kwargs, progress=progress)
+    x = loop(apply_fn, variables, z.shape, rng, noise=z, model_kwargs=kwargs, progress=progress)
     if guided:
       x = diffusion_lib.split_cfg(x)
     out.append(np.asarray(x))
@@ -89,8 +89,8 @@ def generate(model, params, cfg: ml_collections.ConfigDict, progress: bool = Tru
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
-  """Samples from state['model'] / state['params'] and writes samples/latents.npz and a grid PNG."""
-  latents, labels = generate(state['model'], state['params'], config.sample)
+  """Samples from state['model'] / state['variables'] and writes samples/latents.npz and a grid PNG."""
+  latents, labels = generate(state['model'], state['variables'], config.sample)
   path = os.path.join(workdir, 'samples', 'latents.npz')
   io_utils.write_npz(path, arr_0=latents, arr_1=labels)
   grid_path = os.path.join(workdir, 'samples_grid.png')

@@ -1,0 +1,14 @@
+r"""DiT-XL/2 256x256 at 2 bits of index per weight: PQ K=256, d=4 (RTN variant: 2 bits).
+
+python -m dpq_jax.main --config=configs/dit_xl_2bit.py --config.model.checkpoint=ckpt/dit_xl_2_256
+python -m dpq_jax.main --config=configs/dit_xl_2bit.py:method=vq --config.model.init=random
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, method='pq', k=256, d=4, bits=2, runlocal=False)
+  return common.quant_job(f'dit_xl_2bit_{args.method}', args)

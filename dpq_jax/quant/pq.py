@@ -1,0 +1,111 @@
+"""Product and vector quantization of one linear layer (pure array functions).
+
+A Flax kernel W [in_features, out_features] is cut along in_features into
+num_subvectors = in_features / subvector_dim positions; output column o at position j is
+the sub-vector W[j*d:(j+1)*d, o]. PQ gives every position its own codebook of
+codebook_size codewords (k-means over the out_features sub-vectors at that position). VQ
+(VQ4DiT-style) is the same mechanism with one codebook shared by all positions of the layer.
+Index cost is log2(codebook_size) / subvector_dim bits per weight either way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from dpq_jax.quant import kmeans as kmeans_lib
+from dpq_jax.quant import packing
+
+
+@dataclasses.dataclass(frozen=True)
+class CodebookSpec:
+  """How one layer is quantized: codebook_size codewords of subvector_dim values.
+
+  shared=False is PQ (a codebook per sub-vector position); shared=True is VQ (one codebook).
+  """
+
+  codebook_size: int
+  subvector_dim: int
+  shared: bool = False
+
+  @property
+  def index_bits(self) -> int:
+    return packing.index_bits(self.codebook_size)
+
+  @property
+  def bits_per_weight(self) -> float:
+    return self.index_bits / self.subvector_dim
+
+  def num_codebooks(self, in_features: int) -> int:
+    return 1 if self.shared else in_features // self.subvector_dim
+
+  def check(self, in_features: int, out_features: int, name: str = 'layer') -> None:
+    """Raises ValueError naming the bad value before any work is done."""
+    if self.codebook_size < 1:
+      raise ValueError(f'{name}: codebook_size (k)={self.codebook_size}: expected >= 1')
+    if self.subvector_dim < 1 or in_features % self.subvector_dim:
+      raise ValueError(
+        f'{name}: subvector_dim (d)={self.subvector_dim} does not divide in_features={in_features}; '
+        f'expected a divisor such as {", ".join(str(v) for v in (1, 2, 4, 8, 16) if in_features % v == 0)}'
+      )
+    packing.index_bits(self.codebook_size)  # raises when the bits are unreachable
+
+
+def to_subvectors(kernel: jax.Array, subvector_dim: int) -> jax.Array:
+  """[in_features, out_features] -> [num_subvectors, out_features, subvector_dim]."""
+  in_features, out_features = kernel.shape
+  return kernel.reshape(in_features // subvector_dim, subvector_dim, out_features).transpose(0, 2, 1)
+
+
+def from_subvectors(sub: jax.Array) -> jax.Array:
+  """[num_subvectors, out_features, subvector_dim] -> [in_features, out_features]."""
+  m, out_features, d = sub.shape
+  return sub.transpose(0, 2, 1).reshape(m * d, out_features)
+
+
+def decode(codebooks: jax.Array, codes: jax.Array) -> jax.Array:
+  """codebooks [num_codebooks, K, d] (num_codebooks 1 for VQ or num_subvectors for PQ),
+  codes [num_subvectors, out_features] -> kernel [in_features, out_features]."""
+  if codebooks.shape[0] == 1:
+    sub = codebooks[0][codes.astype(jnp.int32)]  # [M, out, d]
+  else:
+    sub = jnp.take_along_axis(codebooks, codes.astype(jnp.int32)[..., None], axis=1)  # [M, out, d]
+  return from_subvectors(sub)
+
+
+def _problems(kernel: jax.Array, spec: CodebookSpec) -> jax.Array:
+  sub = to_subvectors(kernel.astype(jnp.float32), spec.subvector_dim)  # [M, out, d]
+  return sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
+
+
+def encode(kernel: jax.Array, codebooks: jax.Array, spec: CodebookSpec) -> jax.Array:
+  """Nearest-codeword codes [num_subvectors, out_features] int32 of a kernel."""
+  in_features, out_features = kernel.shape
+  codes = kmeans_lib.assign(_problems(kernel, spec), codebooks)
+  return codes.reshape(in_features // spec.subvector_dim, out_features)
+
+
+def fit(
+  kernel: jax.Array, spec: CodebookSpec, key: jax.Array, iters: int = 25
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """k-means codebooks for one kernel.
+
+  Returns:
+    codebooks [num_codebooks, K, d] float32, codes [num_subvectors, out_features] int32,
+    and the k-means objective per iteration.
+  """
+  in_features, out_features = kernel.shape
+  spec.check(in_features, out_features)
+  result = kmeans_lib.kmeans(_problems(kernel, spec), spec.codebook_size, key, iters=iters)
+  codes = result.codes.reshape(in_features // spec.subvector_dim, out_features)
+  return result.codebooks, codes, result.objective
+
+
+def rel_mse(kernel: jax.Array, approx: jax.Array) -> float:
+  """||W - W_hat||^2 / ||W||^2."""
+  kernel = jnp.asarray(kernel, jnp.float32)
+  num = jnp.sum(jnp.square(kernel - approx))
+  den = jnp.sum(jnp.square(kernel))
+  return float(jnp.where(den > 0, num / den, num))

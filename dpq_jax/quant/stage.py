@@ -1,0 +1,117 @@
+"""Stage `quantize`: PQ / VQ / RTN of the config's layers, artifact in DIR/quantized/."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dpq_jax import errors
+from dpq_jax.quant import layers, storage, surgery
+from dpq_jax.quant import sizes as sizes_lib
+
+ARTIFACT_DIR = 'quantized'
+DEQUANTIZE = ('on_the_fly', 'load')
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
+  """Problems with config.quant, each naming the value and what was expected."""
+  errors = []
+  if cfg.method not in surgery.METHODS:
+    errors.append(f'config.quant.method={cfg.method!r}: expected one of {", ".join(surgery.METHODS)}')
+  elif cfg.method == 'rtn':
+    if not 1 <= cfg.bits <= 16:
+      errors.append(f'config.quant.bits={cfg.bits}: expected 1..16 bits for rtn')
+  else:
+    if cfg.k < 1:
+      errors.append(f'config.quant.k={cfg.k}: expected a codebook size >= 1')
+    elif cfg.k > 2**16:
+      errors.append(f'config.quant.k={cfg.k}: at most 65536 codewords (16-bit codes) are supported')
+    if cfg.d < 1:
+      errors.append(f'config.quant.d={cfg.d}: expected a sub-vector length >= 1')
+  if cfg.kmeans_iters < 0:
+    errors.append(f'config.quant.kmeans_iters={cfg.kmeans_iters}: expected >= 0')
+  if cfg.dequantize not in DEQUANTIZE:
+    errors.append(f'config.quant.dequantize={cfg.dequantize!r}: expected one of {", ".join(DEQUANTIZE)}')
+  if cfg.codebook_dtype not in ('float16', 'bfloat16', 'float32'):
+    errors.append(f"config.quant.codebook_dtype={cfg.codebook_dtype!r}: expected 'float16', 'bfloat16' or 'float32'")
+  try:
+    surgery.default_rules(cfg.method, max(cfg.k, 1), max(cfg.d, 1), tuple(cfg.overrides), cfg.pattern)
+  except ValueError as e:
+    errors.append(str(e))
+  return errors
+
+
+def check_shapes(cfg: ml_collections.ConfigDict, params: dict) -> None:
+  """Every matched layer's (K, d) fits its shape; raises ConfigError before any k-means."""
+  try:
+    _check_shapes(cfg, params)
+  except ValueError as e:
+    raise errors.ConfigError(str(e)) from None
+
+
+def _check_shapes(cfg: ml_collections.ConfigDict, params: dict) -> None:
+  if cfg.method == 'rtn':
+    return
+  rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
+  matched = 0
+  for path, kernel in surgery._module_kernels(params):
+    name = '/'.join(path)
+    spec = rules.spec_for(name)
+    if spec is not None:
+      matched += 1
+      spec.check(kernel.shape[0], kernel.shape[1], f'config.quant: layer {name}')
+  if not matched:
+    raise ValueError(f'config.quant.pattern={cfg.pattern!r} matches no linear layer of the model')
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+  cfg = config.quant
+  params = state['variables']['params']
+  check_shapes(cfg, params)
+  rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
+  start = time.perf_counter()
+  q = surgery.quantize_params(
+    params,
+    rules,
+    jax.random.key(cfg.seed),
+    method=cfg.method,
+    iters=cfg.kmeans_iters,
+    rtn_bits=cfg.bits,
+    rtn_group_size=cfg.group_size or None,
+    codebook_dtype=jnp.dtype(cfg.codebook_dtype),
+  )
+  seconds = time.perf_counter() - start
+  spec = state['spec']
+  meta = {
+    'name': spec.name,
+    'input_size': spec.input_size,
+    'num_classes': spec.num_classes,
+    'learn_sigma': spec.learn_sigma,
+    'in_channels': spec.in_channels,
+    'method': cfg.method,
+    'rules': [[p, s.codebook_size, s.subvector_dim, s.shared] for p, s in rules.rules],
+  }
+  sizes = storage.save(os.path.join(workdir, ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
+  num_params = state['report']['num_params']
+  summary = sizes_lib.summary(q.layers, sizes, num_params)
+  if cfg.method == 'rtn':
+    method = f'rtn-{cfg.bits}bit'
+  else:
+    method = f'{cfg.method}-k{cfg.k}-d{cfg.d}'
+  state['report'].update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))
+  state['quantized'] = q
+  state['rules'] = rules
+  state['variables'], state['model'] = runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
+  return state
+
+
+def runtime_model(spec, q: surgery.QuantizedParams, rules: layers.QuantRules, cfg, dtype):
+  """(variables, module) that run the quantized model: PQDense decoding on the fly, or the plain
+  DiT on weights dequantized once (config.quant.dequantize == 'load'; always for RTN)."""
+  if cfg.method == 'rtn' or cfg.dequantize == 'load':
+    return {'params': surgery.dequantize_params(q.params, q.quant)}, spec.create(dtype=dtype)
+  return {'params': q.params, 'quant': q.quant}, spec.create(dtype=dtype, dense=layers.dense_factory(rules))
