@@ -163,3 +163,32 @@ def test_bfloat16_compute_keeps_float32_params(converted):
   out16 = model16.apply({'params': params}, x, T_VALUES, y)
   assert out16.dtype == jnp.float32
   assert 0 < _rel_err(out16, out32) < 5e-2
+
+
+def test_custom_size_names():
+  assert dit.parse_name('DiT-4x256x4/2') == (dit.DiTSize(depth=4, hidden_size=256, num_heads=4), 2)
+  model = dit.create_model('DiT-2x64x2/2', input_size=8, in_channels=1, num_classes=10)
+  params = dit.init_params(model, jax.random.key(0))
+  # Closed form of the original's layers: per block 4h^2+4h (attn) + 8h^2+5h (mlp) + 6h^2+6h (adaLN).
+  h, n = 64, sum(x.size for x in jax.tree.leaves(params))
+  blocks = 2 * (18 * h * h + 15 * h)
+  embed = (2 * 2 * 1 * h + h) + (256 * h + h + h * h + h) + 11 * h
+  final = 2 * h * h + 2 * h + h * 2 * 2 * 2 + 2 * 2 * 2
+  assert n == blocks + embed + final
+  for bad in ('DiT-4x250x3/2', 'DiT-0x64x2/2', 'DiT-4x64/2'):
+    with pytest.raises(ValueError, match='unknown DiT model'):
+      dit.parse_name(bad)
+
+
+def test_cfg_guides_every_eps_channel_of_one_channel_models():
+  model = dit.create_model('DiT-1x32x2/2', input_size=4, in_channels=1, num_classes=10)
+  params = jax.tree.map(lambda p: p + 0.05, dit.init_params(model, jax.random.key(0)))
+  x = np.random.default_rng(0).standard_normal((2, 4, 4, 1)).astype(np.float32)
+  xc, t, y = np.concatenate([x, x]), np.array([3, 3, 3, 3]), np.array([1, 2, 10, 10])
+  got = np.asarray(model.apply({'params': params}, xc, t, y, 4.0, method='forward_with_cfg'))
+  raw = np.asarray(model.apply({'params': params}, xc, t, y))
+  cond, uncond = raw[:2], raw[2:]
+  want_eps = uncond[..., :1] + 4.0 * (cond[..., :1] - uncond[..., :1])
+  np.testing.assert_allclose(got[:2, ..., :1], want_eps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[2:, ..., :1], want_eps, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(got[..., 1:], raw[..., 1:], rtol=1e-6)  # the variance channel is never guided

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -42,12 +43,26 @@ PATCH_SIZES = (2, 4, 8)
 MODEL_NAMES = tuple(f'DiT-{s}/{p}' for s in SIZES for p in PATCH_SIZES)
 
 
+# Sizes outside the registry (small demo models): 'DiT-<depth>x<hidden>x<heads>/<patch>'.
+_CUSTOM_NAME = re.compile(r'DiT-(\d+)x(\d+)x(\d+)/(\d+)')
+
+
 def parse_name(name: str) -> tuple[DiTSize, int]:
-  """'DiT-XL/2' -> (DiTSize(28, 1152, 16), 2); raises ValueError naming the valid names."""
-  if name not in MODEL_NAMES:
-    raise ValueError(f'unknown DiT model {name!r}; expected one of {", ".join(MODEL_NAMES)}')
-  size, patch = name[len('DiT-') :].split('/')
-  return SIZES[size], int(patch)
+  """'DiT-XL/2' -> (DiTSize(28, 1152, 16), 2); 'DiT-4x256x4/2' -> (DiTSize(4, 256, 4), 2).
+
+  Raises ValueError naming the valid names."""
+  if name in MODEL_NAMES:
+    size, patch = name[len('DiT-') :].split('/')
+    return SIZES[size], int(patch)
+  m = _CUSTOM_NAME.fullmatch(name)
+  if m:
+    depth, hidden, heads, patch = map(int, m.groups())
+    if depth >= 1 and patch >= 1 and heads >= 1 and hidden % heads == 0 and hidden % 4 == 0:
+      return DiTSize(depth=depth, hidden_size=hidden, num_heads=heads), patch
+  raise ValueError(
+    f'unknown DiT model {name!r}; expected one of {", ".join(MODEL_NAMES)} or DiT-<depth>x<hidden>x<heads>/<patch> '
+    '(hidden a multiple of 4 and of heads)'
+  )
 
 
 def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
@@ -282,10 +297,14 @@ class DiT(nn.Module):
 
   def forward_with_cfg(self, x: Array, t: Array, y: Array, cfg_scale: float | Array) -> Array:
     """Classifier-free guidance exactly as the original: the batch is [cond; uncond] halves
-    sharing the first half's x, and guidance touches only the first 3 output channels."""
+    sharing the first half's x, and guidance touches only the first 3 output channels.
+
+    The original's 3 (of 4 latent eps channels) is kept for 4-channel inputs; models of other
+    widths (the 1-channel digits demo) guide all their eps channels and none of the variance ones."""
     half = x[: x.shape[0] // 2]
     out = self(jnp.concatenate([half, half], axis=0), t, y)
-    eps, rest = out[..., :3], out[..., 3:]
+    guided = 3 if self.in_channels == 4 else self.in_channels
+    eps, rest = out[..., :guided], out[..., guided:]
     cond_eps, uncond_eps = jnp.split(eps, 2, axis=0)
     half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
     return jnp.concatenate([jnp.concatenate([half_eps, half_eps], axis=0), rest], axis=-1)

@@ -20,8 +20,11 @@ def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
   errors = []
   if cfg.init not in ('checkpoint', 'random'):
     errors.append(f"config.model.init={cfg.init!r}: expected 'checkpoint' or 'random'")
-  if cfg.name and cfg.name not in dit.MODEL_NAMES:
-    errors.append(f'config.model.name={cfg.name!r}: expected one of {", ".join(dit.MODEL_NAMES)}')
+  if cfg.name:
+    try:
+      dit.parse_name(cfg.name)
+    except ValueError as e:
+      errors.append(f'config.model.name={cfg.name!r}: {str(e).partition("; ")[2]}')
   if cfg.init == 'checkpoint':
     if not cfg.checkpoint:
       errors.append("config.model.checkpoint is empty: give a checkpoint path or set config.model.init='random'")
