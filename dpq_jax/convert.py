@@ -323,6 +323,11 @@ PARAMS_DIR = 'params'
 
 def save_converted(output_dir: str, spec: ModelSpec, params: Params, source: str = '') -> None:
   """Writes DIR/model.json and DIR/params atomically: a failure leaves any existing DIR intact."""
+  _save_dir(output_dir, {**dataclasses.asdict(spec), 'source': source}, params)
+
+
+def _save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
+  """DIR/model.json (meta) and DIR/params (orbax), built in a temp dir and renamed into place."""
   import shutil
   import tempfile
 
@@ -336,7 +341,7 @@ def save_converted(output_dir: str, spec: ModelSpec, params: Params, source: str
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
-      json.dump({**dataclasses.asdict(spec), 'source': source}, f, indent=2)
+      json.dump(meta, f, indent=2)
     if os.path.exists(output_dir):
       old = output_dir + '.old'
       shutil.rmtree(old, ignore_errors=True)
@@ -378,6 +383,8 @@ def load_converted(path: str) -> tuple[ModelSpec, Params]:
   with open(os.path.join(path, SPEC_FILE)) as f:
     meta = json.load(f)
   meta.pop('source', None)
+  if meta.get('kind') == 'vae':
+    raise CheckpointError(f'{path!r} is a converted VAE, not a DiT (give it as config.vae.checkpoint)')
   spec = ModelSpec(**meta)
   with ocp.StandardCheckpointer() as ckptr:
     params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
@@ -392,3 +399,133 @@ def load_any(path: str, name: str | None = None, input_size: int | None = None) 
       raise CheckpointError(f'model name {name!r} does not match the converted checkpoint {path!r} ({spec.name})')
     return spec, params
   return load_torch_checkpoint(path, name, input_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# The SD VAE (diffusers AutoencoderKL) -> Flax params of models/vae.py.
+
+# Pre-0.14 diffusers names of the mid-block attention (the sd-vae-ft-* files still use them).
+_VAE_LEGACY_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
+
+
+def read_vae_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """A diffusers AutoencoderKL folder (config.json + *.safetensors, else a .bin state_dict) -> (state, config).
+
+  A whole pipeline folder is accepted too (its `vae/` subfolder is read).
+  """
+  if not os.path.isdir(path):
+    raise CheckpointError(f'VAE {path!r} is not a directory (expected a diffusers AutoencoderKL folder)')
+  if os.path.isdir(os.path.join(path, 'vae')):
+    path = os.path.join(path, 'vae')
+  cfg_path = os.path.join(path, 'config.json')
+  if not os.path.isfile(cfg_path):
+    raise CheckpointError(f'{path!r} is not a diffusers VAE folder: no config.json')
+  try:
+    with open(cfg_path) as f:
+      config = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f'cannot read {cfg_path!r}: {e}') from None
+  files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
+  if files:
+    from safetensors.numpy import load_file
+
+    state = {}
+    for name in files:
+      try:
+        state.update(load_file(os.path.join(path, name)))
+      except Exception as e:
+        raise CheckpointError(f'cannot read {os.path.join(path, name)!r} (truncated or corrupt?): {e}') from None
+    return {k: np.asarray(v, np.float32) for k, v in state.items()}, config
+  bins = sorted(f for f in os.listdir(path) if f.endswith('.bin'))
+  if len(bins) != 1:
+    raise CheckpointError(f'{path!r} holds no .safetensors and {len(bins)} .bin files; expected weights in one of them')
+  return read_torch_state_dict(os.path.join(path, bins[0])), config
+
+
+def _vae_flax_key(key: str) -> tuple[str, ...]:
+  """'encoder.mid_block.attentions.0.query.weight' -> ('encoder', 'mid_block', 'attentions_0', 'to_q', 'kernel')."""
+  parts = key.split('.')
+  if len(parts) >= 2 and parts[-2] in _VAE_LEGACY_ATTENTION:
+    parts = parts[:-2] + _VAE_LEGACY_ATTENTION[parts[-2]].split('.') + parts[-1:]
+  key = re.sub(r'\.(\d+)(?=\.)', r'_\1', '.'.join(parts))
+  path = key.split('.')
+  if path[-1] == 'weight':
+    path[-1] = 'scale' if 'norm' in path[-2] else 'kernel'
+  return tuple(path)
+
+
+def vae_to_flax(state: Mapping[str, np.ndarray], config: Any) -> Params:
+  """Maps a diffusers AutoencoderKL state dict onto the Flax tree of `config` (a VAEConfig), consuming every key."""
+  import jax
+
+  from dpq_jax.models import vae as vae_lib
+
+  expected = jax.eval_shape(lambda: vae_lib.init_params(vae_lib.AutoencoderKL(config), jax.random.key(0)))
+  flat_expected = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(expected)}
+  params: dict[tuple[str, ...], np.ndarray] = {}
+  for key, value in state.items():
+    path = _vae_flax_key(key)
+    want = flat_expected.get(path)
+    if path[-1] == 'kernel' and value.ndim == 4 and want is not None and len(want.shape) == 2:
+      value = value[:, :, 0, 0]  # 1x1-conv attention projections of older exports
+    if path[-1] == 'kernel' and value.ndim == 2:
+      value = value.T
+    elif path[-1] == 'kernel' and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)  # (out, in, kh, kw) -> (kh, kw, in, out)
+    params[path] = np.ascontiguousarray(value, np.float32)
+  leftovers = sorted('/'.join(p) for p in set(params) - set(flat_expected))
+  missing = sorted('/'.join(p) for p in set(flat_expected) - set(params))
+  if leftovers or missing:
+    parts = []
+    if leftovers:
+      parts.append(f'unconsumed source keys: {", ".join(leftovers[:20])}' + (' ...' if len(leftovers) > 20 else ''))
+    if missing:
+      parts.append(f'missing for the config: {", ".join(missing[:20])}' + (' ...' if len(missing) > 20 else ''))
+    raise CheckpointError('VAE checkpoint does not match its config.json; ' + '; '.join(parts))
+  for path, value in params.items():
+    if value.shape != flat_expected[path].shape:
+      raise CheckpointError(
+        f'VAE {"/".join(path)} has shape {value.shape}; the config.json architecture expects {flat_expected[path].shape}'
+      )
+  tree: Params = {}
+  for path, value in params.items():
+    node = tree
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = value
+  return tree
+
+
+def load_torch_vae(path: str) -> tuple[Any, Params]:
+  """A diffusers AutoencoderKL folder -> (VAEConfig, numpy Flax params)."""
+  from dpq_jax.models import vae as vae_lib
+
+  state, config = read_vae_folder(path)
+  try:
+    vae_config = vae_lib.VAEConfig.from_diffusers(config)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'{path!r}: {e}') from None
+  return vae_config, vae_to_flax(state, vae_config)
+
+
+def save_converted_vae(output_dir: str, config: Any, params: Params, source: str = '') -> None:
+  """Writes DIR/model.json ({'kind': 'vae', 'config': ...}) and DIR/params atomically."""
+  _save_dir(output_dir, {'kind': 'vae', 'config': config.to_json(), 'source': source}, params)
+
+
+def load_vae(path: str) -> tuple[Any, Params]:
+  """A converted VAE directory or a diffusers AutoencoderKL folder -> (VAEConfig, params)."""
+  import orbax.checkpoint as ocp
+
+  from dpq_jax.models import vae as vae_lib
+
+  if not is_converted(path):
+    return load_torch_vae(path)
+  with open(os.path.join(path, SPEC_FILE)) as f:
+    meta = json.load(f)
+  if meta.get('kind') != 'vae':
+    raise CheckpointError(f'{path!r} is a converted DiT, not a VAE (expected a VAE converted with --vae)')
+  config = vae_lib.VAEConfig.from_diffusers(meta['config'])
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
+  return config, params

@@ -6,11 +6,11 @@ With no flags it runs the embedded default job into runs/<config name>/.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'smoke.py')
+DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'digits.py')
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)  # configs/ imports configs.common
 
@@ -21,6 +21,8 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
   from dpq_jax import convert, pipeline  # Imports jax: after flag parsing, so --help stays fast.
 
   config = _CONFIG.value

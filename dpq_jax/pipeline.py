@@ -14,9 +14,15 @@ from typing import Callable
 import ml_collections
 
 from dpq_jax import errors
+from dpq_jax.calibrate import distributed
+from dpq_jax.calibrate import stage as calibrate_stage
+from dpq_jax.demo import compare as compare_stage
+from dpq_jax.demo import train as train_stage
+from dpq_jax.evaluate import evaluate_stage
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.evaluate import sample as sample_stage
 from dpq_jax.models import load as load_stage
+from dpq_jax.quant import compress_stage
 from dpq_jax.quant import stage as quantize_stage
 
 ConfigError = errors.ConfigError
@@ -32,9 +38,34 @@ def _load(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
 
 STAGES: dict[str, Callable[[ml_collections.ConfigDict, str, dict], dict]] = {
   'load': _load,
+  'train': train_stage.run,
   'quantize': quantize_stage.run,
+  'compress': compress_stage.run,
+  'calibrate': calibrate_stage.run,
   'sample': sample_stage.run,
+  'evaluate': evaluate_stage.run,
+  'compare': compare_stage.run,
 }
+
+
+def stage_errors(config: ml_collections.ConfigDict, stage: str) -> list[str]:
+  """Problems with the config section(s) one stage reads (the `compare` stage checks its rows with it)."""
+  stages = tuple(config.stages)
+  if stage == 'train':
+    return train_stage.check_config(config)
+  if stage == 'quantize':
+    return quantize_stage.check_config(config.quant)
+  if stage == 'compress':
+    return compress_stage.check_config(config.compress, config.quant.method)
+  if stage == 'calibrate':
+    return calibrate_stage.check_config(config)
+  if stage == 'sample':
+    return sample_stage.check_config(config.sample, config.model.num_classes, config.get('vae'))
+  if stage == 'evaluate':
+    return evaluate_stage.check_config(config.evaluate, stages, config.get('vae'))
+  if stage == 'compare':
+    return compare_stage.check_config(config, stage_errors)
+  return []
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -43,19 +74,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   errors = [
     f'config.stages: unknown stage {s!r}; expected one of {", ".join(STAGES)}' for s in stages if s not in STAGES
   ]
-  if stages and stages[0] != 'load':
-    errors.append(f"config.stages={stages}: the first stage must be 'load'")
-  errors += load_stage.check_config(config.model)
-  if 'quantize' in stages:
-    errors += quantize_stage.check_config(config.quant)
-  if 'sample' in stages:
-    errors += sample_stage.check_config(config.sample, config.model.num_classes)
+  if stages != ['evaluate']:  # scoring an existing sample batch alone needs no model
+    if stages and stages[0] not in ('load', 'train'):
+      errors.append(
+        f"config.stages={stages}: the first stage must be 'load' or 'train' (or the stages be just ['evaluate'])"
+      )
+    errors += load_stage.check_config(config.model)
+  for stage in dict.fromkeys(stages):
+    errors += stage_errors(config, stage)
   if errors:
     raise ConfigError('\n'.join(errors))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Checks the config, runs its stages, writes report.json and report.md; returns the report."""
+  distributed.maybe_initialize()  # multi-host jobs: before anything touches a JAX backend
   check_config(config)
   created = not os.path.exists(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -67,10 +100,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     for name in config.stages:
       start = time.perf_counter()
       state = STAGES[name](config, workdir, state)
+      if name in ('load', 'train'):  # the fp model: calibrate's latent weights, data-free samples, distillation
+        state['fp_params'] = state['variables']['params']
       state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
   except BaseException:
     if created and not os.listdir(workdir):
       os.rmdir(workdir)  # A run that failed before writing anything leaves no trace.
     raise
-  report_lib.write(workdir, state['report'], state['report_notes'], config)
+  import jax
+
+  if jax.process_index() == 0:  # one writer per job
+    report_lib.write(workdir, state['report'], state['report_notes'], config)
   return state['report']

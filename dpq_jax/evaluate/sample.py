@@ -1,28 +1,47 @@
 """Stage `sample`: class-conditional samples with DDPM/DDIM and classifier-free guidance.
 
-Every sample's starting noise is drawn from (seed, sample index), so a sample does not depend
-on the batch size it was drawn in.
+Every sample's noise comes from (seed, sample index) (see sampler.py), so a sample depends
+neither on the batch it was drawn in nor on the device count. The run is chunked: chunk c holds
+samples [c * batch_size, (c + 1) * batch_size), is saved atomically to DIR/samples/chunks/ and
+skipped when the stage runs again, so a killed run restarted with the same config continues
+where it stopped and ends with the same files. Chunks carry a fingerprint of the config and
+the weights; chunks of another run are refused, never mixed in.
+
+Outputs: DIR/samples/latents.npz (arr_0 float32 latents, arr_1 labels); with a VAE
+(config.vae.checkpoint) also DIR/samples.npz, the ADM sample batch (arr_0 uint8 NHWC images,
+arr_1 int64 labels) that the evaluate stage reads; DIR/samples_grid.png.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
+import shutil
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpq_jax import convert, errors, io_utils
 from dpq_jax import diffusion as diffusion_lib
-from dpq_jax import io_utils
-from dpq_jax.evaluate import grid
+from dpq_jax.evaluate import adm_npz, grid, sampler
+from dpq_jax.models import vae as vae_lib
+
+SAMPLES_FILE = 'samples.npz'  # DIR/samples.npz: the ADM batch
+LATENTS_FILE = os.path.join('samples', 'latents.npz')
+CHUNK_DIR = os.path.join('samples', 'chunks')
+GRID_FILE = 'samples_grid.png'
+GRID_IMAGES = 64
 
 
-def check_config(cfg: ml_collections.ConfigDict, num_classes: int) -> list[str]:
-  """Problems with config.sample, each a line naming the value and what was expected."""
+def check_config(cfg: ml_collections.ConfigDict, num_classes: int, vae: ml_collections.ConfigDict | None = None):
+  """Problems with config.sample (and config.vae), each a line naming the value and what was expected."""
   errors = []
-  if cfg.sampler not in ('ddpm', 'ddim'):
+  if cfg.sampler not in sampler.KINDS:
     errors.append(f"config.sample.sampler={cfg.sampler!r}: expected 'ddpm' or 'ddim'")
   if not 1 <= cfg.steps <= 1000:
     errors.append(f'config.sample.steps={cfg.steps}: expected 1..1000 sampling steps')
@@ -30,11 +49,27 @@ def check_config(cfg: ml_collections.ConfigDict, num_classes: int) -> list[str]:
     errors.append(f'config.sample.cfg_scale={cfg.cfg_scale}: expected >= 1.0 (1.0 disables guidance)')
   if cfg.num_samples <= 0 or cfg.batch_size <= 0:
     errors.append(f'config.sample.num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: expected positive')
+  elif cfg.batch_size % jax.device_count():
+    errors.append(
+      f'config.sample.batch_size={cfg.batch_size}: expected a multiple of the {jax.device_count()} devices '
+      '(the batch is split evenly over them)'
+    )
+  if not 0.0 <= cfg.get('eta', 0.0) <= 1.0:
+    errors.append(f'config.sample.eta={cfg.eta}: expected 0..1 (DDIM noise scale)')
   try:
-    labels = sample_labels(cfg.labels, 1, num_classes, 0)
-    del labels
+    sample_labels(cfg.labels, 1, num_classes, 0)
   except ValueError as e:
     errors.append(str(e))
+  if vae is not None and vae.checkpoint:
+    if not os.path.isdir(vae.checkpoint):
+      errors.append(
+        f'config.vae.checkpoint={vae.checkpoint!r}: expected a converted VAE or diffusers AutoencoderKL directory'
+      )
+    if vae.batch_size < 0 or (vae.batch_size and vae.batch_size % jax.device_count()):
+      errors.append(
+        f'config.vae.batch_size={vae.batch_size}: expected 0 (the sample batch) or a multiple of '
+        f'the {jax.device_count()} devices'
+      )
   return errors
 
 
@@ -54,60 +89,209 @@ def sample_labels(spec: str, n: int, num_classes: int, seed: int) -> np.ndarray:
 
 
 def sample_noise(seed: int, start: int, count: int, shape: tuple[int, ...]) -> jax.Array:
-  """Noise of samples start..start+count-1, each from fold_in(key(seed), index)."""
-  keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(jnp.arange(start, start + count))
-  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+  """Starting noise of samples start..start+count-1, each from fold_in(key(seed), index)."""
+  return sampler.initial_noise(sampler.sample_keys(seed, np.arange(start, start + count)), shape)
+
+
+def make_diffusion(cfg: ml_collections.ConfigDict) -> diffusion_lib.GaussianDiffusion:
+  return _diffusion(f'ddim{cfg.steps}' if cfg.sampler == 'ddim' else str(cfg.steps))
+
+
+@functools.lru_cache(maxsize=8)
+def _diffusion(respacing: str) -> diffusion_lib.GaussianDiffusion:
+  # One object per respacing: jit hashes the process by identity, so this reuses compilations.
+  return diffusion_lib.create_diffusion(respacing)
 
 
 def generate(model, variables, cfg: ml_collections.ConfigDict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-  """Draws cfg.num_samples latents: (N, H, W, C) float32 and their (N,) labels."""
-  respacing = f'ddim{cfg.steps}' if cfg.sampler == 'ddim' else str(cfg.steps)
-  diffusion = diffusion_lib.create_diffusion(respacing)
-  shape = (model.input_size, model.input_size, model.in_channels)
-  labels = sample_labels(cfg.labels, cfg.num_samples, model.num_classes, cfg.seed)
-  guided = cfg.cfg_scale > 1.0
-  if guided:
-    apply_fn = functools.partial(model.apply, method='forward_with_cfg')
+  """Draws cfg.num_samples latents in memory: (N, H, W, C) float32 and their (N,) labels."""
+  run = _Run(model, variables, cfg, None, None)
+  out = [np.asarray(run.latents(start, progress)) for start in range(0, cfg.num_samples, cfg.batch_size)]
+  return np.concatenate(out)[: cfg.num_samples], run.labels
+
+
+class _Run:
+  """One sampling job: its chunks, labels, sampler and (optional) decoder."""
+
+  def __init__(self, model, variables, cfg, vae_cfg, vae):
+    self.cfg = cfg
+    self.labels = sample_labels(cfg.labels, cfg.num_samples, model.num_classes, cfg.seed)
+    self.sampler = sampler.Sampler(
+      model, variables, make_diffusion(cfg), cfg.sampler, cfg.cfg_scale, cfg.seed, sampler.data_mesh(),
+      eta=cfg.get('eta', 0.0),
+    )  # fmt: skip
+    self.vae = vae  # (module, params) or None
+    self.decode_batch = (vae_cfg.batch_size if vae_cfg is not None else 0) or cfg.batch_size
+    if vae is not None:
+      module, params = vae
+      self.vae_params = jax.device_put(
+        params, jax.sharding.NamedSharding(self.sampler.mesh, jax.sharding.PartitionSpec())
+      )
+      self.vae_module = module
+
+  def chunk_indices(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and labels of the chunk at `start`, padded to batch_size (padding samples are dropped)."""
+    idx = np.arange(start, start + self.cfg.batch_size)
+    labels = self.labels[np.minimum(idx, self.cfg.num_samples - 1)]
+    return idx, labels
+
+  def latents(self, start: int, progress: bool) -> jax.Array:
+    idx, labels = self.chunk_indices(start)
+    return self.sampler(idx, labels, progress)
+
+  def decode(self, latents: jax.Array) -> np.ndarray:
+    out = []
+    for i in range(0, latents.shape[0], self.decode_batch):
+      z = jax.device_put(latents[i : i + self.decode_batch], self.sampler.batch_sharding)
+      out.append(np.asarray(sampler.decode_to_uint8(self.vae_module, self.vae_params, z)))
+    return np.concatenate(out)
+
+
+def fingerprint(config: ml_collections.ConfigDict, variables, vae_params) -> dict:
+  """What decides the samples: the sampling config, the model and VAE, and digests of their weights."""
+
+  def digest(tree) -> str:
+    if tree is None:
+      return ''
+    h = hashlib.sha256()
+    for path, x in jax.tree_util.tree_leaves_with_path(tree):
+      x = jnp.asarray(x, jnp.float32)
+      stats = np.asarray([jnp.sum(x), jnp.sum(jnp.abs(x))], np.float32)
+      h.update(f'{jax.tree_util.keystr(path)}:{x.shape}:{stats.tobytes().hex()};'.encode())
+    return h.hexdigest()[:16]
+
+  s = config.sample
+  return {
+    'sampler': s.sampler, 'steps': s.steps, 'cfg_scale': float(s.cfg_scale), 'eta': float(s.get('eta', 0.0)),
+    'num_samples': s.num_samples, 'batch_size': s.batch_size, 'labels': str(s.labels), 'seed': s.seed,
+    'model': config.model.name, 'input_size': config.model.input_size, 'dtype': config.model.dtype,
+    'weights': digest(variables), 'vae': digest(vae_params),
+  }  # fmt: skip
+
+
+def _check_chunks(chunk_dir: str, meta: dict) -> None:
+  path = os.path.join(chunk_dir, 'meta.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    if old != meta:
+      diff = ', '.join(
+        f'{k}: {old.get(k)!r} -> {meta.get(k)!r}' for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)
+      )
+      raise errors.ConfigError(
+        f'{chunk_dir} holds chunks of a different sampling run ({diff}); delete it to start over, '
+        "or rerun with that run's config to resume it"
+      )
   else:
-    apply_fn = model.apply
-  loop = diffusion.ddim_sample_loop if cfg.sampler == 'ddim' else diffusion.p_sample_loop
-  out = []
-  for start in range(0, cfg.num_samples, cfg.batch_size):
-    n = min(cfg.batch_size, cfg.num_samples - start)
-    z = sample_noise(cfg.seed, start, n, shape)
-    y = jnp.asarray(labels[start : start + n])
-    kwargs = {'y': y}
-    if guided:
-      z, y = diffusion_lib.cfg_batch(z, y, model.num_classes)
-      kwargs = {'y': y, 'cfg_scale': cfg.cfg_scale}
-    rng = jax.random.fold_in(jax.random.key(cfg.seed + 1), start)
-    x = loop(apply_fn, variables, z.shape, rng, noise=z, model_kwargs=kwargs, progress=progress)
-    if guided:
-      x = diffusion_lib.split_cfg(x)
-    out.append(np.asarray(x))
-  return np.concatenate(out), labels
+    io_utils.write_json(path, meta)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
-  """Samples from state['model'] / state['variables'] and writes samples/latents.npz and a grid PNG."""
-  latents, labels = generate(state['model'], state['variables'], config.sample)
-  path = os.path.join(workdir, 'samples', 'latents.npz')
-  io_utils.write_npz(path, arr_0=latents, arr_1=labels)
-  grid_path = os.path.join(workdir, 'samples_grid.png')
-  grid.save_png(grid_path, grid.make_grid(grid.latents_to_rgb(latents)), upscale=4)
-  state['report'].setdefault('samples', {}).update(
-    {
-      'latents': os.path.relpath(path, workdir),
-      'grid': os.path.relpath(grid_path, workdir),
-      'num_samples': int(latents.shape[0]),
-      'sampler': config.sample.sampler,
-      'steps': config.sample.steps,
-      'cfg_scale': config.sample.cfg_scale,
-      'latent_std': float(latents.std()),
-      'finite': bool(np.isfinite(latents).all()),
-    }
-  )
-  state['report_notes'].append(
-    'The grid shows latent channels 0-2 as RGB: decoding to pixels needs the SD-VAE (not yet ported).'
-  )
+  """Samples from state['model'] / state['variables'] in resumable chunks; writes the ADM batch and a grid."""
+  from tqdm.auto import tqdm
+
+  cfg = config.sample
+  vae_cfg = config.get('vae')
+  vae = None
+  if vae_cfg is not None and vae_cfg.checkpoint:
+    vae_config, vae_params = convert.load_vae(vae_cfg.checkpoint)
+    if vae_config.latent_channels != state['model'].in_channels:
+      raise errors.ConfigError(
+        f'config.vae.checkpoint={vae_cfg.checkpoint!r} has {vae_config.latent_channels} latent channels; '
+        f'the model samples {state["model"].in_channels}'
+      )
+    vae = (vae_lib.AutoencoderKL(vae_config), jax.tree.map(jnp.asarray, vae_params))
+  job = _Run(state['model'], state['variables'], cfg, vae_cfg, vae)
+  chunk_dir = os.path.join(workdir, CHUNK_DIR)
+  _check_chunks(chunk_dir, fingerprint(config, state['variables'], vae and vae[1]))
+
+  starts = list(range(0, cfg.num_samples, cfg.batch_size))
+  paths = [os.path.join(chunk_dir, f'{s:08d}.npz') for s in starts]
+  todo = [(s, p) for s, p in zip(starts, paths) if not os.path.exists(p)]
+  sampling_s, done = 0.0, 0
+  with tqdm(total=cfg.num_samples, initial=cfg.num_samples - sum(min(cfg.batch_size, cfg.num_samples - s) for s, _ in todo),
+            desc='sampling', unit='img') as bar:  # fmt: skip
+    for start, path in todo:
+      t0 = time.perf_counter()
+      latents = job.latents(start, progress=True)
+      arrays = {'latents': np.asarray(latents)}
+      if vae is not None:
+        arrays['images'] = job.decode(latents)
+      sampling_s += time.perf_counter() - t0
+      io_utils.write_npz(path, labels=job.chunk_indices(start)[1], **arrays)
+      n = min(cfg.batch_size, cfg.num_samples - start)
+      done += n
+      bar.update(n)
+
+  report = _assemble(workdir, cfg, job.labels, paths, vae is not None)
+  report.update(
+    sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, labels=str(cfg.labels), seed=cfg.seed,
+    devices=jax.device_count(), resumed_chunks=len(paths) - len(todo),
+    images_per_s=round(done / sampling_s, 4) if done else None,
+    vae=vae_cfg.checkpoint if vae is not None else '',
+  )  # fmt: skip
+  shutil.rmtree(chunk_dir)  # the npz files now hold everything
+  state['report'].setdefault('samples', {}).update(report)
+  if vae is not None:
+    state['samples_npz'] = os.path.join(workdir, SAMPLES_FILE)
+  else:
+    state['report_notes'].append(
+      'No VAE (config.vae.checkpoint is empty): no ADM samples.npz was written and the grid shows latent '
+      'channels 0-2 as RGB.'
+    )
   return state
+
+
+def _assemble(workdir: str, cfg, labels: np.ndarray, paths: list[str], with_images: bool) -> dict:
+  """Streams the chunks into the final npz files and draws the grid; returns the report entries."""
+  n = cfg.num_samples
+
+  def blocks(key: str):
+    left = n
+    for path in paths:
+      with np.load(path) as f:
+        block = f[key][:left]
+      left -= block.shape[0]
+      yield block
+
+  with np.load(paths[0]) as f:
+    latent_shape = f['latents'].shape[1:]
+    image_shape = f['images'].shape[1:] if with_images else None
+  latents_path = os.path.join(workdir, LATENTS_FILE)
+  adm_npz.write_streaming(
+    latents_path,
+    {'arr_0': ((n, *latent_shape), np.float32, blocks('latents')), 'arr_1': ((n,), np.int64, [labels])},
+  )
+  stats = _latent_stats(blocks('latents'))
+  out = {'latents': LATENTS_FILE, 'grid': GRID_FILE, 'num_samples': n, **stats}
+  if with_images:
+    adm_npz.write_streaming(
+      os.path.join(workdir, SAMPLES_FILE),
+      {'arr_0': ((n, *image_shape), np.uint8, blocks('images')), 'arr_1': ((n,), np.int64, [labels])},
+    )
+    first = np.concatenate(list(_take(blocks('images'), GRID_IMAGES)))
+    out.update(npz=SAMPLES_FILE, image_size=int(image_shape[0]))
+    upscale = 1
+  else:
+    first = grid.latents_to_rgb(np.concatenate(list(_take(blocks('latents'), GRID_IMAGES))))
+    upscale = 4
+  grid.save_png(os.path.join(workdir, GRID_FILE), grid.make_grid(first), upscale=upscale)
+  return out
+
+
+def _take(blocks, count: int):
+  for block in blocks:
+    yield block[:count]
+    count -= block.shape[0]
+    if count <= 0:
+      return
+
+
+def _latent_stats(blocks) -> dict:
+  total, sq, size, finite = 0.0, 0.0, 0, True
+  for b in blocks:
+    b = b.astype(np.float64)
+    finite &= bool(np.isfinite(b).all())
+    total, sq, size = total + b.sum(), sq + (b**2).sum(), size + b.size
+  mean = total / size
+  return {'latent_std': float(np.sqrt(max(sq / size - mean**2, 0.0))), 'finite': finite}

@@ -74,12 +74,13 @@ def _unroll(codebook_size: int, subvector_dim: int) -> int:
   return max(1, min(32, 256 // subvector_dim, codebook_size // 2))
 
 
-def _nearest(xt: jax.Array, codebooks: jax.Array) -> jax.Array:
+def _nearest(xt: jax.Array, codebooks: jax.Array, alive: jax.Array | None = None) -> jax.Array:
   """First nearest codeword of every point.
 
   Args:
     xt: [num_problems, subvector_dim, num_points] float32 (points minor, so the loop vectorises).
     codebooks: [num_problems, codebook_size, subvector_dim] float32.
+    alive: optional [num_problems, codebook_size] bool; dead codewords are at distance +inf.
 
   Returns:
     codes [num_problems, num_points] int32.
@@ -87,6 +88,8 @@ def _nearest(xt: jax.Array, codebooks: jax.Array) -> jax.Array:
   num_problems, subvector_dim, num_points = xt.shape
   codebook_size = codebooks.shape[1]
   c_sq = jnp.sum(codebooks * codebooks, axis=-1)  # [num_problems, codebook_size]
+  if alive is not None:
+    c_sq = jnp.where(alive, c_sq, jnp.inf)
   minus_2c = -2.0 * codebooks  # [num_problems, codebook_size, subvector_dim]
 
   def body(k, carry):
@@ -101,15 +104,15 @@ def _nearest(xt: jax.Array, codebooks: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, codebook_size, body, carry, unroll=_unroll(codebook_size, subvector_dim))[1]
 
 
-def _nearest_chunked(xt: jax.Array, codebooks: jax.Array, chunk: int) -> jax.Array:
+def _nearest_chunked(xt: jax.Array, codebooks: jax.Array, chunk: int, alive: jax.Array | None = None) -> jax.Array:
   """`_nearest` over chunks of `chunk` points under `lax.map`; identical codes for any chunk."""
   num_problems, subvector_dim, num_points = xt.shape
   if chunk >= num_points:
-    return _nearest(xt, codebooks)
+    return _nearest(xt, codebooks, alive)
   num_chunks = -(-num_points // chunk)
   xt = jnp.pad(xt, ((0, 0), (0, 0), (0, num_chunks * chunk - num_points)))
   blocks = xt.reshape(num_problems, subvector_dim, num_chunks, chunk).transpose(2, 0, 1, 3)
-  codes = jax.lax.map(lambda block: _nearest(block, codebooks), blocks)  # [num_chunks, num_problems, chunk]
+  codes = jax.lax.map(lambda block: _nearest(block, codebooks, alive), blocks)  # [num_chunks, num_problems, chunk]
   return codes.transpose(1, 0, 2).reshape(num_problems, -1)[:, :num_points]
 
 
@@ -131,15 +134,21 @@ def _sq_error(xt: jax.Array, codebooks: jax.Array, codes: jax.Array) -> jax.Arra
   return err
 
 
-def _assign(x: jax.Array, codebooks: jax.Array, chunk: int) -> jax.Array:
+def _assign(x: jax.Array, codebooks: jax.Array, chunk: int, alive: jax.Array | None = None) -> jax.Array:
   """`assign` without the jit or casts; chunk is the resolved points per chunk."""
-  shift = jnp.mean(codebooks, axis=1, keepdims=True)  # [num_problems, 1, subvector_dim]: keeps the expansion precise
+  if alive is None:
+    shift = jnp.mean(codebooks, axis=1, keepdims=True)  # [num_problems, 1, subvector_dim]: keeps the expansion precise
+  else:  # the mean of the live codewords only (dead rows may hold anything)
+    live = alive[..., None].astype(codebooks.dtype)
+    shift = jnp.sum(codebooks * live, axis=1, keepdims=True) / jnp.maximum(jnp.sum(live, axis=1, keepdims=True), 1.0)
   xt = (x - shift).transpose(0, 2, 1)  # [num_problems, subvector_dim, num_points]
-  return _nearest_chunked(xt, codebooks - shift, chunk)
+  return _nearest_chunked(xt, codebooks - shift, chunk, alive)
 
 
 @functools.partial(jax.jit, static_argnames=('chunk_size',))
-def assign(x: jax.Array, codebooks: jax.Array, chunk_size: int | None = None) -> jax.Array:
+def assign(
+  x: jax.Array, codebooks: jax.Array, chunk_size: int | None = None, alive: jax.Array | None = None
+) -> jax.Array:
   """Nearest codeword of every point (the fused, chunked kernel of the Lloyd iterations).
 
   Args:
@@ -147,13 +156,17 @@ def assign(x: jax.Array, codebooks: jax.Array, chunk_size: int | None = None) ->
     codebooks: [num_problems, codebook_size, subvector_dim].
     chunk_size: points per chunk (static; None: whole problems within `DISTANCE_BUDGET_BYTES`).
       The codes do not depend on it.
+    alive: optional [num_problems, codebook_size] bool mask of live codewords (codebook compression);
+      dead codewords are never chosen. Every problem needs at least one live codeword.
 
   Returns:
     codes [num_problems, num_points] int32; ties go to the lowest index.
   """
   num_problems, num_points, _ = x.shape
   chunk = _chunk(num_problems, num_points, chunk_size)
-  return _assign(jnp.asarray(x, jnp.float32), jnp.asarray(codebooks, jnp.float32), chunk)
+  if alive is not None:
+    alive = jnp.asarray(alive, bool)
+  return _assign(jnp.asarray(x, jnp.float32), jnp.asarray(codebooks, jnp.float32), chunk, alive)
 
 
 def _reseed(codebooks: jax.Array, empty: jax.Array, x_ones: jax.Array, err: jax.Array) -> jax.Array:

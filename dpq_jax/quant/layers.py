@@ -101,7 +101,10 @@ class PQDense(nn.Module):
       latent = self.variable('quant', 'latent', lambda: jnp.zeros(shape, jnp.float32)).value
     sub = pq.to_subvectors(jax.lax.stop_gradient(latent), spec.subvector_dim)  # [M, out, d]
     problems = sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
-    assigned = kmeans_lib.assign(problems, jax.lax.stop_gradient(codebooks)).reshape(num_subvectors, -1)
+    # After codebook compression the `quant/alive` mask [num_codebooks, K] bool marks the live codewords
+    # (dead ones are never assigned); without it every codeword is live, as before compression.
+    alive = self.get_variable('quant', 'alive') if self.has_variable('quant', 'alive') else None
+    assigned = kmeans_lib.assign(problems, jax.lax.stop_gradient(codebooks), alive=alive).reshape(num_subvectors, -1)
     if self.is_mutable_collection('quant') and not self.is_initializing():
       codes.value = assigned.astype(codes.value.dtype)
     kernel = pq.decode(codebooks, assigned)

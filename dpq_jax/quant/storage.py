@@ -1,8 +1,11 @@
 """The quantized model on disk, and its sizes as report.json states them.
 
 DIR/ holds four files, written into a temporary sibling and renamed into place:
-  codes.bin            every layer's codes, bit-packed at ceil(log2 K) bits (RTN: b bits)
-  codebooks.bin        PQ/VQ codebooks and RTN scales/offsets, float16 (configurable)
+  codes.bin            every layer's codes, bit-packed at ceil(log2 K) bits (RTN: b bits); a compressed
+                       layer (one with `quant/alive`): one byte-aligned stream per codebook at
+                       ceil(log2 K') bits, K' its live codewords
+  codebooks.bin        PQ/VQ codebooks and RTN scales/offsets, float16 (configurable); a compressed
+                       layer: K' per codebook (`codebook_sizes`, uint16) and only the live rows
   full_precision.bin   everything else (biases, embedders, final layer), float32
   index.json           model spec and, per array, its file, offset, shape, dtype and bits
 `bytes` in report.json are these files' sizes, so the artifact is exactly as small as stated.
@@ -14,12 +17,12 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from dpq_jax.quant import packing
+from dpq_jax.quant import compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
 
@@ -47,8 +50,18 @@ def _flat(tree: dict) -> list[tuple[str, np.ndarray]]:
   return [('/'.join(k.key for k in p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
 
 
-def save(directory: str, q: QuantizedParams, model_meta: dict[str, Any], codebook_dtype: str = 'float16') -> dict:
-  """Writes the artifact atomically; returns its sizes {codes, codebooks, full_precision, metadata, total}."""
+def save(
+  directory: str,
+  q: QuantizedParams,
+  model_meta: dict[str, Any],
+  codebook_dtype: str = 'float16',
+  check: Callable[[dict[str, int], list[dict[str, Any]]], None] | None = None,
+) -> dict:
+  """Writes the artifact atomically; returns its sizes {codes, codebooks, full_precision, metadata, total}.
+
+  check(sizes, entries), if given, sees the written files' sizes (metadata not yet counted) and
+  index entries before anything is moved into place; raising there leaves `directory` untouched.
+  """
   directory = os.path.abspath(directory)
   parent = os.path.dirname(directory)
   os.makedirs(parent, exist_ok=True)
@@ -58,7 +71,9 @@ def save(directory: str, q: QuantizedParams, model_meta: dict[str, Any], codeboo
     codes = dict(_flat(q.quant))
     for path, value in _flat(q.params):
       module = path.rsplit('/', 1)[0]
-      if path.endswith('/codebooks'):
+      if path.endswith('/codebooks') and module + '/alive' in codes:
+        _add_compressed(w, module, value, codes[module + '/codes'], codes[module + '/alive'], codebook_dtype)
+      elif path.endswith('/codebooks'):
         k = value.shape[1]
         bits = packing.index_bits(k)
         c = codes[module + '/codes']
@@ -73,6 +88,8 @@ def save(directory: str, q: QuantizedParams, model_meta: dict[str, Any], codeboo
       else:
         w.add('full_precision', path, value.astype(np.float32), shape=list(value.shape), dtype='float32')
     w.close()
+    if check is not None:
+      check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
     with open(os.path.join(tmp, INDEX), 'w') as f:
       json.dump({'model': model_meta, 'entries': w.entries}, f)
     if os.path.exists(directory):
@@ -90,11 +107,53 @@ def save(directory: str, q: QuantizedParams, model_meta: dict[str, Any], codeboo
   return sizes_on_disk(directory)
 
 
+def _add_compressed(w: _Writer, module: str, codebooks: np.ndarray, codes: np.ndarray, alive: np.ndarray,
+                    codebook_dtype: str) -> None:  # fmt: skip
+  """A compressed layer: K' of each codebook, only its live rows, its codes at ceil(log2 K') bits.
+
+  codebooks [num_codebooks, K, d], codes [num_subvectors, out_features], alive [num_codebooks, K] with
+  the live codewords first (alive[c, k] == k < K'_c).
+  """
+  num_codebooks, codebook_size, _ = codebooks.shape
+  alive = np.asarray(alive, bool)
+  live = alive.sum(axis=1)  # [num_codebooks] K'
+  if not np.array_equal(alive, np.arange(codebook_size)[None] < live[:, None]) or live.min(initial=1) < 1:
+    raise ValueError(f'{module}/alive: expected the live codewords first and at least one per codebook')
+  per_codebook = np.asarray(codes).reshape(num_codebooks, -1)  # PQ: codebook c serves row c; VQ: all codes
+  if (per_codebook >= live[:, None]).any():
+    raise ValueError(f'{module}/codes: a code points at a dead codeword')
+  size_dtype = compress.size_dtype(codebook_size)
+  w.add('codebooks', module + '/codebook_sizes', live.astype(size_dtype), shape=[num_codebooks], dtype=str(size_dtype))
+  rows = np.asarray(codebooks)[alive]  # [sum K', d]
+  w.add('codebooks', module + '/codebooks', rows.astype(codebook_dtype), shape=list(codebooks.shape),
+        dtype=codebook_dtype, live_rows=True)  # fmt: skip
+  bits = compress.bits_of(live)
+  stream = np.concatenate([packing.pack(c, int(b)) for c, b in zip(per_codebook, bits)])
+  w.add('codes', module + '/codes', stream, shape=list(np.shape(codes)), bits=bits.tolist(), dtype=str(codes.dtype))
+
+
+def _unpack_compressed(raw: np.ndarray, bits: list[int], shape: tuple[int, ...], dtype: str) -> np.ndarray:
+  num_codebooks = len(bits)
+  per = int(np.prod(shape)) // num_codebooks
+  out, offset = [], 0
+  for b in bits:
+    n = packing.packed_nbytes(per, b)
+    out.append(packing.unpack(raw[offset : offset + n], b, per, dtype))
+    offset += n
+  return np.concatenate(out).reshape(shape)
+
+
 def sizes_on_disk(directory: str) -> dict[str, int]:
   sizes = {k: os.path.getsize(os.path.join(directory, f)) for k, f in FILES.items()}
   sizes['metadata'] = os.path.getsize(os.path.join(directory, INDEX))
   sizes['total'] = sum(sizes.values())
   return sizes
+
+
+def load_meta(directory: str) -> dict[str, Any]:
+  """The model meta of an artifact (index.json's `model`)."""
+  with open(os.path.join(directory, INDEX)) as f:
+    return json.load(f)['model']
 
 
 def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
@@ -105,11 +164,14 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
   params: dict = {}
   quant: dict = {}
   rtn_parts: dict[str, dict[str, Any]] = {}
+  live: dict[str, np.ndarray] = {}  # K' per codebook of compressed layers
   for e in index['entries']:
     raw = blobs[e['file']][e['offset'] : e['offset'] + e['nbytes']]
     shape = tuple(e['shape'])
     keys = e['path'].split('/')
-    if e['file'] == 'codes':
+    if e['file'] == 'codes' and isinstance(e['bits'], list):
+      _set(quant, keys, _unpack_compressed(raw, e['bits'], shape, e['dtype']))
+    elif e['file'] == 'codes':
       n = int(np.prod(shape))
       arr = packing.unpack(raw, e['bits'], n).reshape(shape)
       if e.get('rtn'):
@@ -117,6 +179,18 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
         continue
       _set(quant, keys, arr.astype(e['dtype']))
     else:
+      if keys[-1] == 'codebook_sizes':
+        live[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype']).astype(np.int64)
+        continue
+      if e.get('live_rows'):
+        module = e['path'].rsplit('/', 1)[0]
+        rows = np.frombuffer(raw.tobytes(), e['dtype']).reshape(-1, shape[-1]).astype(np.float32)
+        alive = np.arange(shape[1])[None] < live[module][:, None]  # [num_codebooks, K]
+        arr = np.broadcast_to(rows[np.cumsum(live[module]) - live[module]][:, None], shape).copy()  # dead: row 0
+        arr[alive] = rows
+        _set(params, keys, arr)
+        _set(quant, keys[:-1] + ['alive'], alive)
+        continue
       arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape).astype(np.float32)
       if keys[-1].startswith('rtn_'):
         rtn_parts.setdefault('/'.join(keys[:-1]), {})[keys[-1][4:]] = arr

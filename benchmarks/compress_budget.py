@@ -1,0 +1,144 @@
+r"""Codebook compression on DiT-XL/2 block shapes: equal-bytes quality, and the cost of the full model.
+
+  .venv/bin/python benchmarks/compress_budget.py                      # (a) on 1 block, (b) on 4 blocks
+  .venv/bin/python benchmarks/compress_budget.py --blocks 2 --iters 10 --xl-blocks 28
+
+(a) Weights: random with realistic heavy tails (student-t df=4 x 0.02, as benchmarks/pq_vs_faiss.py),
+the 5 linear layers of --blocks DiT-XL/2 blocks. At EQUAL bytes of codes + codebooks (fp16, packed as on
+disk): PQ K=256/d=8 compressed (dpq_jax.quant.compress, usage importance, merge, 2 Lloyd steps) to the
+bytes of PQ K=16/d=4, and to the bytes of VQ K=256/d=8 (one codebook per layer), against those two. All
+k-means: ours, --iters Lloyd iterations. The MSE ratio column is each row's error over the compressed
+row's error at the same bytes.
+(b) Time and peak memory of compressing --xl-blocks blocks of DiT-XL/2 (K=256/d=8 codebooks from one
+assignment to random sub-vectors, which costs what k-means would not: only the compression is timed) to
+24.1x vs fp32 of the blocks' kernels + biases, in a child process so its peak RSS is its own. When
+--xl-blocks < 28 the 28-block figures are extrapolated linearly and labelled so.
+"""
+
+import argparse
+import multiprocessing
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dpq_jax.quant import compress_stage, kmeans  # noqa: E402
+
+LAYERS = {  # DiT-XL/2 block linear layers, (C_out, C_in) as in PyTorch
+  'attn/qkv': (3456, 1152),
+  'attn/proj': (1152, 1152),
+  'mlp/fc1': (4608, 1152),
+  'mlp/fc2': (1152, 4608),
+  'adaLN_modulation': (6912, 1152),
+}
+
+
+def block_params(num_blocks: int, seed: int) -> dict:
+  """Flax-layout params {'blocks_i': {...: {'kernel': [C_in, C_out], 'bias': [C_out]}}}, heavy-tailed."""
+  rng = np.random.default_rng(seed)
+  params: dict = {}
+  for b in range(num_blocks):
+    for name, (c_out, c_in) in LAYERS.items():
+      node = params.setdefault(f'blocks_{b}', {})
+      for part in name.split('/'):
+        node = node.setdefault(part, {})
+      node['kernel'] = (rng.standard_t(4, (c_in, c_out)) * 0.02).astype(np.float32)
+      node['bias'] = np.zeros(c_out, np.float32)
+  return params
+
+
+def part_a(args) -> None:
+  params = block_params(args.blocks, args.seed)
+  weights = args.blocks * sum(a * b for a, b in LAYERS.values())
+  print(f'## (a) Equal bytes: {args.blocks} DiT-XL/2 block(s), {weights} weights, {args.iters} Lloyd iterations\n')
+  rows, _ = compress_stage.equal_bytes_rows(params, jax.random.key(args.seed), iters=args.iters, progress=False)
+  by_name = {r['name']: r for r in rows}
+  print('| method | bytes (codes+codebooks) | eff. bits/weight | index bits/weight | x vs fp32 | weight rel MSE | '
+        'MSE / compressed@same bytes | seconds |')  # fmt: skip
+  print('|---|---|---|---|---|---|---|---|')
+  pairs = {'pq-k16-d4': 'pq-k256-d8-compressed@pq-k16-d4', 'vq-k256-d8': 'pq-k256-d8-compressed@vq-k256-d8'}
+  for r in rows:
+    same_bytes = pairs.get(r['name'], r['name'] if '@' in r['name'] else None)
+    ratio = f'{r["weight_rel_mse"] / by_name[same_bytes]["weight_rel_mse"]:.3f}' if same_bytes else '-'
+    print(f'| {r["name"]} | {r["bytes"]} | {r["effective_bits_per_weight"]:.4f} | {r["index_bits_per_weight"]:.4f} | '
+          f'{r["compression_ratio"]:.2f} | {r["weight_rel_mse"]:.4f} | {ratio} | {r["seconds"]:.1f} |')  # fmt: skip
+  for base, comp in pairs.items():
+    b, c = by_name[base], by_name[comp]
+    winner = comp if c['weight_rel_mse'] < b['weight_rel_mse'] else base
+    print(f'\nAt {c["bytes"]} <= {b["bytes"]} bytes: {winner} wins; {base} rel MSE {b["weight_rel_mse"]:.4f} vs '
+          f'{comp} {c["weight_rel_mse"]:.4f} ({b["weight_rel_mse"] / c["weight_rel_mse"]:.2f}x).')  # fmt: skip
+
+
+def _compress_child(num_blocks: int, seed: int, queue) -> None:
+  params = block_params(num_blocks, seed)
+  lays = []
+  key = jax.random.key(seed)
+  for b in range(num_blocks):
+    for i, name in enumerate(LAYERS):
+      node = params[f'blocks_{b}']
+      for part in name.split('/'):
+        node = node[part]
+      kernel = node['kernel']
+      sub = jnp.asarray(kernel).reshape(kernel.shape[0] // 8, 8, -1).transpose(0, 2, 1)  # [M, C_out, 8]
+      pick = jax.random.randint(jax.random.fold_in(key, 5 * b + i), (sub.shape[0], 256), 0, sub.shape[1])
+      codebooks = jnp.take_along_axis(sub, pick[..., None], axis=1).astype(jnp.float16).astype(jnp.float32)
+      codes = kmeans.assign(sub, codebooks).astype(jnp.uint8)
+      lays.append(compress_stage.Layer(f'blocks_{b}/{name}', np.asarray(codebooks), np.asarray(codes), kernel,
+                                       bias_bytes=4 * kernel.shape[1]))  # fmt: skip
+  del params
+  fp32 = sum(4 * lay.reference.size + lay.bias_bytes for lay in lays)
+  rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  start = time.perf_counter()
+  _, info = compress_stage.compress_layers(lays, int(fp32 / 24.1), lloyd_steps=2, progress=False)
+  seconds = time.perf_counter() - start
+  rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  queue.put((fp32, info['predicted_bytes'], seconds, rss_before, rss_peak))
+
+
+def part_b(args) -> None:
+  ctx = multiprocessing.get_context('spawn')
+  queue = ctx.Queue()
+  proc = ctx.Process(target=_compress_child, args=(args.xl_blocks, args.seed, queue))
+  proc.start()
+  fp32, nbytes, seconds, rss_before, rss_peak = queue.get()
+  proc.join()
+  mib = 2**20
+  print(f'\n## (b) Compressing {args.xl_blocks} DiT-XL/2 block(s) (K=256, d=8) to 24.1x, {os.cpu_count()} CPUs\n')
+  print('| blocks | fp32 kernels+biases MiB | compressed MiB | x vs fp32 | seconds | peak RSS MiB (before compress) |')
+  print('|---|---|---|---|---|---|')
+  print(f'| {args.xl_blocks} (measured) | {fp32 / mib:.1f} | {nbytes / mib:.2f} | {fp32 / nbytes:.2f} | {seconds:.1f} | '
+        f'{rss_peak / mib:.0f} ({rss_before / mib:.0f}) |')  # fmt: skip
+  if args.xl_blocks < 28:
+    f = 28 / args.xl_blocks
+    print(f'| 28 (extrapolated x{f:.1f}, linear) | {fp32 * f / mib:.1f} | {nbytes * f / mib:.2f} | {fp32 / nbytes:.2f} | '
+          f'{seconds * f:.0f} | {rss_before / mib + (rss_peak - rss_before) * f / mib:.0f} |')  # fmt: skip
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--blocks', type=int, default=1, help='DiT-XL/2 blocks for (a)')
+  parser.add_argument('--iters', type=int, default=25, help='Lloyd iterations of every k-means in (a)')
+  parser.add_argument('--xl-blocks', type=int, default=4, help='blocks compressed in (b) (28: the whole model)')
+  parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--skip', default='', help="'a' or 'b' to skip that part")
+  args = parser.parse_args(argv)
+  for flag, value, low, high in (('--blocks', args.blocks, 1, 28), ('--xl-blocks', args.xl_blocks, 1, 28)):
+    if not low <= value <= high:
+      parser.error(f'{flag}={value}: expected {low}..{high}')
+  if args.iters < 0:
+    parser.error(f'--iters={args.iters}: expected >= 0')
+  print(f'jax {jax.__version__} ({jax.devices()[0].platform}), {os.cpu_count()} CPUs\n')
+  if 'a' not in args.skip:
+    part_a(args)
+  if 'b' not in args.skip:
+    part_b(args)
+
+
+if __name__ == '__main__':
+  main()

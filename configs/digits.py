@@ -1,0 +1,85 @@
+r"""The embedded default job (`make demo`): the paper's result on a DiT trained here, on CPU, in minutes.
+
+scikit-learn's 8x8 handwritten digits (1797 images, 10 classes, inside its wheel: no downloads),
+a small class-conditional DiT trained with the project's own diffusion loss (stage `train`, cached
+in the workdir), and a digit classifier trained alongside for the metrics.
+
+  python -m dpq_jax.main                                   # = --config=configs/digits.py
+  python -m dpq_jax.main --config=configs/digits.py:tiny   # seconds: the test suite's setting
+
+The DiT is 'DiT-4x192x3/2': depth 4, width 192, 3 heads, patch 2 on 8x8x1 images (16 tokens), so
+its linear layers have C_out of 192..1152, well above the K=16 codewords of 1-bit PQ at d=4.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = common.parse_arg(arg, tiny=False, model='DiT-4x192x3/2', steps=1500)
+  config = common.base_config()
+  config.name = 'digits'
+  config.stages = ('train', 'compare')
+  config.model.name = args.model
+  config.model.init = 'random'  # trained from scratch by stage `train`
+  config.model.input_size = 8
+  config.model.num_classes = 10
+  config.train.steps = args.steps
+  config.sample.sampler = 'ddim'
+  config.sample.steps = 25
+  config.sample.cfg_scale = 1.5
+  config.quant.kmeans_iters = 25
+  config.quant.dequantize = 'load'  # the rows measure quality; one jitted sampler serves them all
+  # Every row quantizes the same trained model; index bits per weight in the name.
+  config.calibrate.steps = 300
+  config.calibrate.batch_size = 64
+  config.calibrate.lr = 3e-4
+  config.calibrate.warmup = 20
+  config.calibrate.checkpoint_every = 100
+  config.calibrate.log_every = 10
+  config.compare.rows = (
+    'fp', 'rtn-2bit', 'rtn-1bit', 'vq-2bit', 'vq-1bit', 'pq-2bit', 'pq-1bit',
+    'pq-1bit-compressed', 'pq-1bit-calibrated', 'pq16-1bit-compressed',
+  )  # fmt: skip
+  config.compare.row_defs = {
+    'fp': {'stages': ()},
+    'rtn-2bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'rtn', 'bits': 2}}},
+    'rtn-1bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'rtn', 'bits': 1}}},
+    'vq-2bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'vq', 'k': 256, 'd': 4}}},
+    'vq-1bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'vq', 'k': 256, 'd': 8}}},
+    'pq-2bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'pq', 'k': 16, 'd': 2}}},
+    'pq-1bit': {'stages': ('quantize',), 'overrides': {'quant': {'method': 'pq', 'k': 16, 'd': 4}}},
+    # The paper's recipe: large per-position codebooks (K=256, d=8: 1-bit indices), then codebook
+    # compression until the quantized layers are 24x smaller than fp32 (codebooks and biases included).
+    'pq-1bit-compressed': {
+      'stages': ('quantize', 'compress'),
+      'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},
+    },
+    # ... then end-to-end calibration of the codebooks on the DDPM loss (assignments recomputed in
+    # every forward), on the digits the model was trained on.
+    'pq-1bit-calibrated': {
+      'stages': ('quantize', 'compress', 'calibrate'),
+      'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},
+    },
+    'pq16-1bit-compressed': {
+      'stages': ('quantize', 'compress'),
+      'overrides': {'quant': {'method': 'pq', 'k': 16, 'd': 4}, 'compress': {'budget': 24.0}},
+    },
+  }
+  if args.tiny:
+    config.model.name = 'DiT-1x64x2/2'
+    config.train.steps = 20
+    config.train.warmup_steps = 5
+    config.train.classifier_steps = 50
+    config.quant.kmeans_iters = 3
+    config.sample.steps = 3
+    config.compare.num_samples = 20
+    config.calibrate.steps = 4
+    config.calibrate.batch_size = 8
+    config.calibrate.warmup = 1
+    config.calibrate.checkpoint_every = 2
+    config.compare.rows = ('fp', 'rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-calibrated')
+    for row in ('vq-1bit', 'pq-1bit-calibrated'):  # seconds, not a 256-codeword seeding
+      config.compare.row_defs[row].overrides.quant.update(k=16, d=4)
+  return config

@@ -1,0 +1,122 @@
+"""Calibration checkpoints: an orbax CheckpointManager, and SIGTERM/SIGINT -> save and stop.
+
+A checkpoint holds the train state (trainable params, optimizer state, step, rng, mutable
+`quant` collection) and the data iterator's state as JSON. `save` is called after every step
+and the manager decides (save_interval_steps), so a forced preemption save is never skipped;
+orbax commits a step atomically (temporary directory, then rename), so a save killed half-way
+never replaces the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import types
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dpq_jax import errors
+
+
+class CheckpointError(errors.ConfigError):
+  """A checkpoint that cannot be restored into this run (corrupt, or from another config): the
+  user fixes it by deleting it or choosing another workdir, so main prints one line for it."""
+
+
+class Checkpointer:
+  """CheckpointManager over DIR with items 'state' (StandardSave) and 'data' (JSON)."""
+
+  def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+      save_interval_steps=max(int(every), 1),
+      max_to_keep=int(keep) if keep > 0 else None,
+      enable_async_checkpointing=async_save,
+      create=True,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
+    return self.manager.save(step, args=args, force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
+    """(state, data_state, step) of checkpoint `step` (default the latest).
+
+    Raises:
+      CheckpointError naming the checkpoint when it cannot be read or does not match
+      `abstract_state` (ShapeDtypeStructs carrying the target shardings).
+    """
+    step = self.latest_step() if step is None else step
+    where = os.path.join(self.directory, str(step))
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore())
+    try:
+      restored = self.manager.restore(step, args=args)
+    except Exception as e:  # orbax raises many types; all mean the same thing here
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+      raise CheckpointError(
+        f'checkpoint {where} cannot be restored into this run ({type(e).__name__}: {first}); '
+        'it is corrupt or was written by a different config: delete it or use another --workdir'
+      ) from None
+    state = restored['state']
+    want = jax.tree_util.tree_structure(abstract_state)
+    if jax.tree_util.tree_structure(state) != want:
+      raise CheckpointError(f'checkpoint {where} holds a different tree than this run expects; use another --workdir')
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract_state), jax.tree.leaves(state)):
+      if tuple(a.shape) != tuple(np.shape(b)) or np.dtype(a.dtype) != np.dtype(b.dtype):
+        raise CheckpointError(
+          f'checkpoint {where}: {jax.tree_util.keystr(path)} is {np.dtype(b.dtype).name}{list(np.shape(b))}, '
+          f'this run expects {np.dtype(a.dtype).name}{list(a.shape)}; it was written by a different config'
+        )
+    return state, dict(restored['data']), int(step)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+class PreemptionGuard:
+  """Context manager: SIGTERM/SIGINT set `signum` instead of killing the process.
+
+  The train loop checks `requested()` after each step, saves, and stops. Across processes the
+  request is OR-ed, so every host stops at the same step.
+  """
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._old: dict[int, Any] = {}
+
+  def _handler(self, signum: int, frame: types.FrameType | None) -> None:
+    del frame
+    self.signum = signum
+
+  def __enter__(self) -> PreemptionGuard:
+    for s in self.SIGNALS:
+      self._old[s] = signal.signal(s, self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for s, h in self._old.items():
+      signal.signal(s, h)
+
+  def requested(self) -> bool:
+    flag = self.signum is not None
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
+    return flag
+
+
+class Preempted(SystemExit):
+  """Raised after the preemption checkpoint is written; exits with 128 + the signal number."""

@@ -1,0 +1,204 @@
+"""The calibration loop: state setup on the mesh, resume ladder, steps, logging, checkpoints.
+
+Resume ladder (as big_vision's train.py):
+  1. DIR/checkpoints has a finished step  -> restore state and the data iterator from it;
+  2. otherwise                            -> fresh state from the quantized model.
+A checkpoint that cannot be restored raises CheckpointError: it never silently starts over.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dpq_jax import io_utils
+from dpq_jax.calibrate import checkpoint as ckpt_lib
+from dpq_jax.calibrate import data as data_lib
+from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import train_step as step_lib
+from dpq_jax.calibrate import trainable as trainable_lib
+
+CHECKPOINT_DIR = 'checkpoints'
+METRICS_FILE = 'metrics.jsonl'
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _rewrite_metrics(path: str, upto: int) -> None:
+  """Keeps the metric lines of steps <= upto (a resumed run re-logs the steps after its checkpoint)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [ln for ln in f if ln.strip() and json.loads(ln)['step'] <= upto]
+  io_utils.write_text(path, ''.join(lines))
+
+
+def calibrate(
+  *,
+  dynamic_model: nn.Module,
+  frozen_model: nn.Module,
+  params: dict,
+  quant: dict,
+  fp_params: dict,
+  source: data_lib.ArraySource,
+  cfg: ml_collections.ConfigDict,
+  num_classes: int,
+  workdir: str,
+  seed: int = 0,
+  fp_model: nn.Module | None = None,
+  diffusion=None,
+  codebook_dtype: Any = jnp.float32,
+  progress: bool = True,
+) -> dict[str, Any]:
+  """Runs config.calibrate `cfg` on the quantized model (params, quant); resumes from workdir.
+
+  Returns:
+    {'params': calibrated params (no latent weights), 'quant': the `quant` collection with the
+    final codes, 'history': logged metric rows, 'start_step': the step this run started at,
+    'step_time_s': mean seconds per step after compilation, 'compile_s', 'num_trainable'}.
+  """
+  from dpq_jax import diffusion as diffusion_lib
+
+  diffusion = diffusion or diffusion_lib.create_diffusion()
+  params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment)
+  mutable_q, constant_q = step_lib.split_quant(quant_l)
+  trainable, frozen_params = trainable_lib.split_trainable(params_l, trainable_lib.trainable_patterns(cfg.trainable))
+  tx = trainable_lib.optimizer(cfg)
+  mesh = sharding.make_mesh(tuple(tuple(a) for a in cfg.mesh))
+  dp = sharding.data_parallel_size(mesh)
+  if cfg.batch_size % dp:
+    raise ValueError(f'config.calibrate.batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp}')
+  distill = cfg.distill_weight > 0
+  loss_cfg = step_lib.LossConfig(num_classes, cfg.label_dropout, cfg.assign_every, cfg.distill_weight)
+  step_fn = step_lib.make_train_step(
+    dynamic_model, frozen_model, diffusion, tx, loss_cfg, fp_model if distill else None,
+    trainable_lib.learning_rate(cfg),
+  )  # fmt: skip
+  state = step_lib.init_state(trainable, mutable_q, tx, seed)
+  frozen = {'params': frozen_params, 'quant': constant_q, 'fp': fp_params if distill else {}}
+  jstep, state_sh, frozen_sh = step_lib.jit_step(step_fn, mesh, state, frozen)
+  frozen = jax.device_put(frozen, frozen_sh)
+
+  loader = data_lib.train_loader(source, cfg.batch_size // jax.process_count(), seed)
+  iterator = iter(loader)
+  checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint_every, cfg.keep)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  writer = jax.process_index() == 0
+  start = checkpointer.latest_step()
+  if start is not None:
+    state, data_state, start = checkpointer.restore(_abstract(state, state_sh))
+    try:
+      iterator.set_state(data_state['iterator'].encode())
+    except ValueError as e:
+      raise ckpt_lib.CheckpointError(
+        f'checkpoint {start} in {checkpointer.directory} was written with other calibration data: {e}'
+      ) from None
+    if writer:
+      _rewrite_metrics(metrics_path, start)
+  else:
+    state = jax.device_put(state, state_sh, may_alias=False)  # donated: never the caller's buffers
+    start = 0
+  history: list[dict[str, Any]] = []
+  step = start
+  bar = None
+  if progress and writer:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, desc='calibrate', unit='step')
+  compile_s, timed_steps, timed_s = 0.0, 0, 0.0
+  tick, tick_step = time.perf_counter(), step
+  pending: list[tuple[int, dict]] = []
+  try:
+    with ckpt_lib.PreemptionGuard() as guard:
+      while step < cfg.steps:
+        batch = sharding.global_batch(next(iterator), mesh)
+        state, metrics = jstep(state, frozen, batch)
+        step += 1
+        if step == start + 1:  # the first step of a process includes compilation
+          jax.block_until_ready(state)
+          compile_s = time.perf_counter() - tick
+          tick, tick_step = time.perf_counter(), step
+        pending.append((step, metrics))
+        checkpointer.save(step, state, {'iterator': iterator.get_state().decode()}, force=step == cfg.steps)
+        if bar is not None:
+          bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+          rows = [{'step': s, **{k: float(v) for k, v in jax.device_get(m).items()}} for s, m in pending]
+          now = time.perf_counter()
+          if step > tick_step:
+            timed_steps, timed_s = timed_steps + step - tick_step, timed_s + now - tick
+          for row in rows:
+            row['step_time_s'] = (now - tick) / max(step - tick_step, 1)
+          tick, tick_step = now, step
+          bad = [r['step'] for r in rows if not math.isfinite(r['loss'])]
+          if bad:
+            raise FloatingPointError(
+              f'calibration loss is not finite at step {bad[0]} (steps {rows[0]["step"]}..{step})'
+            )
+          history += rows
+          pending = []
+          if writer:
+            with open(metrics_path, 'a') as f:
+              f.writelines(json.dumps(r) + '\n' for r in rows)
+          if bar is not None:
+            bar.set_postfix(loss=f'{rows[-1]["loss"]:.4f}', changed=f'{rows[-1]["changed"]:.3f}')
+        if guard.requested():
+          checkpointer.wait()
+          if checkpointer.latest_step() != step:
+            checkpointer.save(step, state, {'iterator': iterator.get_state().decode()}, force=True)
+            checkpointer.wait()
+          name = 'SIGTERM' if guard.signum == 15 else f'signal {guard.signum}'
+          print(f'calibrate: {name} at step {step}: checkpoint saved in {checkpointer.directory}; '
+                'run the same command to resume', file=sys.stderr)  # fmt: skip
+          raise ckpt_lib.Preempted(128 + (guard.signum or 15))
+  finally:
+    if bar is not None:
+      bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+
+  trained = _round_codebooks(trainable_lib.merge(_to_host(state['params']), _to_host(frozen['params'])), codebook_dtype)
+  quant_now = _to_host(state['quant'])
+  sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
+  quant_out = step_lib.refresh_codes(
+    dynamic_model, trained, trainable_lib.merge(quant_now, _to_host(frozen['quant'])), sample
+  )
+  quant_out = trainable_lib.pick(quant_now, jax.device_get(quant_out))
+  params_out, _ = trainable_lib.split(trained, lambda path, _: path.rsplit('/', 1)[-1] != step_lib.LATENT)
+  return {
+    'params': params_out,
+    'quant': quant_out,
+    'history': history,
+    'start_step': start,
+    'steps': step,
+    'compile_s': compile_s,
+    'step_time_s': timed_s / timed_steps if timed_steps else None,
+    'num_trainable': trainable_lib.count(trainable),
+  }
+
+
+def _to_host(tree: Any) -> Any:
+  """numpy copies of (possibly multi-host sharded) global arrays."""
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _round_codebooks(params: dict, dtype: Any) -> dict:
+  """Codebooks rounded to their storage dtype, so the final codes are the argmin of what is stored."""
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: jnp.asarray(x).astype(dtype).astype(jnp.float32) if str(p[-1].key) == 'codebooks' else x, params
+  )

@@ -1,0 +1,288 @@
+"""Stage `calibrate`: end-to-end calibration of the quantized DiT's codebooks on the DDPM loss.
+
+Reads what `load` and `quantize` (and `compress`) left in the pipeline state, trains the
+config's trainable set (codebooks by default) with dynamic assignments, rewrites DIR/quantized
+with the calibrated codebooks and codes, and adds `calibrate` to report.json. Checkpoints go
+to DIR/checkpoints; metrics (one JSON line per step) to DIR/metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpq_jax import errors, io_utils
+from dpq_jax.calibrate import data as data_lib
+from dpq_jax.calibrate import loop as loop_lib
+from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import load as load_stage
+from dpq_jax.quant import layers, storage, surgery
+from dpq_jax.quant import pq as pq_lib
+from dpq_jax.quant import sizes as sizes_lib
+from dpq_jax.quant import stage as quantize_stage
+
+ASSIGNMENTS = ('dynamic', 'ste')
+DATA_FREE_FILE = 'data_free_latents.npz'
+
+
+def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with data.source 'auto' resolved and, for a random-init smoke run, the smoke caps applied.
+
+  'auto' is imagenet for a checkpoint, else data_free. An untrained model (model.init='random' and no
+  'train' stage) has nothing to calibrate towards: its run is a smoke test on the real shapes.
+  """
+  config = config.copy_and_resolve_references()
+  cfg, data = config.calibrate, config.data
+  random_init = config.model.init == 'random' and 'train' not in config.stages  # untrained weights
+  if data.source == 'auto':  # a model trained by this job (the demo) calibrates on its training data
+    if config.model.init == 'checkpoint':
+      data.source = 'imagenet'
+    else:
+      data.source = 'train' if 'train' in config.stages else 'data_free'
+  if random_init and cfg.smoke_steps > 0:
+    cfg.steps = min(cfg.steps, cfg.smoke_steps)
+    if cfg.smoke_batch_size > 0:
+      cfg.batch_size = min(cfg.batch_size, cfg.smoke_batch_size)
+    if data.source == 'data_free':
+      data.num_samples = min(data.num_samples, cfg.batch_size)
+      data.sample_steps = min(data.sample_steps, 2)
+  return config
+
+
+def check_config(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems with config.calibrate / config.data, each naming the value and what was expected."""
+  config = effective_config(config)
+  cfg, data = config.calibrate, config.data
+  errs = []
+  stages = list(config.stages)
+  if 'calibrate' in stages and ('quantize' not in stages or stages.index('quantize') > stages.index('calibrate')):
+    errs.append(f"config.stages={stages}: 'calibrate' needs 'quantize' before it")
+  if config.quant.method == 'rtn':
+    errs.append("config.quant.method='rtn': calibrate trains PQ/VQ codebooks; use method 'pq' or 'vq'")
+  for key in ('steps', 'batch_size', 'checkpoint_every', 'log_every'):
+    if cfg[key] < 1:
+      errs.append(f'config.calibrate.{key}={cfg[key]}: expected >= 1')
+  if cfg.lr <= 0:
+    errs.append(f'config.calibrate.lr={cfg.lr}: expected > 0')
+  if cfg.assign_every < 0:
+    errs.append(f'config.calibrate.assign_every={cfg.assign_every}: expected >= 0 (0 keeps the codes fixed)')
+  if cfg.assignment not in ASSIGNMENTS:
+    errs.append(f'config.calibrate.assignment={cfg.assignment!r}: expected one of {", ".join(ASSIGNMENTS)}')
+  if cfg.optimizer not in trainable_lib.OPTIMIZERS:
+    errs.append(f'config.calibrate.optimizer={cfg.optimizer!r}: expected one of {", ".join(trainable_lib.OPTIMIZERS)}')
+  if cfg.schedule not in trainable_lib.SCHEDULES:
+    errs.append(f'config.calibrate.schedule={cfg.schedule!r}: expected one of {", ".join(trainable_lib.SCHEDULES)}')
+  if not 0 <= cfg.label_dropout < 1:
+    errs.append(f'config.calibrate.label_dropout={cfg.label_dropout}: expected a probability in [0, 1)')
+  if cfg.distill_weight < 0:
+    errs.append(f'config.calibrate.distill_weight={cfg.distill_weight}: expected >= 0')
+  try:
+    patterns = trainable_lib.trainable_patterns(cfg.trainable)
+    if cfg.assignment != 'ste' and any(re.fullmatch(p, 'blocks_0/mlp/fc1/latent') for p in patterns):
+      errs.append(f"config.calibrate.trainable={cfg.trainable!r} trains latent weights: needs assignment='ste'")
+  except ValueError as e:
+    errs.append(str(e))
+  try:
+    mesh_names, mesh_sizes = sharding.mesh_shape(tuple(tuple(a) for a in cfg.mesh), jax.device_count())
+    dp = int(np.prod(mesh_sizes))
+    if cfg.batch_size % dp:
+      errs.append(
+        f'config.calibrate.batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp} '
+        f'(mesh {dict(zip(mesh_names, mesh_sizes))})'
+      )
+  except ValueError as e:
+    errs.append(str(e))
+  errs += _check_data(data, config)
+  return errs
+
+
+def _check_data(data: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+  if data.source not in data_lib.SOURCES:
+    return [f'config.data.source={data.source!r}: expected one of {", ".join(data_lib.SOURCES)}']
+  errs = []
+  if data.source == 'npz' and not os.path.isfile(data.path):
+    errs.append(f'config.data.path={data.path!r}: no such npz file (config.data.source=npz)')
+  if data.source == 'imagenet':
+    cached = data.cache_dir and os.path.isfile(os.path.join(data.cache_dir, data_lib.CACHE_INDEX))
+    if not cached:
+      if not data.data_dir or not os.path.isdir(data.data_dir):
+        errs.append(
+          f'config.data.data_dir={data.data_dir!r}: no such directory; expected the tfds data dir holding a '
+          'prepared imagenet2012 (or set config.data.source=data_free)'
+        )
+      vae = _vae_checkpoint(config)
+      if not vae or not os.path.exists(vae):
+        errs.append(f'config.vae.checkpoint={vae!r}: the imagenet source encodes images with the SD VAE; give its path')
+      if data.image_size != 8 * config.model.input_size:
+        errs.append(
+          f'config.data.image_size={data.image_size}: expected 8 x config.model.input_size = {8 * config.model.input_size}'
+        )
+  if data.source == 'data_free' and (data.num_samples < config.calibrate.batch_size or data.sample_steps < 1):
+    errs.append(
+      f'config.data.num_samples={data.num_samples}, sample_steps={data.sample_steps}: expected at least one '
+      f'global batch ({config.calibrate.batch_size}) of samples and >= 1 DDIM step'
+    )
+  return errs
+
+
+def _vae_checkpoint(config: ml_collections.ConfigDict) -> str:
+  vae = config.get('vae')
+  return str(vae.get('checkpoint', '')) if vae is not None else ''
+
+
+def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> data_lib.ArraySource:
+  data = config.data
+  if data.source == 'npz':
+    latents, labels = data_lib.load_npz(data.path)
+  elif data.source == 'train':
+    if 'data' not in state:
+      raise errors.ConfigError("config.data.source='train': expected a 'train' stage before 'calibrate'")
+    latents, labels = state['data']['train_images'], state['data']['train_labels']
+  elif data.source == 'data_free':
+    path = os.path.join(workdir, DATA_FREE_FILE)
+    meta = np.asarray([data.num_samples, data.sample_steps, data.seed])
+    latents = None
+    if os.path.exists(path):  # a resumed run reuses the samples instead of drawing them again
+      with np.load(path) as f:
+        if np.array_equal(f['meta'], meta):
+          latents, labels = f['latents'], f['labels']
+    if latents is None:
+      fp = state['spec'].create(dtype=load_stage.DTYPES[config.model.dtype])
+      latents, labels = data_lib.sample_data_free(
+        fp, state['fp_params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
+      )
+      if jax.process_index() == 0:
+        io_utils.write_npz(path, latents=latents, labels=labels, meta=meta)
+  else:
+    cache = data.cache_dir or os.path.join(workdir, 'latent_cache')
+    if not os.path.isfile(os.path.join(cache, data_lib.CACHE_INDEX)):
+      from dpq_jax import convert
+      from dpq_jax.models import vae as vae_lib
+
+      vae_cfg, vae_params = convert.load_vae(_vae_checkpoint(config))
+      module = vae_lib.AutoencoderKL(vae_cfg)
+      encode = jax.jit(lambda images: vae_lib.encode_images(module, vae_params, images))
+      data_lib.encode_tfds(
+        lambda images: np.asarray(encode(jnp.asarray(images))),
+        cache,
+        data_dir=data.data_dir,
+        split=data.split,
+        image_size=data.image_size,
+        batch_size=data.encode_batch_size,
+        max_examples=data.max_examples,
+      )
+    latents, labels = data_lib.load_cache(cache)
+  size, channels = config.model.input_size, state['spec'].in_channels
+  if latents.shape[1:] != (size, size, channels):
+    raise errors.ConfigError(
+      f'calibration latents have shape {latents.shape[1:]}; the model expects ({size}, {size}, {channels})'
+    )
+  return data_lib.ArraySource(latents, labels)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+  config = effective_config(config)
+  cfg = config.calibrate
+  if 'quantized' not in state or 'fp_params' not in state:
+    raise errors.ConfigError("config.stages: 'calibrate' runs after 'load' and 'quantize'")
+  q: surgery.QuantizedParams = state['quantized']
+  rules: layers.QuantRules = state['rules']
+  spec = state['spec']
+  dtype = load_stage.DTYPES[config.model.dtype]
+  variables = state['variables']
+  if 'quant' in variables:  # PQDense runtime (after quantize/compress): carry its `quant` collection whole
+    params, quant = variables['params'], variables['quant']
+  else:
+    params, quant = q.params, q.quant
+  assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
+  dynamic_model = spec.create(dtype=dtype, dense=layers.dense_factory(rules, assignment))
+  frozen_model = spec.create(dtype=dtype, dense=layers.dense_factory(rules, 'frozen'))
+  try:
+    trainable_lib.split_trainable(params, trainable_lib.trainable_patterns(cfg.trainable))
+  except ValueError as e:
+    if cfg.assignment != 'ste':
+      raise errors.ConfigError(str(e)) from None
+  source = _source(config, workdir, state)
+  out = loop_lib.calibrate(
+    dynamic_model=dynamic_model,
+    frozen_model=frozen_model,
+    params=params,
+    quant=quant,
+    fp_params=state['fp_params'],
+    source=source,
+    cfg=cfg,
+    num_classes=spec.num_classes,
+    workdir=workdir,
+    seed=cfg.seed,
+    fp_model=spec.create(dtype=dtype),
+    codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
+  )
+  q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, state['fp_params']))
+  artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
+  with open(os.path.join(artifact, storage.INDEX)) as f:
+    meta = json.load(f)['model']
+  if jax.process_index() == 0:
+    sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
+  else:
+    sizes = storage.sizes_on_disk(artifact)
+  state['report'].update(sizes_lib.summary(q.layers, sizes, state['report']['num_params']))
+  summary = _summary(out, cfg, source)
+  state['report']['calibrate'] = summary
+  state.setdefault('report_notes', []).append(
+    f'calibrate: {summary["steps"]} steps of batch {cfg.batch_size} on {len(source)} {config.data.source} latents '
+    f'(trainable {cfg.trainable}: {summary["num_trainable_params"]:,} params); DDPM loss '
+    f'{_fmt(summary["loss_first"])} -> {_fmt(summary["loss_last"])} (first/last logged steps), '
+    f'{_fmt(summary["step_time_s"])} s/step; per-step metrics in metrics.jsonl'
+  )
+  state['quantized'] = q
+  state['variables'], state['model'] = quantize_stage.runtime_model(spec, q, rules, config.quant, dtype)
+  return state
+
+
+def _layer_rows(rows: list[dict], out: dict, fp_params: dict) -> list[dict]:
+  """The quantize stage's per-layer rows with rel_mse of the calibrated weights."""
+  new = []
+  for row in rows:
+    keys = row['name'].split('/')
+    p, qn, fp = out['params'], out['quant'], fp_params
+    for k in keys:
+      p, qn, fp = p[k], qn[k], fp[k]
+    if 'codebooks' in p:
+      row = dict(row, rel_mse=pq_lib.rel_mse(fp['kernel'], pq_lib.decode(p['codebooks'], qn['codes'])))
+    new.append(row)
+  return new
+
+
+def _fmt(v) -> str:
+  return 'n/a' if v is None else f'{v:.4g}'
+
+
+def _summary(out: dict, cfg: ml_collections.ConfigDict, source: data_lib.ArraySource) -> dict:
+  hist = out['history']
+  window = max(1, min(len(hist) // 10, 50))
+
+  def mean(rows, key):
+    return float(np.mean([r[key] for r in rows])) if rows else None
+
+  return {
+    'steps': out['steps'],
+    'resumed_from_step': out['start_step'] or None,
+    'batch_size': cfg.batch_size,
+    'num_examples': len(source),
+    'trainable': cfg.trainable,
+    'num_trainable_params': out['num_trainable'],
+    'loss_first': mean(hist[:window], 'loss'),
+    'loss_last': mean(hist[-window:], 'loss'),
+    'mse_last': mean(hist[-window:], 'mse'),
+    'vb_last': mean(hist[-window:], 'vb'),
+    'changed_last': mean(hist[-window:], 'changed'),
+    'step_time_s': out['step_time_s'],
+    'compile_s': round(out['compile_s'], 2),
+  }

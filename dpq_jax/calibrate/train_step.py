@@ -1,0 +1,185 @@
+"""The calibration train step: DDPM loss of the quantized DiT, optax update of the trainable set.
+
+One function, jitted with explicit in/out shardings over a mesh of any size (1 device or a
+pod): `state` (donated) holds what changes and is checkpointed, `frozen` what does not.
+
+  state = {'step': int32[], 'rng': uint32[2] (raw key data), 'params': trainable params,
+           'opt_state': optax state of those, 'quant': the mutable `quant` collection (codes
+           and whatever else the layers keep there, except the latent weights)}
+  frozen = {'params': frozen params, 'quant': latent weights, 'fp': fp params (distillation)}
+
+Randomness of step s is fold_in(rng, s), so a resumed run draws what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import trainable as trainable_lib
+
+LATENT = 'latent'
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static settings of the calibration loss."""
+
+  num_classes: int
+  label_dropout: float = 0.1  # DiT training's class dropout; the null label is num_classes
+  assign_every: int = 1  # recompute assignments every n steps (1: every step, 0: never)
+  distill_weight: float = 0.0  # weight of ||eps_q - eps_fp||^2 on the same noisy input
+
+
+def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -> tuple[dict, dict]:
+  """Adds every quantized layer's full-precision kernel as its latent weight.
+
+  Dynamic assignment keeps it in the `quant` collection (argmin target, never trained); 'ste'
+  puts it in params (a straight-through weight that may be trained).
+  """
+  params = jax.tree.map(lambda x: x, params)
+  quant = jax.tree.map(lambda x: x, quant)
+  for path, _ in jax.tree_util.tree_leaves_with_path(params):
+    keys = [str(k.key) for k in path]
+    if keys[-1] != 'codebooks':
+      continue
+    fp = fp_params
+    for k in keys[:-1]:
+      fp = fp[k]
+    target = params if assignment == 'ste' else quant
+    trainable_lib._set(target, keys[:-1] + [LATENT], jnp.asarray(fp['kernel'], jnp.float32))
+  return params, quant
+
+
+def split_quant(quant: dict) -> tuple[dict, dict]:
+  """(mutable, constant) parts of the `quant` collection: latent weights are constant."""
+  constant, mutable = trainable_lib.split(quant, lambda path, _: path.rsplit('/', 1)[-1] == LATENT)
+  return mutable, constant
+
+
+def init_state(trainable: dict, quant: dict, tx: optax.GradientTransformation, seed: int) -> dict:
+  return {
+    'step': jnp.zeros((), jnp.int32),
+    'rng': jax.random.key_data(jax.random.key(seed)),
+    'params': trainable,
+    'opt_state': tx.init(trainable),
+    'quant': quant,
+  }
+
+
+def _changed_fraction(old: dict, new: dict) -> jax.Array:
+  changed, total = jnp.zeros((), jnp.float32), 0
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new)):
+    if str(path[-1].key) == 'codes':
+      changed += jnp.sum(a != b).astype(jnp.float32)
+      total += a.size
+  return changed / max(total, 1)
+
+
+def make_train_step(
+  dynamic_model: nn.Module,
+  frozen_model: nn.Module,
+  diffusion,
+  tx: optax.GradientTransformation,
+  loss_cfg: LossConfig,
+  fp_model: nn.Module | None = None,
+  lr_fn: Callable[[jax.Array], jax.Array] | None = None,
+) -> Callable[[dict, dict, dict], tuple[dict, dict]]:
+  """train_step(state, frozen, batch) -> (state, metrics); batch = {'latents' (B,H,W,C), 'labels' (B,)}.
+
+  dynamic_model recomputes the assignments in its forward (PQDense 'dynamic' or 'ste') and
+  writes them to `quant`; frozen_model decodes the stored codes.
+  """
+
+  def losses(trainable: dict, state: dict, frozen: dict, batch: dict, keys, dynamic: bool):
+    k_t, k_noise, k_drop = keys
+    x = batch['latents'].astype(jnp.float32)
+    b = x.shape[0]
+    t = jax.random.randint(k_t, (b,), 0, diffusion.num_timesteps)
+    noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+    drop = jax.random.uniform(k_drop, (b,)) < loss_cfg.label_dropout
+    y = jnp.where(drop, loss_cfg.num_classes, batch['labels'].astype(jnp.int32))
+    variables = {
+      'params': trainable_lib.merge(trainable, frozen['params']),
+      'quant': trainable_lib.merge(state['quant'], frozen['quant']),
+    }
+    seen = {}
+
+    def apply_fn(v, x_t, t_model, y):
+      if dynamic:
+        out, updates = dynamic_model.apply(v, x_t, t_model, y, mutable=['quant'])
+        seen['quant'] = updates['quant']
+      else:
+        out = frozen_model.apply(v, x_t, t_model, y)
+      seen.update(out=out, x_t=x_t, t=t_model)
+      return out
+
+    terms = diffusion.training_losses(apply_fn, variables, x, t, noise=noise, model_kwargs={'y': y})
+    loss = jnp.mean(terms['loss'])
+    metrics = {'mse': jnp.mean(terms['mse']), 'vb': jnp.mean(terms.get('vb', jnp.zeros_like(terms['mse'])))}
+    if loss_cfg.distill_weight > 0:
+      target = jax.lax.stop_gradient(fp_model.apply({'params': frozen['fp']}, seen['x_t'], seen['t'], y))
+      metrics['distill'] = jnp.mean(jnp.square(seen['out'] - target))
+      loss = loss + loss_cfg.distill_weight * metrics['distill']
+    new_quant = trainable_lib.pick(state['quant'], seen['quant']) if dynamic else state['quant']
+    return loss, (metrics, new_quant)
+
+  def train_step(state: dict, frozen: dict, batch: dict) -> tuple[dict, dict]:
+    step = state['step']
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+    keys = tuple(jax.random.split(rng, 3))
+
+    def grads(dynamic: bool):
+      fn = jax.value_and_grad(functools.partial(losses, dynamic=dynamic), has_aux=True)
+      return fn(state['params'], state, frozen, batch, keys)
+
+    if loss_cfg.assign_every == 1:
+      (loss, (metrics, quant)), g = grads(True)
+    elif loss_cfg.assign_every == 0:
+      (loss, (metrics, quant)), g = grads(False)
+    else:
+      (loss, (metrics, quant)), g = jax.lax.cond(
+        step % loss_cfg.assign_every == 0, lambda: grads(True), lambda: grads(False)
+      )
+    updates, opt_state = tx.update(g, state['opt_state'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=optax.global_norm(g),
+      changed=_changed_fraction(state['quant'], quant),
+      lr=lr_fn(step) if lr_fn is not None else jnp.zeros(()),
+    )
+    new_state = {'step': step + 1, 'rng': state['rng'], 'params': params, 'opt_state': opt_state, 'quant': quant}
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, state: Any, frozen: Any) -> tuple[Callable, Any, Any]:
+  """(jitted step, state shardings, frozen shardings); the state argument is donated."""
+  state_sh = sharding.tree_shardings(mesh, state)
+  frozen_sh = sharding.tree_shardings(mesh, frozen)
+  jitted = jax.jit(
+    step_fn,
+    in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
+    donate_argnums=(0,),
+  )
+  return jitted, state_sh, frozen_sh
+
+
+def refresh_codes(dynamic_model: nn.Module, params: dict, quant: dict, sample: dict) -> dict:
+  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks."""
+  x = jnp.asarray(sample['latents'][:1], jnp.float32)
+  t = jnp.zeros((1,), jnp.int32)
+  y = jnp.asarray(sample['labels'][:1], jnp.int32)
+  fn = jax.jit(lambda p, q: dynamic_model.apply({'params': p, 'quant': q}, x, t, y, mutable=['quant'])[1]['quant'])
+  return trainable_lib.pick(quant, fn(params, quant))

@@ -1,0 +1,163 @@
+"""Stage `compare`: every method of config.compare.rows on the same trained model, measured alike.
+
+Each row is the model as stage `train` (or `load`) left it, run through the row's own stages
+(quantize, compress, calibrate: the pipeline's stage functions, with the row's config overrides,
+into DIR/rows/<name>/), then scored with the demo metrics on the same labels and starting noise.
+report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
+`timings_s`); DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the
+metrics against effective bits per weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+
+import ml_collections
+import numpy as np
+
+from dpq_jax.demo import metrics as demo_metrics
+from dpq_jax.evaluate import grid as grid_lib
+
+ROW_KEYS = (
+  'model',
+  'method',
+  'index_bits_per_weight',
+  'effective_bits_per_weight',
+  'effective_bits_per_quantized_weight',
+  'bytes',
+  'fp32_bytes',
+  'compression_ratio',
+  'compression_ratio_model',
+  'weight_rel_mse',
+)
+ROW_STAGES = ('quantize', 'compress', 'calibrate')
+
+
+def row_config(config: ml_collections.ConfigDict, name: str) -> tuple[ml_collections.ConfigDict, tuple[str, ...]]:
+  """(the job's config with the row's overrides, the row's stages)."""
+  row = config.compare.row_defs[name]
+  out = copy.deepcopy(config)
+  for section, values in row.get('overrides', {}).items():
+    for key, value in values.items():
+      out[section][key] = value
+  return out, tuple(row.get('stages', ()))
+
+
+def check_config(config: ml_collections.ConfigDict, check_stage) -> list[str]:
+  """Problems with config.compare; `check_stage(config, stage)` checks one stage's section."""
+  cfg, errors = config.compare, []
+  rows = list(cfg.rows)
+  if not rows:
+    errors.append('config.compare.rows is empty: expected row names from config.compare.row_defs')
+  for name in rows:
+    if name not in cfg.row_defs:
+      errors.append(f'config.compare.rows: unknown row {name!r}; expected one of {", ".join(cfg.row_defs)}')
+      continue
+    try:
+      row_cfg, stages = row_config(config, name)
+    except (KeyError, AttributeError) as e:
+      errors.append(f'config.compare.row_defs[{name!r}]: bad override {e}')
+      continue
+    for stage in stages:
+      if stage not in ROW_STAGES:
+        errors.append(f'config.compare.row_defs[{name!r}].stages: {stage!r}; expected a subset of {ROW_STAGES}')
+      else:
+        errors += [f'row {name}: {e}' for e in check_stage(row_cfg, stage)]
+  if cfg.num_samples < 2:
+    errors.append(
+      f'config.compare.num_samples={cfg.num_samples}: expected >= 2 (the Frechet distance needs a covariance)'
+    )
+  return errors
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+  from dpq_jax import pipeline  # the stage table; imported here as the pipeline imports this module
+
+  data = state['data']
+  inputs = demo_metrics.fixed_noisy_inputs(data['heldout_images'], data['heldout_labels'], config.seed)
+  reference_eps = demo_metrics.eps_prediction(state['model'], state['variables'], inputs)
+  sample_cfg = copy.deepcopy(config.sample)
+  sample_cfg.num_samples = config.compare.num_samples
+  sample_cfg.batch_size = min(config.compare.num_samples, config.compare.batch_size)
+  sample_cfg.labels = 'balanced'
+  base = {k: copy.deepcopy(v) for k, v in state.items() if k not in ('report', 'report_notes')}
+
+  from tqdm.auto import tqdm
+
+  rows, images = [], {}
+  for name in tqdm(config.compare.rows, desc='compare', unit='row'):
+    cfg, stages = row_config(config, name)
+    row_state = {**base, 'report': copy.deepcopy(state['report']), 'report_notes': []}
+    row_state['report']['timings_s'] = {}
+    row_dir = os.path.join(workdir, 'rows', name)
+    for stage in stages:
+      start = time.perf_counter()
+      row_state = pipeline.STAGES[stage](cfg, row_dir, row_state)
+      row_state['report']['timings_s'][stage] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    metrics, images[name] = demo_metrics.evaluate(
+      row_state['model'], row_state['variables'], sample_cfg, state['classifier'], data['heldout_images'],
+      reference_eps, inputs,
+    )  # fmt: skip
+    row_state['report']['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
+    rep = row_state['report']
+    rows.append({'name': name, **{k: rep.get(k) for k in ROW_KEYS}, 'metrics': metrics, 'timings_s': rep['timings_s']})
+    state['report_notes'] += [f'{name}: {n}' for n in row_state['report_notes']]
+  state['report']['rows'] = rows
+  state['report']['compare'] = {
+    'num_samples': sample_cfg.num_samples,
+    'sampler': f'{sample_cfg.sampler} {sample_cfg.steps} steps, cfg {sample_cfg.cfg_scale}',
+    'grid': 'compare_grid.png',
+    'plot': 'compare_plot.png',
+  }
+  save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
+  save_plot(os.path.join(workdir, 'compare_plot.png'), rows)
+  return state
+
+
+def save_grid(path: str, images: dict[str, np.ndarray], per_row: int) -> None:
+  """One line of samples per method (same labels and noise in every line), the name on the left."""
+  from PIL import Image, ImageDraw
+
+  scale, pad, label_w = 4, 2, 150
+  lines = []
+  for name, imgs in images.items():
+    tiles = grid_lib.to_uint8(imgs[:per_row])[..., 0]  # [n, 8, 8] grey
+    line = grid_lib.make_grid(tiles[..., None], nrow=per_row, padding=pad, pad_value=255)[..., 0]
+    lines.append((name, line.repeat(scale, 0).repeat(scale, 1)))
+  h, w = lines[0][1].shape
+  canvas = Image.new('L', (label_w + w, h * len(lines)), 255)
+  draw = ImageDraw.Draw(canvas)
+  for i, (name, line) in enumerate(lines):
+    canvas.paste(Image.fromarray(line), (label_w, i * h))
+    draw.text((4, i * h + h // 2 - 6), name, fill=0)
+  from dpq_jax import io_utils
+
+  io_utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
+
+
+def save_plot(path: str, rows: list[dict]) -> None:
+  """fd, class accuracy and eps error against effective bits per quantized weight (codes + codebooks;
+  32 for the full-precision row), a labelled point per row."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  from dpq_jax import io_utils
+
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  for ax, key in zip(axes, ('fd', 'class_accuracy', 'eps_rel_error')):
+    for row in rows:
+      x = row['effective_bits_per_quantized_weight'] or 32.0
+      ax.scatter([x], [row['metrics'][key]], s=25)
+      ax.annotate(row['name'], (x, row['metrics'][key]), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('effective bits per quantized weight (codebooks included)')
+    ax.set_title(key)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  io_utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
+  plt.close(fig)

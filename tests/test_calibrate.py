@@ -1,0 +1,356 @@
+"""Calibration train step: gradients against a dense-model reference, loss decrease, config errors.
+
+The tiny quantized DiT built here (`tiny_setup`) is shared with test_calibrate_sharded.py and
+the subprocess driver of test_calibrate_resume.py.
+"""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from dpq_jax import diffusion as diffusion_lib
+from dpq_jax import pipeline
+from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import train_step as step_lib
+from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import dit
+from dpq_jax.models.load import randomize_zero_init
+from dpq_jax.quant import layers, pq, surgery
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 10
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
+  """(fp module, rules, fp params, QuantizedParams) of a 2-block DiT on 8x8 latents.
+
+  Codebooks are K random sub-vectors of each kernel and codes their argmin (numpy): the quantize
+  stage's layout without its k-means compilation. Cached: callers must not modify the trees.
+  """
+  rules = surgery.default_rules('pq', k, d)
+  fp = dit.DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
+  params = randomize_zero_init(dit.init_params(fp, jax.random.key(seed)), jax.random.key(seed + 1), std=0.1)
+  params = jax.tree.map(np.asarray, params)
+  rng = np.random.default_rng(seed)
+  qparams = jax.tree.map(lambda x: x, params)
+  quant, rows = {}, []
+  for path, kernel in surgery._module_kernels(params):
+    name = '/'.join(path)
+    if rules.spec_for(name) is None:
+      continue
+    sub = np.asarray(pq.to_subvectors(kernel, d))  # [M, out, d]
+    codebooks = sub[:, rng.choice(sub.shape[1], k, replace=False)]  # [M, K, d]
+    codes = ((sub[:, :, None, :] - codebooks[:, None]) ** 2).sum(-1).argmin(-1).astype(np.uint8)  # [M, out]
+    node = qparams
+    for p in path:
+      node = node[p]
+    del node['kernel']
+    node['codebooks'] = codebooks
+    surgery._set(quant, path + ('codes',), codes)
+    rows.append({'name': name})
+  return fp, rules, params, surgery.QuantizedParams(qparams, quant, {}, rows)
+
+
+def calib_config(**overrides) -> ml_collections.ConfigDict:
+  cfg = common.base_config().calibrate
+  cfg.update(dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1))))
+  cfg.update(overrides)
+  return cfg
+
+
+def tiny_data(n: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Structured latents (a per-class pattern plus a little noise): learnable, fixed."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
+  patterns = rng.standard_normal((NUM_CLASSES, 8, 8, 4)).astype(np.float32)
+  return (patterns[labels] + 0.1 * rng.standard_normal((n, 8, 8, 4))).astype(np.float32), labels
+
+
+def build(cfg, setup=None, assignment: str = 'dynamic', devices=None):
+  """(jitted step, state, frozen, models) on a mesh over `devices` (default: the first device)."""
+  fp, rules, params, q = setup or tiny_setup()
+  dyn = fp.clone(dense=layers.dense_factory(rules, assignment))
+  frz = fp.clone(dense=layers.dense_factory(rules, 'frozen'))
+  p, qn = step_lib.attach_latent(q.params, q.quant, params, assignment)
+  mutable, constant = step_lib.split_quant(qn)
+  trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
+  tx = trainable_lib.optimizer(cfg)
+  state = step_lib.init_state(trainable, mutable, tx, 0)
+  frozen = {'params': frozen_params, 'quant': constant, 'fp': params if cfg.distill_weight > 0 else {}}
+  fn = step_lib.make_train_step(
+    dyn, frz, diffusion_lib.create_diffusion(), tx,
+    step_lib.LossConfig(NUM_CLASSES, cfg.label_dropout, cfg.assign_every, cfg.distill_weight), fp,
+  )  # fmt: skip
+  mesh = sharding.make_mesh(tuple(cfg.mesh), devices or jax.devices()[:1])
+  jstep, state_sh, frozen_sh = step_lib.jit_step(fn, mesh, state, frozen)
+  return jstep, jax.device_put(state, state_sh, may_alias=False), jax.device_put(frozen, frozen_sh), (fp, dyn, frz)
+
+
+def test_trainable_sets_and_their_errors():
+  assert trainable_lib.trainable_patterns('codebooks,biases') == [r'.*/codebooks', r'.*/bias']
+  assert trainable_lib.trainable_patterns('blocks_0/.*/bias') == ['blocks_0/.*/bias']
+  with pytest.raises(ValueError, match="unknown trainable set 'norms'"):
+    trainable_lib.trainable_patterns('codebooks,norms')
+  with pytest.raises(ValueError, match='not a valid regex'):
+    trainable_lib.trainable_patterns('blocks_(/x')
+  _, _, _, q = tiny_setup()
+  with pytest.raises(ValueError, match='match no floating parameter'):
+    trainable_lib.split_trainable(q.params, ['nothing/.*'])
+
+
+def test_codebook_gradient_is_the_scatter_sum_of_the_dense_kernel_gradient():
+  """SGD(lr=1) moves each codeword by minus the sum of the dense-weight gradients of the
+  sub-vectors assigned to it (computed on the plain DiT with the decoded kernels), and
+  nothing outside the trainable set moves."""
+  setup = tiny_setup()
+  fp, rules, params, q = setup
+  cfg = calib_config(optimizer='sgd', lr=1.0, b1=0.0, label_dropout=0.5)
+  jstep, state, frozen, _ = build(cfg, setup)
+  before = jax.device_get(state)
+  x, y = tiny_data(8)
+  after, metrics = jstep(state, frozen, {'latents': x, 'labels': y})
+  after = jax.device_get(after)
+
+  # The reference: the same randomness, the plain DiT on decoded weights, jax.grad w.r.t. kernels.
+  rng = jax.random.fold_in(jax.random.wrap_key_data(before['rng']), 0)
+  k_t, k_noise, k_drop = jax.random.split(rng, 3)
+  diffusion = diffusion_lib.create_diffusion()
+  t = jax.random.randint(k_t, (8,), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+  y_in = jnp.where(jax.random.uniform(k_drop, (8,)) < 0.5, NUM_CLASSES, y)
+  dense = surgery.dequantize_params(q.params, q.quant)
+
+  def loss(p):
+    terms = diffusion.training_losses(fp.apply, {'params': p}, jnp.asarray(x), t, noise=noise, model_kwargs={'y': y_in})
+    return jnp.mean(terms['loss'])
+
+  ref_loss, g = jax.value_and_grad(loss)(dense)
+  np.testing.assert_allclose(float(metrics['loss']), float(ref_loss), rtol=1e-5)
+  checked = 0
+  for path, codes in jax.tree_util.tree_leaves_with_path(q.quant):
+    keys = [p.key for p in path[:-1]]
+    codes = np.asarray(codes)  # [M, out]
+    node_g, node_b, node_a = g, before['params'], after['params']
+    for k in keys:
+      node_g, node_b, node_a = node_g[k], node_b[k], node_a[k]
+    sub = np.asarray(pq.to_subvectors(node_g['kernel'], 4))  # [M, out, d]
+    want = np.zeros_like(node_b['codebooks'])  # [M, K, d]
+    for m in range(sub.shape[0]):
+      np.add.at(want[m], codes[m], sub[m])
+    np.testing.assert_allclose(node_b['codebooks'] - node_a['codebooks'], want, rtol=2e-3, atol=1e-7)
+    checked += 1
+  assert checked == 10  # 5 quantized layers x 2 blocks
+  # Only codebooks were trainable: the optimizer state and the state's params hold nothing else.
+  names = {str(p[-1].key) for p, _ in jax.tree_util.tree_leaves_with_path(after['params'])}
+  assert names == {'codebooks'}
+  codebook_shapes = {x.shape for x in jax.tree.leaves(after['params'])}
+  assert {x.shape for x in jax.tree.leaves(after['opt_state']) if x.ndim} <= codebook_shapes
+  # The frozen tree (biases, embedders, final layer, latent weights) is untouched and was not donated.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen['params']), trainable_lib.split(
+    q.params, lambda path, _: not path.endswith('codebooks'))[0])  # fmt: skip
+
+
+def test_codes_follow_the_codebooks_and_assign_every():
+  """Step 0 starts from the quantize stage's codes (argmin of the latent weight), so no code
+  changes; afterwards codes are the argmin of the updated codebooks, and with assign_every=2
+  odd steps keep the codes fixed."""
+  setup = tiny_setup()
+  x, y = tiny_data(8)
+  batch = {'latents': x, 'labels': y}
+  jstep, state, frozen, _ = build(calib_config(lr=3e-2, assign_every=2), setup)
+  changed = []
+  for _ in range(4):
+    quant_before = jax.device_get(state['quant'])
+    params_before = jax.device_get(state['params'])
+    state, m = jstep(state, frozen, batch)
+    changed.append(float(m['changed']))
+    if int(state['step']) % 2 == 1:  # step index 0, 2: recomputed against the codebooks of that step
+      fp_params = setup[2]
+      for blk in ('blocks_0', 'blocks_1'):
+        cb = params_before[blk]['mlp']['fc1']['codebooks']
+        want = pq.encode(fp_params[blk]['mlp']['fc1']['kernel'], cb, pq.CodebookSpec(16, 4))
+        np.testing.assert_array_equal(jax.device_get(state['quant'])[blk]['mlp']['fc1']['codes'], want)
+    else:
+      jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['quant']), quant_before)
+  assert changed[0] == 0.0 and changed[1] == 0.0 and changed[3] == 0.0
+  assert changed[2] > 0.0
+
+
+def _eval_loss(frz, params, quant, x, y, seed=123, n=64):
+  """Mean DDPM loss over n fixed (t, noise) draws per example: the 'small fixed problem'."""
+  diffusion = diffusion_lib.create_diffusion()
+  key = jax.random.key(seed)
+  xs = jnp.tile(jnp.asarray(x), (n, 1, 1, 1))
+  ys = jnp.tile(jnp.asarray(y), (n,))
+  t = jax.random.randint(jax.random.fold_in(key, 0), (xs.shape[0],), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(jax.random.fold_in(key, 1), xs.shape)
+  terms = diffusion.training_losses(frz.apply, {'params': params, 'quant': quant}, xs, t, noise=noise,
+                                    model_kwargs={'y': ys})  # fmt: skip
+  return float(jnp.mean(terms['loss']))
+
+
+def test_loss_decreases_on_a_small_fixed_problem():
+  setup = tiny_setup()
+  _, _, _, q = setup
+  x, y = tiny_data(16)
+  jstep, state, frozen, (_, _, frz) = build(calib_config(lr=3e-2, label_dropout=0.0), setup)
+  before = _eval_loss(frz, q.params, q.quant, x, y)
+  losses = []
+  for _ in range(60):
+    state, m = jstep(state, frozen, {'latents': x, 'labels': y})
+    losses.append(float(m['loss']))
+  params = trainable_lib.merge(jax.device_get(state['params']), jax.device_get(frozen['params']))
+  after = _eval_loss(frz, params, jax.device_get(state['quant']), x, y)
+  assert np.isfinite(losses).all()
+  assert after < 0.95 * before, (before, after)  # measured: 1.334 -> 1.224
+  assert np.mean(losses[-10:]) < np.mean(losses[:10])
+
+
+def test_optimizer_from_config_matches_optax():
+  cfg = calib_config(optimizer='adamw', lr=1e-2, weight_decay=0.1, clip=0.5, schedule='cosine', warmup=3, steps=10)
+  tx = trainable_lib.optimizer(cfg)
+  sched = optax.join_schedules([optax.linear_schedule(0.0, 1e-2, 3), optax.cosine_decay_schedule(1e-2, 7)], [3])
+  ref = optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(sched, weight_decay=0.1))
+  p = {'w': jnp.arange(6.0).reshape(2, 3)}
+  s1, s2 = tx.init(p), ref.init(p)
+  for i in range(5):
+    g = {'w': jnp.sin(p['w'] + i)}
+    u1, s1 = tx.update(g, s1, p)
+    u2, s2 = ref.update(g, s2, p)
+    np.testing.assert_allclose(u1['w'], u2['w'], rtol=1e-6)
+  assert float(trainable_lib.learning_rate(cfg)(3)) == pytest.approx(1e-2)
+
+
+def _runlocal(**overrides) -> ml_collections.ConfigDict:
+  config = common.quant_job('t', common.parse_arg('runlocal=1', method='pq', k=16, d=4, bits=1, runlocal=False))
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+@pytest.mark.parametrize(
+  'overrides,message',
+  [
+    ({'calibrate.trainable': 'codebooks,norms'}, "unknown trainable set 'norms'"),
+    (
+      {
+        'calibrate.batch_size': 3,
+        'calibrate.smoke_batch_size': 0,
+        'model.init': 'checkpoint',
+        'data.source': 'data_free',
+      },
+      '',
+    ),  # fmt: skip
+    (
+      {'model.init': 'checkpoint', 'data.source': 'imagenet', 'data.data_dir': '/nonexistent/tfds'},
+      "config.data.data_dir='/nonexistent/tfds': no such directory",
+    ),  # fmt: skip
+    ({'data.source': 'npz', 'data.path': '/nonexistent.npz'}, "config.data.path='/nonexistent.npz': no such npz"),
+    ({'calibrate.assign_every': -1}, 'config.calibrate.assign_every=-1'),
+    ({'calibrate.trainable': 'latent'}, "needs assignment='ste'"),
+    ({'quant.method': 'rtn'}, "config.quant.method='rtn': calibrate trains PQ/VQ codebooks"),
+  ],
+)
+def test_bad_config_fails_with_a_clear_line(overrides, message):
+  config = _runlocal(**overrides)
+  with pytest.raises(pipeline.ConfigError) as e:
+    pipeline.check_config(config)
+  if not message:  # batch 3 against the data-parallel size: the whole mesh's device count
+    message = f'config.calibrate.batch_size=3 is not divisible by the data-parallel size {jax.device_count()}'
+    if jax.device_count() == 1:
+      pytest.skip('batch divisibility needs more than one device; covered by test_calibrate_sharded.py')
+  assert message in str(e.value)
+
+
+def test_bad_config_writes_nothing(tmp_path):
+  workdir = tmp_path / 'w'
+  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={workdir}',
+         '--config.calibrate.trainable=codebooks,nope']  # fmt: skip
+  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert "unknown trainable set 'nope'" in r.stderr
+  assert not workdir.exists()
+
+
+def test_distillation_term_is_zero_against_itself():
+  """With the fp model equal to the decoded quantized one, the distillation term vanishes."""
+  fp, rules, params, q = tiny_setup()
+  dense = surgery.dequantize_params(q.params, q.quant)
+  jstep, state, frozen, _ = build(calib_config(distill_weight=1.0, lr=1e-6), (fp, rules, params, q))
+  x, y = tiny_data(8)
+  batch = {'latents': x, 'labels': y}
+  state, m = jstep(state, dict(frozen, fp=jax.device_put(dense)), batch)
+  assert float(m['distill']) < 1e-10
+  _, m = jstep(state, dict(frozen, fp=jax.device_put(params)), batch)
+  assert float(m['distill']) > 1e-6
+  np.testing.assert_allclose(float(m['loss']), float(m['mse'] + m['vb'] + m['distill']), rtol=1e-5)
+
+
+class _TinySpec:
+  """Stands in for convert.ModelSpec: the stage builds its modules with spec.create(...)."""
+
+  name = 'tiny'
+  num_classes = NUM_CLASSES
+
+  def __init__(self, module):
+    self.module = module
+    self.in_channels = module.in_channels
+
+  def create(self, dtype=jnp.float32, dense=None):
+    return self.module.clone(dtype=dtype, **({'dense': dense} if dense else {}))
+
+
+def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
+  """Stage `calibrate` on data-free samples: metrics.jsonl, report keys, and DIR/quantized holding
+  the calibrated codebooks with codes that are their argmin of the latent weights."""
+  from dpq_jax.calibrate import stage as calibrate_stage
+  from dpq_jax.quant import sizes as sizes_lib
+  from dpq_jax.quant import storage
+
+  fp, rules, params, q = tiny_setup()
+  q = surgery.QuantizedParams(q.params, q.quant, {}, [
+    {'name': r['name'], 'shape': [1, 1], 'k': 16, 'd': 4, 'index_bits': 4, 'bytes': 0, 'rel_mse': 1.0, 'sq_norm': 1.0}
+    for r in q.layers])  # fmt: skip
+  sizes = storage.save(str(tmp_path / 'quantized'), q, {'name': 'tiny'})
+  batch = max(4, jax.device_count())  # 8 when test_calibrate_sharded.py gave this process 8 devices
+  config = _runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': batch, 'calibrate.lr': 1e-2,
+                        'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'data.num_samples': 8})  # fmt: skip
+  config.model.init = 'checkpoint'  # no smoke caps
+  config.model.input_size = 8
+  report = {'num_params': 1000, **sizes_lib.summary(q.layers, sizes, 1000)}
+  state = {'spec': _TinySpec(fp), 'fp_params': params, 'quantized': q, 'rules': rules, 'report': report,
+           'variables': {'params': q.params, 'quant': q.quant}}  # fmt: skip
+  config.data.source = 'data_free'
+  assert calibrate_stage.check_config(config) == []
+  state = calibrate_stage.run(config, str(tmp_path), state)
+  summary = state['report']['calibrate']
+  assert summary['steps'] == 4 and summary['num_examples'] == 8 and summary['resumed_from_step'] is None
+  assert [json.loads(s)['step'] for s in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3, 4]
+  assert (tmp_path / 'data_free_latents.npz').exists() and (tmp_path / 'checkpoints' / '4').is_dir()
+  _, back = storage.load(str(tmp_path / 'quantized'))
+  for path, cb in jax.tree_util.tree_leaves_with_path(back.params):
+    keys = [p.key for p in path]
+    if keys[-1] != 'codebooks':
+      continue
+    node_q, node_fp, node_old = back.quant, params, q.params
+    for k in keys[:-1]:
+      node_q, node_fp, node_old = node_q[k], node_fp[k], node_old[k]
+    assert not np.allclose(cb, node_old['codebooks'])  # calibrated
+    np.testing.assert_array_equal(node_q['codes'], pq.encode(node_fp['kernel'], cb, pq.CodebookSpec(16, 4)))
+  assert state['report']['layers'][0]['rel_mse'] < 1.0  # recomputed against the fp weights
+  # The runtime model of the next stage runs on the calibrated variables.
+  out = state['model'].apply(state['variables'], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
+                             jnp.zeros((1,), jnp.int32))  # fmt: skip
+  assert out.shape == (1, 8, 8, 8)

@@ -1,0 +1,85 @@
+"""The digits demo: data split, classifier, stage `train` with its cache, stage `compare` end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dpq_jax.demo import classifier, digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROW_KEYS = {
+    'name', 'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
+    'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'metrics', 'timings_s',
+}  # fmt: skip
+
+
+def test_digits_split_against_sklearn():
+  from sklearn.datasets import load_digits
+
+  ref = load_digits()
+  data = digits.load(heldout_per_class=30, seed=0)
+  assert data['train_images'].shape == (1797 - 300, 8, 8, 1) and data['heldout_images'].shape == (300, 8, 8, 1)
+  np.testing.assert_array_equal(np.bincount(data['heldout_labels']), np.full(10, 30))
+  # Every image is an sklearn image rescaled from 0..16 to [-1, 1], with its own label, none lost or repeated.
+  both = np.concatenate([data['train_images'], data['heldout_images']])[..., 0]
+  labels = np.concatenate([data['train_labels'], data['heldout_labels']])
+  want = {(img.astype(np.float32) / 8 - 1).tobytes() + bytes([t]) for img, t in zip(ref.images, ref.target)}
+  assert {img.tobytes() + bytes([t]) for img, t in zip(both, labels)} == want
+  again = digits.load(heldout_per_class=30, seed=0)
+  np.testing.assert_array_equal(again['heldout_labels'], data['heldout_labels'])
+  with pytest.raises(ValueError, match='heldout_per_class=500'):
+    digits.load(heldout_per_class=500)
+
+
+def test_classifier_learns_the_digits():
+  data = digits.load()
+  params = classifier.train(data['train_images'], data['train_labels'], steps=300, seed=0)
+  feats, logits = classifier.apply(params, data['heldout_images'])
+  assert feats.shape == (300, classifier.FEATURES)
+  assert np.mean(np.argmax(logits, -1) == data['heldout_labels']) > 0.9
+
+
+def _main(workdir, *overrides):
+  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/digits.py:tiny', f'--workdir={workdir}', *overrides]
+  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+
+
+@pytest.mark.slow
+def test_tiny_demo_end_to_end_and_cache(tmp_path):
+  r = _main(tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads((tmp_path / 'report.json').read_text())
+  names = [row['name'] for row in report['rows']]
+  assert names[0] == 'fp' and {'rtn-1bit', 'vq-1bit', 'pq-1bit'} <= set(names)
+  for row in report['rows']:
+    assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+    assert set(row['metrics']) == {'fd', 'class_accuracy', 'eps_rel_error'}
+    assert np.isfinite(list(row['metrics'].values())).all()
+  rows = {row['name']: row for row in report['rows']}
+  assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['fp']['effective_bits_per_weight'] == 32.0
+  for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit'):
+    assert rows[name]['index_bits_per_weight'] == 1.0
+    assert rows[name]['metrics']['eps_rel_error'] > 0
+    # the row's artifact on disk is what the row reports
+    art = tmp_path / 'rows' / name / 'quantized'
+    assert sum(f.stat().st_size for f in art.iterdir()) == rows[name]['bytes']['total']
+  for png in ('compare_grid.png', 'compare_plot.png'):
+    assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert report['train']['cached'] is False
+  # A rerun reuses the trained model and classifier: same fp metrics, no training.
+  r = _main(tmp_path, "--config.compare.rows=('fp',)")
+  assert r.returncode == 0, r.stderr[-3000:]
+  again = json.loads((tmp_path / 'report.json').read_text())
+  assert again['train']['cached'] is True
+  assert again['rows'][0]['metrics'] == rows['fp']['metrics']
+
+
+def test_bad_compare_row_fails_clearly(tmp_path):
+  r = _main(tmp_path / 'run', "--config.compare.rows=('fp','pq-3bit')")
+  assert r.returncode == 2
+  assert "config.compare.rows: unknown row 'pq-3bit'" in r.stderr
+  assert not (tmp_path / 'run').exists()
