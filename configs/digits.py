@@ -39,8 +39,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.calibrate.checkpoint_every = 100
   config.calibrate.log_every = 10
   config.compare.rows = (
-    'fp', 'rtn-2bit', 'rtn-1bit', 'vq-2bit', 'vq-1bit', 'pq-2bit', 'pq-1bit',
-    'pq-1bit-compressed', 'pq-1bit-calibrated', 'pq16-1bit-compressed',
+    'fp', 'rtn-2bit', 'rtn-1bit', 'vq-2bit', 'vq-1bit', 'pq-2bit', 'pq-1bit', 'pq16-1bit-calibrated',
+    'pq-1bit-compressed', 'pq-1bit-calibrated',
   )  # fmt: skip
   config.compare.row_defs = {
     'fp': {'stages': ()},
@@ -61,6 +61,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     'pq-1bit-calibrated': {
       'stages': ('quantize', 'compress', 'calibrate'),
       'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},
+    },
+    'pq16-1bit-calibrated': {
+      'stages': ('quantize', 'calibrate'),
+      'overrides': {'quant': {'method': 'pq', 'k': 16, 'd': 4}},
     },
     'pq16-1bit-compressed': {
       'stages': ('quantize', 'compress'),

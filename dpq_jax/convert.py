@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dpq_jax import io_utils
 from dpq_jax.models import dit
 
 Params = dict[str, Any]
@@ -273,13 +274,17 @@ def original_to_flax(state: Mapping[str, np.ndarray], spec: ModelSpec) -> Params
     if missing:
       parts.append(f'missing for {spec.name}: {", ".join("/".join(p) for p in missing[:20])}')
     raise CheckpointError('checkpoint does not match the model; ' + '; '.join(parts))
+  return _nest_checked(params, flat_expected, '', spec.name)
+
+
+def _nest_checked(params: dict, flat_expected: dict, prefix: str, expects: str) -> Params:
+  """{path tuple: array} -> nested params, each array's shape checked against the model's."""
+  tree: Params = {}
   for path, value in params.items():
     if value.shape != flat_expected[path].shape:
       raise CheckpointError(
-        f'{"/".join(path)} has shape {value.shape}; {spec.name} expects {flat_expected[path].shape}'
+        f'{prefix}{"/".join(path)} has shape {value.shape}; {expects} expects {flat_expected[path].shape}'
       )
-  tree: Params = {}
-  for path, value in params.items():
     node = tree
     for p in path[:-1]:
       node = node.setdefault(p, {})
@@ -342,15 +347,7 @@ def _save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
       json.dump(meta, f, indent=2)
-    if os.path.exists(output_dir):
-      old = output_dir + '.old'
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(output_dir, old)
-      os.rename(tmp, output_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, output_dir)
-    os.chmod(output_dir, 0o755)  # mkdtemp made it private
+    io_utils.replace_dir(tmp, output_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -482,18 +479,7 @@ def vae_to_flax(state: Mapping[str, np.ndarray], config: Any) -> Params:
     if missing:
       parts.append(f'missing for the config: {", ".join(missing[:20])}' + (' ...' if len(missing) > 20 else ''))
     raise CheckpointError('VAE checkpoint does not match its config.json; ' + '; '.join(parts))
-  for path, value in params.items():
-    if value.shape != flat_expected[path].shape:
-      raise CheckpointError(
-        f'VAE {"/".join(path)} has shape {value.shape}; the config.json architecture expects {flat_expected[path].shape}'
-      )
-  tree: Params = {}
-  for path, value in params.items():
-    node = tree
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = value
-  return tree
+  return _nest_checked(params, flat_expected, 'VAE ', 'the config.json architecture')
 
 
 def load_torch_vae(path: str) -> tuple[Any, Params]:

@@ -16,11 +16,34 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
   os.close(fd)
   try:
     write(tmp)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def replace_dir(tmp: str, directory: str) -> None:
+  """Moves the finished directory `tmp` to `directory`, replacing an existing one only at the end
+  (the old copy is renamed aside first and removed after), and gives it mkdtemp-free 0755 rights."""
+  import shutil
+
+  if os.path.exists(directory):
+    old = directory + '.old'
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(directory, old)
+    os.rename(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.rename(tmp, directory)
+  os.chmod(directory, 0o777 & ~_umask())
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
 
 
 def write_text(path: str, text: str) -> None:

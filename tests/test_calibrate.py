@@ -337,7 +337,12 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   state = calibrate_stage.run(config, str(tmp_path), state)
   summary = state['report']['calibrate']
   assert summary['steps'] == 4 and summary['num_examples'] == 8 and summary['resumed_from_step'] is None
-  assert [json.loads(s)['step'] for s in (tmp_path / 'metrics.jsonl').read_text().splitlines()] == [1, 2, 3, 4]
+  logged = [json.loads(s) for s in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in logged] == [1, 2, 3, 4]
+  # TensorBoard event files hold the same curves: read with a TFRecord reader written here.
+  board = _read_scalars(tmp_path / 'tensorboard')
+  assert board['calibrate/loss'] == [(r['step'], pytest.approx(r['loss'], rel=1e-6)) for r in logged]
+  assert {'calibrate/mse', 'calibrate/vb', 'calibrate/changed', 'calibrate/grad_norm'} <= set(board)
   assert (tmp_path / 'data_free_latents.npz').exists() and (tmp_path / 'checkpoints' / '4').is_dir()
   _, back = storage.load(str(tmp_path / 'quantized'))
   for path, cb in jax.tree_util.tree_leaves_with_path(back.params):
@@ -354,3 +359,22 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   out = state['model'].apply(state['variables'], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
                              jnp.zeros((1,), jnp.int32))  # fmt: skip
   assert out.shape == (1, 8, 8, 8)
+
+
+def _read_scalars(directory) -> dict:
+  """{tag: [(step, value), ...]} from the TFRecord-framed Event protos of every events file."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  out: dict = {}
+  for path in sorted(directory.glob('events.out.tfevents.*')):
+    data = path.read_bytes()
+    i = 0
+    while i < len(data):
+      (length,) = struct.unpack('<Q', data[i : i + 8])
+      event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])  # skip the length's crc
+      i += 12 + length + 4  # and the data's crc
+      for v in event.summary.value:
+        out.setdefault(v.tag, []).append((event.step, v.simple_value))
+  return out

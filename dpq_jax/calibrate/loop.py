@@ -29,6 +29,7 @@ from dpq_jax.calibrate import trainable as trainable_lib
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
+TENSORBOARD_DIR = 'tensorboard'  # event files (tensorboardX: no TensorFlow needed)
 
 
 def _abstract(tree: Any, shardings: Any) -> Any:
@@ -111,6 +112,11 @@ def calibrate(
     start = 0
   history: list[dict[str, Any]] = []
   step = start
+  board = None
+  if writer:
+    from tensorboardX import SummaryWriter
+
+    board = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
   bar = None
   if progress and writer:
     from tqdm.auto import tqdm
@@ -151,6 +157,11 @@ def calibrate(
           if writer:
             with open(metrics_path, 'a') as f:
               f.writelines(json.dumps(r) + '\n' for r in rows)
+            for row in rows:
+              for key, value in row.items():
+                if key != 'step':
+                  board.add_scalar(f'calibrate/{key}', value, row['step'])
+            board.flush()
           if bar is not None:
             bar.set_postfix(loss=f'{rows[-1]["loss"]:.4f}', changed=f'{rows[-1]["changed"]:.3f}')
         if guard.requested():
@@ -165,6 +176,8 @@ def calibrate(
   finally:
     if bar is not None:
       bar.close()
+    if board is not None:
+      board.close()
     checkpointer.wait()
     checkpointer.close()
 

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from dpq_jax import io_utils
 from dpq_jax.quant import compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
@@ -92,15 +93,7 @@ def save(
       check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
     with open(os.path.join(tmp, INDEX), 'w') as f:
       json.dump({'model': model_meta, 'entries': w.entries}, f)
-    if os.path.exists(directory):
-      old = directory + '.old'
-      shutil.rmtree(old, ignore_errors=True)
-      os.rename(directory, old)
-      os.rename(tmp, directory)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, directory)
-    os.chmod(directory, 0o755)  # mkdtemp made it private
+    io_utils.replace_dir(tmp, directory)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
