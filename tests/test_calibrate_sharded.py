@@ -1,22 +1,20 @@
 """The same train step on 8 CPU devices (data 4 x fsdp 2) equals the single-device step.
 
-XLA_FLAGS is set before jax initialises its backend; when another module initialised it first
-(fewer than 8 devices), the test reruns itself in a subprocess with the flag.
+Each test reruns itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
+unless this process already has 8 devices. The flag is never set in this process's environment:
+every later subprocess of the suite (the CLI tests) would inherit 8 devices.
 """
 
 import os
+import subprocess
+import sys
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+import jax
+import numpy as np
+import pytest
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-from dpq_jax import pipeline  # noqa: E402
-from tests import test_calibrate as tc  # noqa: E402
+from dpq_jax import pipeline
+from tests import test_calibrate as tc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
