@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from configs import common  # noqa: E402
 from dpq_jax import diffusion as diffusion_lib  # noqa: E402
+from dpq_jax import tree_utils  # noqa: E402
 from dpq_jax.calibrate import sharding  # noqa: E402
 from dpq_jax.calibrate import train_step as step_lib  # noqa: E402
 from dpq_jax.calibrate import trainable as trainable_lib  # noqa: E402
@@ -59,7 +60,7 @@ def random_pq(params: dict, rules: layers.QuantRules, seed: int = 0) -> tuple[di
       node = node[p]
     del node['kernel']
     node['codebooks'] = codebooks
-    surgery._set(quant, path + ('codes',), pq.encode(jnp.asarray(kernel), codebooks, spec).astype(jnp.uint8))
+    tree_utils.set_path(quant, path + ('codes',), pq.encode(jnp.asarray(kernel), codebooks, spec).astype(jnp.uint8))
   return qparams, quant
 
 

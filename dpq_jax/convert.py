@@ -85,8 +85,6 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def read_diffusers_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """Reads a diffusers DiTTransformer2DModel folder: (state dict, config)."""
-  from safetensors.numpy import load_file
-
   if os.path.isdir(os.path.join(path, 'transformer')):
     path = os.path.join(path, 'transformer')  # A whole DiTPipeline folder.
   cfg_path = os.path.join(path, 'config.json')
@@ -97,13 +95,20 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
   files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
   if not files:
     raise CheckpointError(f'{path!r} holds no .safetensors weights (only safetensors are read, never pickles)')
+  return _read_safetensors(path, files), config
+
+
+def _read_safetensors(path: str, files: list[str]) -> dict[str, np.ndarray]:
+  """The tensors of path/files (safetensors: no pickled code) as float32 numpy arrays."""
+  from safetensors.numpy import load_file
+
   state = {}
   for name in files:
     try:
       state.update(load_file(os.path.join(path, name)))
     except Exception as e:
       raise CheckpointError(f'cannot read {os.path.join(path, name)!r} (truncated or corrupt?): {e}') from None
-  return {k: np.asarray(v, np.float32) for k, v in state.items()}, config
+  return {k: np.asarray(v, np.float32) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -424,15 +429,7 @@ def read_vae_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     raise CheckpointError(f'cannot read {cfg_path!r}: {e}') from None
   files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
   if files:
-    from safetensors.numpy import load_file
-
-    state = {}
-    for name in files:
-      try:
-        state.update(load_file(os.path.join(path, name)))
-      except Exception as e:
-        raise CheckpointError(f'cannot read {os.path.join(path, name)!r} (truncated or corrupt?): {e}') from None
-    return {k: np.asarray(v, np.float32) for k, v in state.items()}, config
+    return _read_safetensors(path, files), config
   bins = sorted(f for f in os.listdir(path) if f.endswith('.bin'))
   if len(bins) != 1:
     raise CheckpointError(f'{path!r} holds no .safetensors and {len(bins)} .bin files; expected weights in one of them')

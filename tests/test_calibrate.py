@@ -19,7 +19,7 @@ import pytest
 
 from configs import common
 from dpq_jax import diffusion as diffusion_lib
-from dpq_jax import pipeline
+from dpq_jax import pipeline, tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
@@ -57,7 +57,7 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
       node = node[p]
     del node['kernel']
     node['codebooks'] = codebooks
-    surgery._set(quant, path + ('codes',), codes)
+    tree_utils.set_path(quant, path + ('codes',), codes)
     rows.append({'name': name})
   return fp, rules, params, surgery.QuantizedParams(qparams, quant, {}, rows)
 

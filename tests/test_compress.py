@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpq_jax import tree_utils
 from dpq_jax.quant import compress, compress_stage, kmeans, layers, packing, pq, storage, surgery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -166,10 +167,10 @@ def test_budget_met_exactly_on_disk_and_roundtrip(tmp_path):
   params, quant = {}, {}
   for lay, c in zip(lays, compressed):
     path = tuple(lay.name.split('/'))
-    surgery._set(params, path + ('codebooks',), np.asarray(c.codebooks))
-    surgery._set(params, path + ('bias',), np.zeros(lay.reference.shape[1], np.float32))
-    surgery._set(quant, path + ('codes',), np.asarray(c.codes).astype(np.uint8))
-    surgery._set(quant, path + ('alive',), np.asarray(c.alive))
+    tree_utils.set_path(params, path + ('codebooks',), np.asarray(c.codebooks))
+    tree_utils.set_path(params, path + ('bias',), np.zeros(lay.reference.shape[1], np.float32))
+    tree_utils.set_path(quant, path + ('codes',), np.asarray(c.codes).astype(np.uint8))
+    tree_utils.set_path(quant, path + ('alive',), np.asarray(c.alive))
   q = surgery.QuantizedParams(params, quant, {}, info['rows'])
   sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'test'})
   index = json.loads((tmp_path / 'q' / 'index.json').read_text())

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dpq_jax import tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
 
@@ -54,7 +55,7 @@ def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -
     for k in keys[:-1]:
       fp = fp[k]
     target = params if assignment == 'ste' else quant
-    trainable_lib._set(target, keys[:-1] + [LATENT], jnp.asarray(fp['kernel'], jnp.float32))
+    tree_utils.set_path(target, keys[:-1] + [LATENT], jnp.asarray(fp['kernel'], jnp.float32))
   return params, quant
 
 

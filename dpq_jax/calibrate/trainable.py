@@ -16,6 +16,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from dpq_jax import tree_utils
+
 # Named trainable sets; anything else in config.calibrate.trainable is a regex over param paths.
 PRESETS = {
   'codebooks': r'.*/codebooks',
@@ -67,7 +69,7 @@ def split(tree: dict, predicate: Callable[[str, Any], bool]) -> tuple[dict, dict
   rest: dict = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     keys = [str(k.key) for k in path]
-    _set(selected if predicate('/'.join(keys), leaf) else rest, keys, leaf)
+    tree_utils.set_path(selected if predicate('/'.join(keys), leaf) else rest, keys, leaf)
   return selected, rest
 
 
@@ -87,12 +89,6 @@ def merge(a: dict, b: dict) -> dict:
 def pick(like: dict, source: dict) -> dict:
   """The leaves of `source` at the paths of `like` (same structure as `like`)."""
   return {k: pick(v, source[k]) if isinstance(v, dict) else source[k] for k, v in like.items()}
-
-
-def _set(tree: dict, keys: list[str], value: Any) -> None:
-  for k in keys[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[keys[-1]] = value
 
 
 def split_trainable(params: dict, patterns: list[str]) -> tuple[dict, dict]:

@@ -17,6 +17,7 @@ import time
 import ml_collections
 import numpy as np
 
+from dpq_jax import io_utils
 from dpq_jax.demo import metrics as demo_metrics
 from dpq_jax.evaluate import grid as grid_lib
 
@@ -133,8 +134,6 @@ def save_grid(path: str, images: dict[str, np.ndarray], per_row: int) -> None:
   for i, (name, line) in enumerate(lines):
     canvas.paste(Image.fromarray(line), (label_w, i * h))
     draw.text((4, i * h + h // 2 - 6), name, fill=0)
-  from dpq_jax import io_utils
-
   io_utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
 
 
@@ -145,8 +144,6 @@ def save_plot(path: str, rows: list[dict]) -> None:
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-
-  from dpq_jax import io_utils
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
   for ax, key in zip(axes, ('fd', 'class_accuracy', 'eps_rel_error')):

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpq_jax import convert, diffusion, io_utils
+from dpq_jax import convert, diffusion, io_utils, tree_utils
 from dpq_jax.demo import classifier, digits
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.models import dit
@@ -153,9 +153,5 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, np.ndarray]:
 def _unflatten(flat: dict[str, np.ndarray]) -> dict:
   out: dict = {}
   for path, v in flat.items():
-    node = out
-    *parents, leaf = path.split('/')
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = jnp.asarray(v)
+    tree_utils.set_path(out, path.split('/'), jnp.asarray(v))
   return out

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors
+from dpq_jax import errors, tree_utils
 from dpq_jax.quant import compress, packing, pq, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
@@ -316,9 +316,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   new_params = jax.tree.map(lambda v: v, live_params)
   new_quant = jax.tree.map(lambda v: v, live_quant)
   for m, c in zip(modules, compressed):
-    surgery._set(new_params, m + ('codebooks',), np.asarray(c.codebooks))
-    surgery._set(new_quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
-    surgery._set(new_quant, m + ('alive',), np.asarray(c.alive))
+    tree_utils.set_path(new_params, m + ('codebooks',), np.asarray(c.codebooks))
+    tree_utils.set_path(new_quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
+    tree_utils.set_path(new_quant, m + ('alive',), np.asarray(c.alive))
   new_q = surgery.QuantizedParams(new_params, new_quant, q.rtn, info['rows'])
   bias_paths = {'/'.join(m + ('bias',)) for m in modules}
   measured: dict[str, int] = {}
@@ -382,9 +382,9 @@ def _compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **k
   compressed, info = compress_layers(lays, target, **kwargs)
   params, quant = jax.tree.map(lambda v: v, q.params), jax.tree.map(lambda v: v, q.quant)
   for m, c in zip(modules, compressed):
-    surgery._set(params, m + ('codebooks',), np.asarray(c.codebooks))
-    surgery._set(quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
-    surgery._set(quant, m + ('alive',), np.asarray(c.alive))
+    tree_utils.set_path(params, m + ('codebooks',), np.asarray(c.codebooks))
+    tree_utils.set_path(quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
+    tree_utils.set_path(quant, m + ('alive',), np.asarray(c.alive))
   return surgery.QuantizedParams(params, quant, q.rtn, info['rows'])
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpq_jax import io_utils
+from dpq_jax import io_utils, tree_utils
 from dpq_jax.quant import compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
@@ -163,14 +163,14 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
     shape = tuple(e['shape'])
     keys = e['path'].split('/')
     if e['file'] == 'codes' and isinstance(e['bits'], list):
-      _set(quant, keys, _unpack_compressed(raw, e['bits'], shape, e['dtype']))
+      tree_utils.set_path(quant, keys, _unpack_compressed(raw, e['bits'], shape, e['dtype']))
     elif e['file'] == 'codes':
       n = int(np.prod(shape))
       arr = packing.unpack(raw, e['bits'], n).reshape(shape)
       if e.get('rtn'):
         rtn_parts.setdefault(e['path'].rsplit('/', 1)[0], {})['codes'] = (arr.astype(np.int32), e['bits'])
         continue
-      _set(quant, keys, arr.astype(e['dtype']))
+      tree_utils.set_path(quant, keys, arr.astype(e['dtype']))
     else:
       if keys[-1] == 'codebook_sizes':
         live[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype']).astype(np.int64)
@@ -181,24 +181,18 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
         alive = np.arange(shape[1])[None] < live[module][:, None]  # [num_codebooks, K]
         arr = np.broadcast_to(rows[np.cumsum(live[module]) - live[module]][:, None], shape).copy()  # dead: row 0
         arr[alive] = rows
-        _set(params, keys, arr)
-        _set(quant, keys[:-1] + ['alive'], alive)
+        tree_utils.set_path(params, keys, arr)
+        tree_utils.set_path(quant, keys[:-1] + ['alive'], alive)
         continue
       arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape).astype(np.float32)
       if keys[-1].startswith('rtn_'):
         rtn_parts.setdefault('/'.join(keys[:-1]), {})[keys[-1][4:]] = arr
         continue
-      _set(params, keys, arr)
+      tree_utils.set_path(params, keys, arr)
   rtn_layers = {}
   for module, parts in rtn_parts.items():
     codes, bits = parts['codes']
     rtn_layers[module] = RTNLayer(codes, parts['scale'], parts['offset'], bits)
     kernel = np.asarray(rtn_lib.dequantize(codes, parts['scale'], parts['offset'])).T
-    _set(params, module.split('/') + ['kernel'], kernel)
+    tree_utils.set_path(params, module.split('/') + ['kernel'], kernel)
   return index['model'], QuantizedParams(params, quant, rtn_layers, [])
-
-
-def _set(tree: dict, keys: list[str], value: Any) -> None:
-  for k in keys[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[keys[-1]] = value

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpq_jax import tree_utils
 from dpq_jax.quant import layers, packing, pq, rtn
 
 METHODS = ('pq', 'vq', 'rtn')
@@ -34,12 +35,6 @@ class QuantizedParams:
   quant: dict  # integer codes of PQ/VQ layers: <path>/codes [num_subvectors, out_features]
   rtn: dict[str, RTNLayer]  # RTN layers by module path
   layers: list[dict[str, Any]]  # per-layer report rows
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
 
 
 def _module_kernels(params: dict) -> list[tuple[tuple[str, ...], np.ndarray]]:
@@ -102,7 +97,7 @@ def quantize_params(
       approx = pq.decode(codebooks, codes)
       del node['kernel']
       node['codebooks'] = codebooks
-      _set(quant, path + ('codes',), codes.astype(packing.code_dtype(spec.codebook_size)))
+      tree_utils.set_path(quant, path + ('codes',), codes.astype(packing.code_dtype(spec.codebook_size)))
       nbytes = packing.packed_nbytes(codes.size, spec.index_bits) + codebooks.size * np.dtype(codebook_dtype).itemsize
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
     rows.append(
