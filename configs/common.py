@@ -131,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.labels = 'random'  # 'random' | 'balanced' | comma-separated class ids
   config.sample.seed = 0
   config.sample.eta = 0.0  # DDIM noise scale (0: deterministic DDIM)
+  # Caps for an untrained model (model.init='random', no 'train' stage: a smoke run on the real shapes);
+  # 0: no cap. The DiT-XL/2 jobs set them (quant_job).
+  config.sample.smoke_steps = 0
+  config.sample.smoke_num_samples = 0
 
   config.vae = ml_collections.ConfigDict()
   config.vae.checkpoint = ''  # converted SD VAE dir or diffusers AutoencoderKL folder; '' = keep latents
@@ -167,6 +171,8 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
   config.sample.num_samples = 8
   config.sample.batch_size = 8
   config.sample.labels = '207,360,387,974,88,979,417,279'  # the original sample.py's classes
+  config.sample.smoke_steps = 5  # --config.model.init=random: 5 DDPM steps, 2 images (CPU smoke run)
+  config.sample.smoke_num_samples = 2
   if args.runlocal:  # the same stages on a small model, seconds on a CPU
     config.model.name = 'DiT-S/8'
     config.model.input_size = 16
@@ -176,6 +182,7 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
     config.sample.steps = 3
     config.sample.num_samples = 4
     config.sample.batch_size = 4
+    config.sample.smoke_num_samples = 0  # already small
     config.calibrate.steps = 3
     config.calibrate.batch_size = 4
     config.calibrate.log_every = 1

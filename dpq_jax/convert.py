@@ -304,7 +304,8 @@ def _nest_checked(params: dict, flat_expected: dict, prefix: str, expects: str) 
 def load_torch_checkpoint(
   path: str, name: str | None = None, input_size: int | None = None
 ) -> tuple[ModelSpec, Params]:
-  """Reads an original .pt or a diffusers folder into (spec, numpy Flax params)."""
+  """Reads an original .pt or a diffusers folder into (spec, numpy Flax params); gs:// is downloaded first."""
+  path = io_utils.local_copy(path) if io_utils.is_remote(path) and io_utils.exists(path) else path
   if os.path.isdir(path):
     state, config = read_diffusers_folder(path)
     state = diffusers_to_original(state)
@@ -343,23 +344,32 @@ def _save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
 
   import orbax.checkpoint as ocp
 
-  output_dir = os.path.abspath(output_dir)
+  output_dir = io_utils.abspath(output_dir)
   parent = check_writable_dir_parent(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir) + '.tmp-', dir=parent)
+  if io_utils.is_remote(output_dir):
+    parent = None  # built in the local temp dir, uploaded with model.json last (io_utils.replace_dir)
+  else:
+    os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir.rstrip('/')) + '.tmp-', dir=parent)
   try:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
       json.dump(meta, f, indent=2)
-    io_utils.replace_dir(tmp, output_dir)
+    io_utils.replace_dir(tmp, output_dir, commit_file=SPEC_FILE)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
 def check_writable_dir_parent(output_dir: str) -> str:
-  """Returns the parent of `output_dir`; raises unless it is, or can be created as, a writable dir."""
+  """Returns the parent of `output_dir`; raises unless it is, or can be created as, a writable dir.
+
+  A gs:// URL is only checked not to be a file (write permission shows at the upload)."""
+  if io_utils.is_remote(output_dir):
+    if io_utils.isfile(output_dir):
+      raise CheckpointError(f'output {output_dir!r} exists and is not a directory')
+    return output_dir.rstrip('/').rsplit('/', 1)[0]
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise CheckpointError(f'output {output_dir!r} exists and is not a directory')
@@ -373,7 +383,7 @@ def check_writable_dir_parent(output_dir: str) -> str:
 
 
 def is_converted(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, SPEC_FILE)) and os.path.isdir(os.path.join(path, PARAMS_DIR))
+  return io_utils.isfile(os.path.join(path, SPEC_FILE)) and io_utils.isdir(os.path.join(path, PARAMS_DIR))
 
 
 def load_converted(path: str) -> tuple[ModelSpec, Params]:
@@ -382,14 +392,13 @@ def load_converted(path: str) -> tuple[ModelSpec, Params]:
 
   if not is_converted(path):
     raise CheckpointError(f'{path!r} is not a converted checkpoint (expected {SPEC_FILE} and {PARAMS_DIR}/)')
-  with open(os.path.join(path, SPEC_FILE)) as f:
-    meta = json.load(f)
+  meta = io_utils.read_json(os.path.join(path, SPEC_FILE))
   meta.pop('source', None)
   if meta.get('kind') == 'vae':
     raise CheckpointError(f'{path!r} is a converted VAE, not a DiT (give it as config.vae.checkpoint)')
   spec = ModelSpec(**meta)
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
+    params = ckptr.restore(os.path.join(io_utils.abspath(path), PARAMS_DIR))  # orbax reads gs:// itself
   return spec, params
 
 
@@ -483,7 +492,9 @@ def load_torch_vae(path: str) -> tuple[Any, Params]:
   """A diffusers AutoencoderKL folder -> (VAEConfig, numpy Flax params)."""
   from dpq_jax.models import vae as vae_lib
 
-  state, config = read_vae_folder(path)
+  state, config = read_vae_folder(
+    io_utils.local_copy(path) if io_utils.is_remote(path) and io_utils.isdir(path) else path
+  )
   try:
     vae_config = vae_lib.VAEConfig.from_diffusers(config)
   except (TypeError, ValueError) as e:
@@ -504,11 +515,10 @@ def load_vae(path: str) -> tuple[Any, Params]:
 
   if not is_converted(path):
     return load_torch_vae(path)
-  with open(os.path.join(path, SPEC_FILE)) as f:
-    meta = json.load(f)
+  meta = io_utils.read_json(os.path.join(path, SPEC_FILE))
   if meta.get('kind') != 'vae':
     raise CheckpointError(f'{path!r} is a converted DiT, not a VAE (expected a VAE converted with --vae)')
   config = vae_lib.VAEConfig.from_diffusers(meta['config'])
   with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(os.path.abspath(path), PARAMS_DIR))
+    params = ckptr.restore(os.path.join(io_utils.abspath(path), PARAMS_DIR))  # orbax reads gs:// itself
   return config, params

@@ -2,7 +2,9 @@
 
 Each stage is `run(config, workdir, state) -> state` in its own module; `state` carries the
 model, its params and the report being built. Every input is checked before anything is
-written, so a bad config fails with one line and leaves the workdir untouched.
+written, so a bad config fails with one line and leaves the workdir untouched. The workdir
+may be a local directory or a gs:// URL (io_utils). In a multi-process run every process runs
+every stage and only process 0 (distributed.is_writer) writes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Callable
 
 import ml_collections
 
-from dpq_jax import errors
+from dpq_jax import errors, io_utils
 from dpq_jax.calibrate import distributed
 from dpq_jax.calibrate import stage as calibrate_stage
 from dpq_jax.demo import compare as compare_stage
@@ -90,8 +92,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Checks the config, runs its stages, writes report.json and report.md; returns the report."""
   distributed.maybe_initialize()  # multi-host jobs: before anything touches a JAX backend
   check_config(config)
-  created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  writer = distributed.is_writer()  # process 0 writes every output; the others compute alongside it
+  created = writer and not io_utils.exists(workdir)
+  if writer:
+    io_utils.makedirs(workdir)  # (object stores have no directories to make)
   state = {
     'report': {'config_name': config.name, 'stages': list(config.stages), 'metrics': {}, 'timings_s': {}},
     'report_notes': [],
@@ -104,11 +108,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state['fp_params'] = state['variables']['params']
       state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
   except BaseException:
-    if created and not os.listdir(workdir):
+    if created and not io_utils.is_remote(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)  # A run that failed before writing anything leaves no trace.
     raise
-  import jax
-
-  if jax.process_index() == 0:  # one writer per job
+  if writer:
     report_lib.write(workdir, state['report'], state['report_notes'], config)
   return state['report']

@@ -4,21 +4,21 @@
 #
 #   launch/tpu_vm.sh --name dpq-v5e --zone us-west4-a --accelerator v5litepod-8 \
 #       --workdir gs://BUCKET/runs/dit_xl_1bit --checkpoint gs://BUCKET/ckpt/dit_xl_2_256 \
-#       --data-dir gs://BUCKET/tfds --vae gs://BUCKET/ckpt/sd_vae_ft_ema [--queued [--spot]] [--dry-run] \
-#       [-- --config.calibrate.steps=4000 ...]
+#       --data-dir gs://BUCKET/tfds --vae gs://BUCKET/ckpt/sd_vae_ft_ema [--queued [--spot]] [--gcsfuse] \
+#       [--dry-run] [-- --config.calibrate.steps=4000 ...]
 #
 # Everything the job writes (report, quantized model, checkpoints, samples) goes under --workdir, a
-# gs:// path. Every gs:// bucket named by the flags is mounted with gcsfuse at /gcs/BUCKET on each
-# worker and the job gets the mounted paths (dpq_jax writes with plain file I/O; use a bucket with
-# hierarchical namespace so directory renames, which make its writes atomic, are atomic there too).
+# gs:// path that the job gets as it is: dpq_jax reads and writes gs:// itself (etils.epath + gcsfs,
+# orbax and tfds/array_record natively; only process 0 writes). --gcsfuse instead mounts every bucket
+# named by the flags at /gcs/BUCKET on each worker and passes the mounted paths (plain file I/O).
 # A preempted job is resumed by running the
 # same command again: the TPU is reused (or re-created) and calibration resumes from its last checkpoint.
 # --dry-run prints every command (prefixed with '+ ') instead of running it.
 set -euo pipefail
 
 NAME="" ZONE="" PROJECT="" ACCEL="v5litepod-8" RUNTIME="" WORKDIR="" CHECKPOINT="" DATA_DIR="" VAE=""
-CONFIG="configs/dit_xl_1bit.py" QUEUED=0 SPOT=0 DRY=0 EXTRA=()
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+CONFIG="configs/dit_xl_1bit.py" QUEUED=0 SPOT=0 DRY=0 FUSE=0 EXTRA=()
+usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 
 while [[ $# -gt 0 ]]; do
@@ -36,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --queued) QUEUED=1; shift ;;
     --spot) SPOT=1; shift ;;
     --dry-run) DRY=1; shift ;;
+    --gcsfuse) FUSE=1; shift ;;
     -h|--help) usage; exit 0 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) die "unknown argument '$1' (see --help)" ;;
@@ -85,16 +86,17 @@ TARBALL="/tmp/dpq_jax-$NAME.tar.gz"
 run git -C "$ROOT" archive --format=tar.gz --prefix=dpq_jax/ -o "$TARBALL" HEAD
 run "${GCLOUD[@]}" compute tpus tpu-vm scp "$TARBALL" "$NAME:dpq_jax.tar.gz" --zone "$ZONE" --worker=all
 
-# 3. Install on every worker: the project's requirements plus jax for TPUs; mount the buckets.
-mounted() { [[ "$1" == gs://* ]] && echo "/gcs/${1#gs://}" || echo "$1"; }
+# 3. Install on every worker: the project's requirements, jax for TPUs and gcsfs (gs:// for etils.epath);
+#    with --gcsfuse, mount the buckets.
+mounted() { [[ $FUSE -eq 1 && "$1" == gs://* ]] && echo "/gcs/${1#gs://}" || echo "$1"; }
 MOUNTS=""
 for path in "$WORKDIR" "$CHECKPOINT" "$DATA_DIR" "$VAE"; do
-  if [[ "$path" == gs://* ]]; then
+  if [[ $FUSE -eq 1 && "$path" == gs://* ]]; then
     bucket="${path#gs://}"; bucket="${bucket%%/*}"
     [[ "$MOUNTS" == *"/gcs/$bucket "* ]] || MOUNTS+="sudo mkdir -p /gcs/$bucket && sudo chmod 777 /gcs/$bucket && (mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs $bucket /gcs/$bucket) && "
   fi
 done
-INSTALL="${MOUNTS}rm -rf dpq_jax && tar xzf dpq_jax.tar.gz && cd dpq_jax && python3 -m pip install -q -r requirements.txt 'jax[tpu]'"
+INSTALL="${MOUNTS}rm -rf dpq_jax && tar xzf dpq_jax.tar.gz && cd dpq_jax && python3 -m pip install -q -r requirements.txt 'jax[tpu]' gcsfs"
 run "${GCLOUD[@]}" compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$INSTALL"
 
 # 4. The job, on all workers at once (jax.distributed finds the pod's workers by itself).

@@ -47,17 +47,31 @@ def test_tpu_dry_run_commands():
   assert archive[:3] == ['git', '-C', ROOT] and archive[-1] == 'HEAD'
   assert '--worker=all' in scp and '--worker=all' in install and '--worker=all' in job
   remote_install = install[install.index('--command') + 1]
+  assert 'gcsfuse' not in remote_install and 'mkdir' not in remote_install  # gs:// goes to the job as it is
+  assert shlex.split(remote_install)[-3:] == ['requirements.txt', 'jax[tpu]', 'gcsfs']  # gcsfs: epath's gs://
+  remote_job = shlex.split(job[job.index('--command') + 1])
+  assert remote_job[:4] == ['cd', 'dpq_jax', '&&', 'DPQ_DISTRIBUTED=1']
+  assert remote_job[4:] == [
+    'python3', '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py', '--workdir=gs://bkt/runs/a',
+    '--config.model.checkpoint=gs://bkt/ckpt/xl', '--config.data.data_dir=gs://data/tfds', '--config.calibrate.steps=7',
+  ]  # fmt: skip
+
+
+def test_tpu_dry_run_gcsfuse_mounts_the_buckets():
+  r = _run(TPU, '--name', 'dpq', '--zone', 'z', '--workdir', 'gs://bkt/runs/a', '--checkpoint', 'gs://bkt/ckpt/xl',
+           '--data-dir', 'gs://data/tfds', '--vae', '/local/vae', '--gcsfuse', '--dry-run')  # fmt: skip
+  assert r.returncode == 0, r.stderr
+  _, _, _, install, job = _commands(r.stdout)
+  remote_install = install[install.index('--command') + 1]
   assert (
     'gcsfuse --implicit-dirs bkt /gcs/bkt' in remote_install
     and 'gcsfuse --implicit-dirs data /gcs/data' in remote_install
   )
   assert remote_install.count('gcsfuse') == 2  # one mount per bucket
-  assert "'jax[tpu]'" in remote_install and '-r requirements.txt' in remote_install
-  remote_job = shlex.split(job[job.index('--command') + 1])
-  assert remote_job[:4] == ['cd', 'dpq_jax', '&&', 'DPQ_DISTRIBUTED=1']
-  assert remote_job[4:] == [
+  assert shlex.split(job[job.index('--command') + 1])[4:] == [
     'python3', '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py', '--workdir=/gcs/bkt/runs/a',
-    '--config.model.checkpoint=/gcs/bkt/ckpt/xl', '--config.data.data_dir=/gcs/data/tfds', '--config.calibrate.steps=7',
+    '--config.model.checkpoint=/gcs/bkt/ckpt/xl', '--config.data.data_dir=/gcs/data/tfds',
+    '--config.vae.checkpoint=/local/vae',
   ]  # fmt: skip
 
 

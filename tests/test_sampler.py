@@ -219,7 +219,7 @@ def test_vae_must_match_the_model(dit, tmp_path):
 
 def test_chunks_of_another_run_are_refused(dit, tmp_path, monkeypatch):
   config = _config(num_samples=8)
-  monkeypatch.setattr(sample, 'shutil', type('NoRm', (), {'rmtree': staticmethod(lambda p: None)}))
+  monkeypatch.setattr(sample.io_utils, 'rmtree', lambda path, missing_ok=False: None)
   _run_stage(config, tmp_path, dit)  # leaves its chunks (rmtree disabled)
   config.sample.cfg_scale = 2.0
   with pytest.raises(errors.ConfigError, match=r'holds chunks of a different sampling run \(cfg_scale: 1.5 -> 2.0\)'):
@@ -261,3 +261,25 @@ def test_batch_must_split_over_devices(tmp_path):
   r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
   assert r.returncode == 2 and 'config.sample.batch_size=6: expected a multiple of the 4 devices' in r.stderr
   assert not (tmp_path / 'w').exists()
+
+
+def test_random_init_smoke_caps_of_the_xl_job(tmp_path):
+  """`configs/dit_xl_1bit.py --config.model.init=random` samples 2 images in 5 steps, a checkpoint job all 8
+  in 250; runlocal keeps its own 4 images; a small model with the caps runs them through the stage."""
+  from configs import dit_xl_1bit
+
+  xl = dit_xl_1bit.get_config()
+  assert sample.effective_config(xl) is xl  # model.init='checkpoint': the paper's protocol untouched
+  xl.model.init = 'random'
+  capped = sample.effective_config(xl).sample
+  assert (capped.steps, capped.num_samples, capped.sampler) == (5, 2, 'ddpm')
+  assert (xl.sample.steps, xl.sample.num_samples) == (250, 8)  # the caller's config is not modified
+  local = sample.effective_config(dit_xl_1bit.get_config('runlocal=1')).sample
+  assert (local.steps, local.num_samples) == (3, 4)
+  config = _config(steps=7, num_samples=6, batch_size=2, smoke_steps=2, smoke_num_samples=3)
+  pipeline.run(config, str(tmp_path))
+  with np.load(tmp_path / sample.LATENTS_FILE) as f:
+    assert f['arr_0'].shape[0] == 3
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert report['samples']['steps'] == 2
+  assert 'random-init smoke run: 2 of 7 steps, 3 of 6 images' in (tmp_path / 'report.md').read_text()

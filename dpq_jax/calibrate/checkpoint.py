@@ -18,7 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dpq_jax import errors
+from dpq_jax import errors, io_utils
 
 
 class CheckpointError(errors.ConfigError):
@@ -30,7 +30,7 @@ class Checkpointer:
   """CheckpointManager over DIR with items 'state' (StandardSave) and 'data' (JSON)."""
 
   def __init__(self, directory: str, every: int, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    self.directory = io_utils.abspath(directory)  # a gs:// URL stays one: orbax writes there itself
     options = ocp.CheckpointManagerOptions(
       save_interval_steps=max(int(every), 1),
       max_to_keep=int(keep) if keep > 0 else None,

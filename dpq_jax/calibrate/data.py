@@ -13,7 +13,6 @@ sharded by JAX process, whose iterator state is a small JSON string saved with t
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import Any, Callable
 
@@ -73,9 +72,9 @@ def train_loader(
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(latents, labels) of an npz holding `latents`/`labels` or ADM-style `arr_0`/`arr_1`."""
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     raise FileNotFoundError(f'config.data.path={path!r}: no such npz file')
-  with np.load(path) as f:
+  with io_utils.load_npz(path) as f:
     for lk, yk in (('latents', 'labels'), ('arr_0', 'arr_1')):
       if lk in f and yk in f:
         latents, labels = f[lk], f[yk]
@@ -178,7 +177,7 @@ def encode_tfds(
   """
   import tensorflow_datasets as tfds
 
-  if os.path.exists(os.path.join(cache_dir, CACHE_INDEX)):
+  if io_utils.exists(os.path.join(cache_dir, CACHE_INDEX)):
     return cache_dir
   source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   num = len(source) if max_examples <= 0 else min(max_examples, len(source))
@@ -224,14 +223,17 @@ def _save_npy(path: str, arr: np.ndarray) -> None:
 
 
 def load_cache(cache_dir: str) -> tuple[np.ndarray, np.ndarray]:
-  """(latents, labels) of an encode_tfds cache, memory-mapped."""
+  """(latents, labels) of an encode_tfds cache, memory-mapped (a gs:// cache is downloaded to local temp first)."""
   path = os.path.join(cache_dir, CACHE_INDEX)
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     raise FileNotFoundError(f'{cache_dir}: no complete latent cache ({CACHE_INDEX} missing)')
-  with open(path) as f:
-    shards = json.load(f)['shards']
-  latents = [np.load(os.path.join(cache_dir, f'latents-{i:05d}.npy'), mmap_mode='r') for i in range(shards)]
-  labels = [np.load(os.path.join(cache_dir, f'labels-{i:05d}.npy')) for i in range(shards)]
+  shards = io_utils.read_json(path)['shards']
+
+  def local(name: str) -> str:
+    return io_utils.local_copy(os.path.join(cache_dir, name))  # mmap needs a real file
+
+  latents = [np.load(local(f'latents-{i:05d}.npy'), mmap_mode='r') for i in range(shards)]
+  labels = [np.load(local(f'labels-{i:05d}.npy')) for i in range(shards)]
   if shards == 1:
     return latents[0], labels[0]
   return np.concatenate(latents), np.concatenate(labels)

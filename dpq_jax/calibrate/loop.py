@@ -23,7 +23,7 @@ import ml_collections
 from dpq_jax import io_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
-from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 
@@ -38,10 +38,9 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 
 def _rewrite_metrics(path: str, upto: int) -> None:
   """Keeps the metric lines of steps <= upto (a resumed run re-logs the steps after its checkpoint)."""
-  if not os.path.exists(path):
+  if not io_utils.exists(path):
     return
-  with open(path) as f:
-    lines = [ln for ln in f if ln.strip() and json.loads(ln)['step'] <= upto]
+  lines = [ln + '\n' for ln in io_utils.read_text(path).splitlines() if ln.strip() and json.loads(ln)['step'] <= upto]
   io_utils.write_text(path, ''.join(lines))
 
 
@@ -95,7 +94,7 @@ def calibrate(
   iterator = iter(loader)
   checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), cfg.checkpoint_every, cfg.keep)
   metrics_path = os.path.join(workdir, METRICS_FILE)
-  writer = jax.process_index() == 0
+  writer = distributed.is_writer()
   start = checkpointer.latest_step()
   if start is not None:
     state, data_state, start = checkpointer.restore(_abstract(state, state_sh))
@@ -154,9 +153,8 @@ def calibrate(
             )
           history += rows
           pending = []
-          if writer:
-            with open(metrics_path, 'a') as f:
-              f.writelines(json.dumps(r) + '\n' for r in rows)
+          if writer:  # (on gs:// an append rewrites the object: it stays small, one line per logged step)
+            io_utils.append_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
             for row in rows:
               for key, value in row.items():
                 if key != 'step':
@@ -181,11 +179,13 @@ def calibrate(
     checkpointer.wait()
     checkpointer.close()
 
-  trained = _round_codebooks(trainable_lib.merge(_to_host(state['params']), _to_host(frozen['params'])), codebook_dtype)
-  quant_now = _to_host(state['quant'])
+  trained = _round_codebooks(
+    trainable_lib.merge(distributed.to_host(state['params']), distributed.to_host(frozen['params'])), codebook_dtype
+  )
+  quant_now = distributed.to_host(state['quant'])
   sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
   quant_out = step_lib.refresh_codes(
-    dynamic_model, trained, trainable_lib.merge(quant_now, _to_host(frozen['quant'])), sample
+    dynamic_model, trained, trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])), sample
   )
   quant_out = trainable_lib.pick(quant_now, jax.device_get(quant_out))
   params_out, _ = trainable_lib.split(trained, lambda path, _: path.rsplit('/', 1)[-1] != step_lib.LATENT)
@@ -199,15 +199,6 @@ def calibrate(
     'step_time_s': timed_s / timed_steps if timed_steps else None,
     'num_trainable': trainable_lib.count(trainable),
   }
-
-
-def _to_host(tree: Any) -> Any:
-  """numpy copies of (possibly multi-host sharded) global arrays."""
-  if jax.process_count() == 1:
-    return jax.device_get(tree)
-  from jax.experimental import multihost_utils
-
-  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def _round_codebooks(params: dict, dtype: Any) -> dict:

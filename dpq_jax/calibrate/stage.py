@@ -8,7 +8,6 @@ to DIR/checkpoints; metrics (one JSON line per step) to DIR/metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
@@ -19,8 +18,8 @@ import numpy as np
 
 from dpq_jax import errors, io_utils
 from dpq_jax.calibrate import data as data_lib
+from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import loop as loop_lib
-from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_stage
 from dpq_jax.quant import layers, storage, surgery
@@ -107,18 +106,18 @@ def _check_data(data: ml_collections.ConfigDict, config: ml_collections.ConfigDi
   if data.source not in data_lib.SOURCES:
     return [f'config.data.source={data.source!r}: expected one of {", ".join(data_lib.SOURCES)}']
   errs = []
-  if data.source == 'npz' and not os.path.isfile(data.path):
+  if data.source == 'npz' and not io_utils.isfile(data.path):
     errs.append(f'config.data.path={data.path!r}: no such npz file (config.data.source=npz)')
   if data.source == 'imagenet':
-    cached = data.cache_dir and os.path.isfile(os.path.join(data.cache_dir, data_lib.CACHE_INDEX))
+    cached = data.cache_dir and io_utils.isfile(os.path.join(data.cache_dir, data_lib.CACHE_INDEX))
     if not cached:
-      if not data.data_dir or not os.path.isdir(data.data_dir):
+      if not data.data_dir or not io_utils.isdir(data.data_dir):
         errs.append(
           f'config.data.data_dir={data.data_dir!r}: no such directory; expected the tfds data dir holding a '
           'prepared imagenet2012 (or set config.data.source=data_free)'
         )
       vae = _vae_checkpoint(config)
-      if not vae or not os.path.exists(vae):
+      if not vae or not io_utils.exists(vae):
         errs.append(f'config.vae.checkpoint={vae!r}: the imagenet source encodes images with the SD VAE; give its path')
       if data.image_size != 8 * config.model.input_size:
         errs.append(
@@ -149,8 +148,8 @@ def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dat
     path = os.path.join(workdir, DATA_FREE_FILE)
     meta = np.asarray([data.num_samples, data.sample_steps, data.seed])
     latents = None
-    if os.path.exists(path):  # a resumed run reuses the samples instead of drawing them again
-      with np.load(path) as f:
+    if io_utils.exists(path):  # a resumed run reuses the samples instead of drawing them again
+      with io_utils.load_npz(path) as f:
         if np.array_equal(f['meta'], meta):
           latents, labels = f['latents'], f['labels']
     if latents is None:
@@ -158,11 +157,11 @@ def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dat
       latents, labels = data_lib.sample_data_free(
         fp, state['fp_params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
       )
-      if jax.process_index() == 0:
+      if distributed.is_writer():
         io_utils.write_npz(path, latents=latents, labels=labels, meta=meta)
   else:
     cache = data.cache_dir or os.path.join(workdir, 'latent_cache')
-    if not os.path.isfile(os.path.join(cache, data_lib.CACHE_INDEX)):
+    if not io_utils.isfile(os.path.join(cache, data_lib.CACHE_INDEX)):
       from dpq_jax import convert
       from dpq_jax.models import vae as vae_lib
 
@@ -226,12 +225,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   )
   q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, state['fp_params']))
   artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
-  with open(os.path.join(artifact, storage.INDEX)) as f:
-    meta = json.load(f)['model']
-  if jax.process_index() == 0:
-    sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
-  else:
-    sizes = storage.sizes_on_disk(artifact)
+  # Only the writer needs the stored meta: the others build the artifact just to measure it (and
+  # may not see the writer's files at all, e.g. a workdir on each host's own disk).
+  meta = storage.load_meta(artifact) if distributed.is_writer() else {}
+  sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
   state['report'].update(sizes_lib.summary(q.layers, sizes, state['report']['num_params']))
   summary = _summary(out, cfg, source)
   state['report']['calibrate'] = summary

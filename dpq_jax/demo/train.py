@@ -7,7 +7,6 @@ that made them: a rerun with the same config.model/config.train reuses both and 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -104,11 +103,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   cache_file = os.path.join(cache_dir, 'cache.json')
   classifier_file = os.path.join(cache_dir, 'classifier.npz')
   fingerprint = _fingerprint(config)
-  cached = os.path.exists(cache_file) and json.load(open(cache_file)).get('fingerprint') == fingerprint
+  cached = io_utils.exists(cache_file) and io_utils.read_json(cache_file).get('fingerprint') == fingerprint
   if cached:
     spec, params = convert.load_converted(model_dir)
-    clf_params = _unflatten(dict(np.load(classifier_file)))
-    log = json.load(open(cache_file))
+    with io_utils.load_npz(classifier_file) as f:
+      clf_params = _unflatten(dict(f))
+    log = io_utils.read_json(cache_file)
     state['report_notes'].append(f'train: reused the cached model in {model_dir} (same config.model/config.train)')
   else:
     start = time.perf_counter()

@@ -1,8 +1,9 @@
 """ADM-format sample batches: `arr_0` (N, H, W, 3) uint8 images, `arr_1` (N,) int64 labels.
 
 The file is written as a stream from chunk files, so a 50k-sample batch (about 10 GB at
-256x256) is never held in memory, and atomically (temp file + rename). It is a plain
-uncompressed .npz: `np.load` and the ADM evaluator's zip reader both read it.
+256x256) is never held in memory, and atomically (temp file + rename; on gs:// a local temp
+file uploaded at the end, see io_utils). It is a plain uncompressed .npz: `np.load` and the
+ADM evaluator's zip reader both read it.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def write_streaming(path: str, arrays: dict[str, tuple[tuple[int, ...], np.dtype
 def read_headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   """(shape, dtype) of every array in an .npz, from the .npy headers alone (no data is read)."""
   out = {}
-  with zipfile.ZipFile(path) as zf:
+  with io_utils.open_file(path, 'rb') as raw, zipfile.ZipFile(raw) as zf:
     for info in zf.infolist():
       if not info.filename.endswith('.npy'):
         continue

@@ -17,7 +17,6 @@ note), and report['evaluate'] with the counts and paths.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -28,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils
+from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz
 from dpq_jax.evaluate import inception as inception_lib
 from dpq_jax.evaluate import metrics as metrics_lib
@@ -41,6 +41,7 @@ STAT_SHAPES = {
 }
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 CACHE_VERSION = 1
+METRICS = ('fid', 'sfid', 'inception_score', 'precision', 'recall')
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -57,10 +58,11 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
 
 def iter_npz_batches(path: str, key: str, batch_size: int) -> Iterator[np.ndarray]:
   """Streams arr[key] in batches along axis 0 without loading the whole array (50k images are 9.8 GB)."""
-  with zipfile.ZipFile(path) as z, z.open(f'{key}.npy') as f:
+  with io_utils.open_file(path, 'rb') as raw, zipfile.ZipFile(raw) as z, z.open(f'{key}.npy') as f:
     shape, fortran, dtype = _read_header(f)
     if fortran or dtype.hasobject:  # not streamable: load it (small, unusual files)
-      arr = np.load(path)[key]
+      with io_utils.load_npz(path) as npz:
+        arr = npz[key]
       yield from (arr[i : i + batch_size] for i in range(0, len(arr), batch_size))
       return
     row = int(np.prod(shape[1:])) * dtype.itemsize
@@ -78,15 +80,13 @@ class Images:
   def __init__(self, path: str, what: str):
     self.path, self.what = path, what
     self.files: list[str] = []
-    if os.path.isdir(path):
-      self.files = sorted(
-        p for p in glob.glob(os.path.join(path, '**', '*'), recursive=True) if p.lower().endswith(IMAGE_EXTENSIONS)
-      )
+    if io_utils.isdir(path):
+      self.files = [p for p in io_utils.walk_files(path) if p.lower().endswith(IMAGE_EXTENSIONS)]
       if not self.files:
         raise errors.ConfigError(f'{what}={path!r}: folder has no {"/".join(IMAGE_EXTENSIONS)} images')
       from PIL import Image
 
-      with Image.open(self.files[0]) as im:
+      with io_utils.open_file(self.files[0], 'rb') as fh, Image.open(fh) as im:
         self.shape = (len(self.files), im.height, im.width, 3)
       self.dtype = np.dtype(np.uint8)
     else:
@@ -105,7 +105,7 @@ class Images:
     for start in range(0, len(self.files), batch_size):
       batch = []
       for p in self.files[start : start + batch_size]:
-        with Image.open(p) as im:
+        with io_utils.open_file(p, 'rb') as fh, Image.open(fh) as im:
           a = np.asarray(im.convert('RGB'))
         if a.shape != self.shape[1:]:
           raise errors.ConfigError(
@@ -133,9 +133,9 @@ def check_reference(path: str) -> list[str]:
     return [
       'config.evaluate.reference: empty; expected an ADM reference batch npz, an npz of uint8 images or an image folder'
     ]
-  if os.path.isdir(path):
+  if io_utils.isdir(path):
     return []
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     return [f'{what}: no such file or folder']
   try:
     header = adm_npz.read_headers(path)
@@ -162,7 +162,7 @@ def check_reference(path: str) -> list[str]:
 
 def check_samples(path: str) -> list[str]:
   what = f'config.evaluate.samples={path!r}'
-  if not os.path.isfile(path):
+  if not io_utils.isfile(path):
     return [f'{what}: no such file (run the sample stage first, or point it at an ADM sample batch npz)']
   try:
     header = adm_npz.read_headers(path)
@@ -191,7 +191,7 @@ def check_config(
   if cfg.samples and 'sample' not in stages:
     problems += check_samples(cfg.samples)
   for key in ('inception', 'is_network'):
-    if cfg[key] and not os.path.isfile(cfg[key]):
+    if cfg[key] and not io_utils.isfile(cfg[key]):
       problems.append(f'config.evaluate.{key}={cfg[key]!r}: no such file')
   if not cfg.inception and inception_lib.default_torchscript_path() is None:
     problems.append(
@@ -205,6 +205,9 @@ def check_config(
 
 
 def _file_id(path: str) -> list:
+  if io_utils.is_remote(path):
+    st = io_utils.epath(path).stat()
+    return [path, int(st.length), int(st.mtime)]
   st = os.stat(path)
   return [os.path.abspath(path), st.st_size, st.st_mtime_ns]
 
@@ -217,8 +220,8 @@ def reference_features(
   ids = [_file_id(f) for f in images.files] if images.files else [_file_id(src)]
   key = hashlib.sha1(json.dumps([CACHE_VERSION, ids, weights_id]).encode()).hexdigest()[:16]
   path = os.path.join(cache_dir, f'reference_{os.path.basename(os.path.normpath(src))}_{key}.npz')
-  if os.path.isfile(path):
-    with np.load(path) as f:
+  if io_utils.isfile(path):
+    with io_utils.load_npz(path) as f:
       return {k: f[k] for k in f.files}
   feats = inception_lib.compute_features(feature_fn, images.batches(batch_size), len(images), 'reference features')
   mu, sigma = metrics_lib.gaussian_statistics(feats['pool'])
@@ -234,7 +237,7 @@ Classifier = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (images batch, po
 def load_classifier(path: str) -> tuple[Classifier, bool]:
   """(fn, uses_images) for config.evaluate.is_network: an npz head on pool_3, or a TorchScript network."""
   if path.endswith('.npz'):
-    with np.load(path) as f:
+    with io_utils.load_npz(path) as f:
       if 'w' not in f.files:
         raise errors.ConfigError(f'config.evaluate.is_network={path!r}: expected key w [2048, num_classes]')
       w = f['w'].astype(np.float64)
@@ -246,7 +249,7 @@ def load_classifier(path: str) -> tuple[Classifier, bool]:
     return (lambda images, pool: pool.astype(np.float64) @ w + b), False
   import torch
 
-  net = torch.jit.load(path, map_location='cpu').eval()
+  net = torch.jit.load(io_utils.local_copy(path), map_location='cpu').eval()
 
   def logits(images: np.ndarray, pool: np.ndarray) -> np.ndarray:
     del pool
@@ -260,12 +263,15 @@ def load_classifier(path: str) -> tuple[Classifier, bool]:
 # ---------------------------------------------------------------------------------------------- stage
 
 
-def evaluate(cfg: ml_collections.ConfigDict, samples_path: str, cache_dir: str) -> tuple[dict, dict, list[str]]:
-  """(metrics, details, notes) of the samples at samples_path against cfg.reference."""
+def evaluate(
+  cfg: ml_collections.ConfigDict, samples_path: str, cache_dir: str, devices=None
+) -> tuple[dict, dict, list[str]]:
+  """(metrics, details, notes) of the samples at samples_path against cfg.reference; Inception runs on
+  `devices` (default all)."""
   problems = check_samples(samples_path) + check_reference(cfg.reference)
   samples = Images(samples_path, f'config.evaluate.samples={samples_path!r}') if not problems else None
-  ref_header = adm_npz.read_headers(cfg.reference) if not problems and os.path.isfile(cfg.reference) else {}
-  has_ref_images = os.path.isdir(cfg.reference) or 'arr_0' in ref_header
+  ref_header = adm_npz.read_headers(cfg.reference) if not problems and io_utils.isfile(cfg.reference) else {}
+  has_ref_images = io_utils.isdir(cfg.reference) or 'arr_0' in ref_header
   reference = Images(cfg.reference, f'config.evaluate.reference={cfg.reference!r}') if has_ref_images else None
   if samples is not None:
     sizes = {'samples': samples.shape[1:3]}
@@ -282,7 +288,8 @@ def evaluate(cfg: ml_collections.ConfigDict, samples_path: str, cache_dir: str) 
   classify, uses_images = load_classifier(cfg.is_network) if cfg.is_network else (None, False)
 
   weights = cfg.inception or inception_lib.default_torchscript_path()
-  feature_fn = inception_lib.make_feature_fn(inception_lib.load_params(cfg.inception), cfg.batch_size)
+  params = inception_lib.load_params(io_utils.local_copy(cfg.inception) if cfg.inception else '')
+  feature_fn = inception_lib.make_feature_fn(params, cfg.batch_size, devices)
   weights_id = _file_id(weights)
   notes = []
   feats = inception_lib.compute_features(feature_fn, samples.batches(cfg.batch_size), len(samples), 'sample features')
@@ -290,7 +297,7 @@ def evaluate(cfg: ml_collections.ConfigDict, samples_path: str, cache_dir: str) 
   mu_s, sigma_s = metrics_lib.gaussian_statistics(feats['spatial'])
 
   if set(STAT_KEYS) <= set(ref_header):  # ADM: given statistics win over the images' own
-    with np.load(cfg.reference) as f:
+    with io_utils.load_npz(cfg.reference) as f:
       ref = {k: f[k] for k in STAT_KEYS}
     if reference is not None:
       ref['pool'] = reference_features(reference, feature_fn, cfg.batch_size, cache_dir, weights_id)['pool']
@@ -344,10 +351,26 @@ def evaluate(cfg: ml_collections.ConfigDict, samples_path: str, cache_dir: str) 
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+  """Scores the samples. In a multi-process run process 0 evaluates alone, on its own devices (it reads the
+  files it wrote and writes the feature cache); the others wait for its metrics, so every report agrees."""
+  import jax
+
   cfg = config.evaluate
   samples_path = cfg.samples or os.path.join(workdir, 'samples.npz')
   cache_dir = cfg.cache_dir or os.path.join(workdir, 'eval_cache')
-  out, details, notes = evaluate(cfg, samples_path, cache_dir)
+  values = np.zeros(len(METRICS) + 1)  # [failed, metrics (nan = None)]
+  failure = None
+  if distributed.is_writer():
+    try:
+      out, details, notes = evaluate(cfg, samples_path, cache_dir, jax.local_devices())
+      values[1:] = [np.nan if out[k] is None else out[k] for k in METRICS]
+    except Exception as e:  # re-raised below, after the others learned of it (they must not wait forever)
+      failure, values[0] = e, 1
+  values = distributed.broadcast(values)
+  if values[0]:
+    raise failure or RuntimeError('the evaluate stage failed on process 0')
+  if not distributed.is_writer():
+    out, details, notes = {k: None if np.isnan(v) else float(v) for k, v in zip(METRICS, values[1:])}, {}, []
   state['report']['metrics'].update(out)
   state['report']['evaluate'] = details
   state['report_notes'] += notes

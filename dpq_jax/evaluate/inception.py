@@ -20,7 +20,7 @@ import argparse
 import functools
 import importlib.util
 import os
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -319,12 +319,13 @@ def _sharded_apply(devices: tuple[jax.Device, ...]) -> Callable:
   return apply
 
 
-def make_feature_fn(params: Params, batch_size: int) -> FeatureFn:
-  """[B, H, W, 3] uint8 (B <= batch_size) -> {'pool', 'spatial'} numpy, the batch split over all devices.
+def make_feature_fn(params: Params, batch_size: int, devices: Sequence[jax.Device] | None = None) -> FeatureFn:
+  """[B, H, W, 3] uint8 (B <= batch_size) -> {'pool', 'spatial'} numpy, the batch split over `devices`
+  (default: all; a multi-process run passes its own process's, jax.local_devices()).
 
   Batches are padded to a fixed size (a multiple of the device count) so one compiled program serves all.
   """
-  devices = tuple(jax.devices())
+  devices = tuple(jax.devices() if devices is None else devices)
   padded = -(-batch_size // len(devices)) * len(devices)
   apply = _sharded_apply(devices)
   params = jax.device_put(params, NamedSharding(Mesh(np.asarray(devices), ('batch',)), PartitionSpec()))

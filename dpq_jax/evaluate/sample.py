@@ -7,6 +7,10 @@ skipped when the stage runs again, so a killed run restarted with the same confi
 where it stopped and ends with the same files. Chunks carry a fingerprint of the config and
 the weights; chunks of another run are refused, never mixed in.
 
+In a multi-process run the batch is sharded over the global mesh (every process samples its share),
+the chunk is gathered, and only process 0 writes: chunks, the npz files and the grid. Which chunks
+are done is process 0's view, broadcast, so every process samples the same ones. DIR may be gs://.
+
 Outputs: DIR/samples/latents.npz (arr_0 float32 latents, arr_1 labels); with a VAE
 (config.vae.checkpoint) also DIR/samples.npz, the ADM sample batch (arr_0 uint8 NHWC images,
 arr_1 int64 labels) that the evaluate stage reads; DIR/samples_grid.png.
@@ -16,9 +20,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
-import shutil
 import time
 
 import jax
@@ -28,6 +30,7 @@ import numpy as np
 
 from dpq_jax import convert, errors, io_utils
 from dpq_jax import diffusion as diffusion_lib
+from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz, grid, sampler
 from dpq_jax.models import vae as vae_lib
 
@@ -61,7 +64,7 @@ def check_config(cfg: ml_collections.ConfigDict, num_classes: int, vae: ml_colle
   except ValueError as e:
     errors.append(str(e))
   if vae is not None and vae.checkpoint:
-    if not os.path.isdir(vae.checkpoint):
+    if not io_utils.isdir(vae.checkpoint):
       errors.append(
         f'config.vae.checkpoint={vae.checkpoint!r}: expected a converted VAE or diffusers AutoencoderKL directory'
       )
@@ -106,7 +109,7 @@ def _diffusion(respacing: str) -> diffusion_lib.GaussianDiffusion:
 def generate(model, variables, cfg: ml_collections.ConfigDict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Draws cfg.num_samples latents in memory: (N, H, W, C) float32 and their (N,) labels."""
   run = _Run(model, variables, cfg, None, None)
-  out = [np.asarray(run.latents(start, progress)) for start in range(0, cfg.num_samples, cfg.batch_size)]
+  out = [distributed.to_host(run.latents(start, progress)) for start in range(0, cfg.num_samples, cfg.batch_size)]
   return np.concatenate(out)[: cfg.num_samples], run.labels
 
 
@@ -143,7 +146,7 @@ class _Run:
     out = []
     for i in range(0, latents.shape[0], self.decode_batch):
       z = jax.device_put(latents[i : i + self.decode_batch], self.sampler.batch_sharding)
-      out.append(np.asarray(sampler.decode_to_uint8(self.vae_module, self.vae_params, z)))
+      out.append(distributed.to_host(sampler.decode_to_uint8(self.vae_module, self.vae_params, z)))
     return np.concatenate(out)
 
 
@@ -171,9 +174,8 @@ def fingerprint(config: ml_collections.ConfigDict, variables, vae_params) -> dic
 
 def _check_chunks(chunk_dir: str, meta: dict) -> None:
   path = os.path.join(chunk_dir, 'meta.json')
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+  if io_utils.exists(path):
+    old = io_utils.read_json(path)
     if old != meta:
       diff = ', '.join(
         f'{k}: {old.get(k)!r} -> {meta.get(k)!r}' for k in sorted(set(old) | set(meta)) if old.get(k) != meta.get(k)
@@ -186,10 +188,53 @@ def _check_chunks(chunk_dir: str, meta: dict) -> None:
     io_utils.write_json(path, meta)
 
 
+def _chunks_done(chunk_dir: str, meta: dict, paths: list[str]) -> list[bool]:
+  """Which chunks an earlier run left (checking they are this run's): process 0 looks, everyone gets its answer."""
+  status = np.zeros(len(paths) + 1, np.int32)  # [refused, done per chunk]
+  refused = None
+  if distributed.is_writer():
+    try:
+      _check_chunks(chunk_dir, meta)
+      status[1:] = [io_utils.exists(p) for p in paths]
+    except errors.ConfigError as e:
+      refused, status[0] = e, 1
+  status = distributed.broadcast(status)  # also when refusing: the others must not wait for process 0
+  if status[0]:
+    raise refused or errors.ConfigError(f'{chunk_dir} holds chunks of a different sampling run (see process 0)')
+  return [bool(x) for x in status[1:]]
+
+
+def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with the smoke caps applied when the model is untrained (model.init='random' and no 'train'
+  stage): sampling it checks the pipeline on the real shapes, so a few steps and images are enough
+  (DDPM 250 steps of DiT-XL/2 take hours on a CPU). config.sample.smoke_steps / smoke_num_samples = 0
+  turns a cap off."""
+  if config.model.init != 'random' or 'train' in config.stages:
+    return config
+  config = config.copy_and_resolve_references()
+  s = config.sample
+  if s.get('smoke_steps', 0) > 0:
+    s.steps = min(s.steps, s.smoke_steps)
+  if s.get('smoke_num_samples', 0) > 0:
+    s.num_samples = min(s.num_samples, s.smoke_num_samples)
+    s.batch_size = min(s.batch_size, max(s.num_samples, jax.device_count()))
+  return config
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   """Samples from state['model'] / state['variables'] in resumable chunks; writes the ADM batch and a grid."""
   from tqdm.auto import tqdm
 
+  capped = effective_config(config)
+  if capped is not config and (capped.sample.steps, capped.sample.num_samples) != (
+    config.sample.steps, config.sample.num_samples,
+  ):  # fmt: skip
+    state['report_notes'].append(
+      f'sample: random-init smoke run: {capped.sample.steps} of {config.sample.steps} steps, '
+      f'{capped.sample.num_samples} of {config.sample.num_samples} images (config.sample.smoke_steps / '
+      'smoke_num_samples; 0 turns a cap off)'
+    )
+  config = capped
   cfg = config.sample
   vae_cfg = config.get('vae')
   vae = None
@@ -203,34 +248,37 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     vae = (vae_lib.AutoencoderKL(vae_config), jax.tree.map(jnp.asarray, vae_params))
   job = _Run(state['model'], state['variables'], cfg, vae_cfg, vae)
   chunk_dir = os.path.join(workdir, CHUNK_DIR)
-  _check_chunks(chunk_dir, fingerprint(config, state['variables'], vae and vae[1]))
-
   starts = list(range(0, cfg.num_samples, cfg.batch_size))
   paths = [os.path.join(chunk_dir, f'{s:08d}.npz') for s in starts]
-  todo = [(s, p) for s, p in zip(starts, paths) if not os.path.exists(p)]
+  finished = _chunks_done(chunk_dir, fingerprint(config, state['variables'], vae and vae[1]), paths)
+  todo = [(s, p) for s, p, f in zip(starts, paths, finished) if not f]
+  writer = distributed.is_writer()
   sampling_s, done = 0.0, 0
   with tqdm(total=cfg.num_samples, initial=cfg.num_samples - sum(min(cfg.batch_size, cfg.num_samples - s) for s, _ in todo),
-            desc='sampling', unit='img') as bar:  # fmt: skip
+            desc='sampling', unit='img', disable=not writer) as bar:  # fmt: skip
     for start, path in todo:
       t0 = time.perf_counter()
-      latents = job.latents(start, progress=True)
-      arrays = {'latents': np.asarray(latents)}
+      latents = job.latents(start, progress=writer)  # sharded over every process's devices
+      arrays = {'latents': distributed.to_host(latents)}
       if vae is not None:
         arrays['images'] = job.decode(latents)
       sampling_s += time.perf_counter() - t0
-      io_utils.write_npz(path, labels=job.chunk_indices(start)[1], **arrays)
+      if writer:
+        io_utils.write_npz(path, labels=job.chunk_indices(start)[1], **arrays)
       n = min(cfg.batch_size, cfg.num_samples - start)
       done += n
       bar.update(n)
 
-  report = _assemble(workdir, cfg, job.labels, paths, vae is not None)
+  report = {}
+  if writer:  # the others hold no chunks (they may not even see process 0's files)
+    report = _assemble(workdir, cfg, job.labels, paths, vae is not None)
+    io_utils.rmtree(chunk_dir)  # the npz files now hold everything
   report.update(
     sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, labels=str(cfg.labels), seed=cfg.seed,
     devices=jax.device_count(), resumed_chunks=len(paths) - len(todo),
     images_per_s=round(done / sampling_s, 4) if done else None,
     vae=vae_cfg.checkpoint if vae is not None else '',
   )  # fmt: skip
-  shutil.rmtree(chunk_dir)  # the npz files now hold everything
   state['report'].setdefault('samples', {}).update(report)
   if vae is not None:
     state['samples_npz'] = os.path.join(workdir, SAMPLES_FILE)
@@ -249,12 +297,12 @@ def _assemble(workdir: str, cfg, labels: np.ndarray, paths: list[str], with_imag
   def blocks(key: str):
     left = n
     for path in paths:
-      with np.load(path) as f:
+      with io_utils.load_npz(path) as f:
         block = f[key][:left]
       left -= block.shape[0]
       yield block
 
-  with np.load(paths[0]) as f:
+  with io_utils.load_npz(paths[0]) as f:
     latent_shape = f['latents'].shape[1:]
     image_shape = f['images'].shape[1:] if with_images else None
   latents_path = os.path.join(workdir, LATENTS_FILE)

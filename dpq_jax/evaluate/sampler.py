@@ -147,10 +147,12 @@ class Sampler:
     n = len(indices)
     if n % self.mesh.size:
       raise ValueError(f'a batch of {n} samples does not split over {self.mesh.size} devices')
-    put = functools.partial(jax.device_put, device=self.batch_sharding)
-    keys = put(sample_keys(self.seed, np.asarray(indices)))
-    y = put(jnp.asarray(labels, jnp.int32))
-    x = put(initial_noise(keys, self.shape))
+    # Global arrays from the host values every process holds: this process fills its devices' rows,
+    # so a multi-process mesh samples each process's share (device_put cannot reach other hosts).
+    put = functools.partial(_global, self.batch_sharding)
+    keys = _keys(self.seed, put(np.asarray(indices, np.uint32)))
+    y = put(np.asarray(labels, np.int32))
+    x = _noise(keys, self.shape)
     num_steps = self.diffusion.num_timesteps
     per_call = min(STEPS_PER_CALL, num_steps)
     order = np.arange(num_steps)[::-1]
@@ -172,6 +174,20 @@ class Sampler:
     if bar is not None:
       bar.close()
     return x
+
+
+def _global(sharding: NamedSharding, host: np.ndarray) -> Array:
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _keys(seed: int, indices: Array) -> Array:
+  return sample_keys(seed, indices)
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _noise(keys: Array, shape: tuple[int, ...]) -> Array:
+  return initial_noise(keys, shape)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import convert
+from dpq_jax import convert, io_utils
 from dpq_jax.models import dit
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -28,7 +26,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
   if cfg.init == 'checkpoint':
     if not cfg.checkpoint:
       errors.append("config.model.checkpoint is empty: give a checkpoint path or set config.model.init='random'")
-    elif not os.path.exists(cfg.checkpoint):
+    elif not io_utils.exists(cfg.checkpoint):
       errors.append(f'config.model.checkpoint={cfg.checkpoint!r}: no such file or directory')
   if cfg.dtype not in DTYPES:
     errors.append(f'config.model.dtype={cfg.dtype!r}: expected one of {", ".join(DTYPES)}')

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, tree_utils
+from dpq_jax import errors, io_utils, tree_utils
 from dpq_jax.quant import compress, packing, pq, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
@@ -262,7 +262,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   q = state.get('quantized')  # quantize and calibrate both leave the current model here
   fp_params = state.get('fp_params')
   if q is None:  # stages ('load', 'compress', ...): compress the artifact already on disk
-    if not os.path.isdir(artifact):
+    if not io_utils.isdir(artifact):
       raise errors.ConfigError(
         f"stage 'compress': no quantized model in the state or at {artifact}; run 'quantize' first"
       )
@@ -330,7 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
       raise RuntimeError(f'compressed artifact holds {scope} bytes in the budget scope: predicted '
                          f"{info['predicted_bytes']}, budget {target}")  # fmt: skip
 
-  if os.path.exists(os.path.join(artifact, storage.INDEX)):
+  if io_utils.exists(os.path.join(artifact, storage.INDEX)):
     meta = storage.load_meta(artifact)
   else:
     spec = state['spec']
@@ -403,18 +403,22 @@ def _summary_row(name: str, q: surgery.QuantizedParams, seconds: float) -> dict[
   }
 
 
+BASELINES = (('pq-k16-d4', 'pq', 16, 4), ('vq-k256-d8', 'vq', 256, 8))
+
+
 def equal_bytes_rows(
   params: dict,
   key: jax.Array,
   *,
+  baselines: tuple[tuple[str, str, int, int], ...] = BASELINES,
   pattern: str = layers_lib.DEFAULT_PATTERN,
   iters: int = 25,
   merge: bool = True,
   lloyd_steps: int = 2,
   progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, surgery.QuantizedParams]]:
-  """PQ K=256/d=8 compressed to the bytes of PQ K=16/d=4 (and of VQ K=256/d=8) vs those two, on any
-  params tree (the layers matched by `pattern`).
+  """PQ K=256/d=8 compressed to the bytes of each baseline (name, method, K, d) vs that baseline, on any
+  params tree (the layers matched by `pattern`). Rows `pq-k256-d8-compressed@<baseline>`.
 
   Returns (rows, models): rows with name, bytes, effective/index bits per weight, compression ratio,
   weight relative MSE and seconds; models the QuantizedParams of every row (to sample from them).
@@ -431,10 +435,10 @@ def equal_bytes_rows(
     rows.append(_summary_row(name, q, time_lib.perf_counter() - start))
     return q
 
-  quantize('pq-k16-d4', 'pq', 16, 4)
-  quantize('vq-k256-d8', 'vq', 256, 8)
+  for name, method, k, d in baselines:
+    quantize(name, method, k, d)
   big = quantize('pq-k256-d8', 'pq', 256, 8)
-  for ref in ('pq-k16-d4', 'vq-k256-d8'):
+  for ref, *_ in baselines:
     start = time_lib.perf_counter()
     target = next(r['bytes'] for r in rows if r['name'] == ref)
     name = f'pq-k256-d8-compressed@{ref}'

@@ -9,6 +9,9 @@ DIR/ holds four files, written into a temporary sibling and renamed into place:
   full_precision.bin   everything else (biases, embedders, final layer), float32
   index.json           model spec and, per array, its file, offset, shape, dtype and bits
 `bytes` in report.json are these files' sizes, so the artifact is exactly as small as stated.
+DIR may be a gs:// (any etils.epath) URL: the files are built locally and uploaded with index.json last
+(io_utils.replace_dir). In a multi-process run only process 0 puts the artifact in place; every process
+builds it (in a local temp dir) to measure the same sizes, and all wait until it is in place.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 
 from dpq_jax import io_utils, tree_utils
+from dpq_jax.calibrate import distributed
 from dpq_jax.quant import compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
@@ -57,16 +61,22 @@ def save(
   model_meta: dict[str, Any],
   codebook_dtype: str = 'float16',
   check: Callable[[dict[str, int], list[dict[str, Any]]], None] | None = None,
+  commit: bool | None = None,
 ) -> dict:
   """Writes the artifact atomically; returns its sizes {codes, codebooks, full_precision, metadata, total}.
 
   check(sizes, entries), if given, sees the written files' sizes (metadata not yet counted) and
   index entries before anything is moved into place; raising there leaves `directory` untouched.
+  commit: put the artifact at `directory` (default: this process is the job's writer, process 0);
+  False builds it only to measure it. In a multi-process run every process must call save.
   """
-  directory = os.path.abspath(directory)
-  parent = os.path.dirname(directory)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory) + '.tmp-', dir=parent)
+  commit = distributed.is_writer() if commit is None else commit
+  directory = io_utils.abspath(directory)
+  parent = None  # object stores and measure-only builds: the local temp dir
+  if commit and not io_utils.is_remote(directory):
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)  # same filesystem, so the final rename is atomic
+  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory.rstrip('/')) + '.tmp-', dir=parent)
   try:
     w = _Writer(tmp)
     codes = dict(_flat(q.quant))
@@ -93,11 +103,15 @@ def save(
       check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
     with open(os.path.join(tmp, INDEX), 'w') as f:
       json.dump({'model': model_meta, 'entries': w.entries}, f)
-    io_utils.replace_dir(tmp, directory)
+    sizes = sizes_on_disk(tmp)  # the same bytes that land in `directory`
+    if commit:
+      io_utils.replace_dir(tmp, directory, commit_file=INDEX)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  return sizes_on_disk(directory)
+  shutil.rmtree(tmp, ignore_errors=True)  # measure-only builds (a committed tmp is gone already)
+  distributed.sync('dpq_jax storage.save')  # nobody reads DIR before process 0 has put it in place
+  return sizes
 
 
 def _add_compressed(w: _Writer, module: str, codebooks: np.ndarray, codes: np.ndarray, alive: np.ndarray,
@@ -137,23 +151,27 @@ def _unpack_compressed(raw: np.ndarray, bits: list[int], shape: tuple[int, ...],
 
 
 def sizes_on_disk(directory: str) -> dict[str, int]:
-  sizes = {k: os.path.getsize(os.path.join(directory, f)) for k, f in FILES.items()}
-  sizes['metadata'] = os.path.getsize(os.path.join(directory, INDEX))
+  sizes = {k: io_utils.getsize(os.path.join(directory, f)) for k, f in FILES.items()}
+  sizes['metadata'] = io_utils.getsize(os.path.join(directory, INDEX))
   sizes['total'] = sum(sizes.values())
   return sizes
 
 
+def _read_blob(path: str) -> np.ndarray:
+  if io_utils.is_remote(path):
+    return np.frombuffer(io_utils.read_bytes(path), np.uint8)
+  return np.fromfile(path, np.uint8)
+
+
 def load_meta(directory: str) -> dict[str, Any]:
   """The model meta of an artifact (index.json's `model`)."""
-  with open(os.path.join(directory, INDEX)) as f:
-    return json.load(f)['model']
+  return io_utils.read_json(os.path.join(directory, INDEX))['model']
 
 
 def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
   """Reads an artifact back: (model meta, QuantizedParams with rows empty)."""
-  with open(os.path.join(directory, INDEX)) as f:
-    index = json.load(f)
-  blobs = {k: np.fromfile(os.path.join(directory, f), np.uint8) for k, f in FILES.items()}
+  index = io_utils.read_json(os.path.join(directory, INDEX))
+  blobs = {k: _read_blob(os.path.join(directory, f)) for k, f in FILES.items()}
   params: dict = {}
   quant: dict = {}
   rtn_parts: dict[str, dict[str, Any]] = {}
