@@ -54,6 +54,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.kmeans_iters = 25
   config.quant.seed = 0
   config.quant.codebook_dtype = 'float16'
+  # PQ/VQ: one fp16 scale per output channel restoring its norm (k-means reconstructions are shorter
+  # than the weights, and the shrinkage compounds through the blocks); 16 / C_in bits per weight.
+  config.quant.channel_scale = True
   config.quant.dequantize = 'on_the_fly'  # 'on_the_fly' (PQDense) | 'load' (dense weights once)
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`

@@ -7,6 +7,7 @@ the subprocess driver of test_calibrate_resume.py.
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -98,7 +99,12 @@ def build(cfg, setup=None, assignment: str = 'dynamic', devices=None):
 
 
 def test_trainable_sets_and_their_errors():
-  assert trainable_lib.trainable_patterns('codebooks,biases') == [r'.*/codebooks', r'.*/bias']
+  codebooks, biases = trainable_lib.trainable_patterns('codebooks,biases')
+  assert biases == r'.*/bias'
+  # 'codebooks': a quantized layer's codewords and its per-output-channel scale, nothing else.
+  for path, want in (('blocks_0/attn/qkv/codebooks', True), ('blocks_0/attn/qkv/scale', True),
+                     ('blocks_0/attn/qkv/bias', False), ('blocks_0/attn/qkv/latent', False)):  # fmt: skip
+    assert bool(re.fullmatch(codebooks, path)) == want, path
   assert trainable_lib.trainable_patterns('blocks_0/.*/bias') == ['blocks_0/.*/bias']
   with pytest.raises(ValueError, match="unknown trainable set 'norms'"):
     trainable_lib.trainable_patterns('codebooks,norms')

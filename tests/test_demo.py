@@ -67,6 +67,14 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
     # the row's artifact on disk is what the row reports
     art = tmp_path / 'rows' / name / 'quantized'
     assert sum(f.stat().st_size for f in art.iterdir()) == rows[name]['bytes']['total']
+  # report.md: the rows table and a reading computed from the same numbers (fd order as report.json's).
+  md = (tmp_path / 'report.md').read_text()
+  assert '## Rows' in md and all(f'| {name} |' in md for name in names)
+  reading = report['compare']['reading']
+  ranked = next(line for line in reading if line.startswith('At <= 1 index bit'))
+  one_bit = [n for n in names if rows[n]['index_bits_per_weight'] == 1.0 and 'calibrated' not in n]
+  by_fd = sorted(one_bit, key=lambda n: rows[n]['metrics']['fd'])
+  assert [ranked.index(f'{n} (fd') for n in by_fd] == sorted(ranked.index(f'{n} (fd') for n in by_fd)
   for png in ('compare_grid.png', 'compare_plot.png'):
     assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert report['train']['cached'] is False

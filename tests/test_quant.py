@@ -234,6 +234,42 @@ def test_storage_roundtrip_and_sizes(small_dit, tmp_path, method):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.params, q.params)
 
 
+@pytest.mark.parametrize('method', ['pq', 'vq'])
+def test_channel_scale_restores_output_norms_and_round_trips(small_dit, tmp_path, method):
+  """k-means reconstructions are shorter than the weights (cell means); the per-output-channel scale gives
+  each channel its norm back, the on-the-fly layer equals the dense layer on the scaled kernel, and the
+  scale is stored (fp16, counted in the codebook bytes) and read back."""
+  model, params = small_dit
+  rules = surgery.default_rules(method, 16, 4)
+  plain = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=3, progress=False)
+  q = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=3, channel_scale=True,
+                              progress=False)  # fmt: skip
+  w = np.asarray(params['blocks_1']['mlp']['fc1']['kernel'], np.float64)
+  w_plain = np.asarray(surgery.dequantize_params(plain.params, plain.quant)['blocks_1']['mlp']['fc1']['kernel'])
+  w_scaled = np.asarray(surgery.dequantize_params(q.params, q.quant)['blocks_1']['mlp']['fc1']['kernel'])
+  norm = lambda a: np.linalg.norm(a, axis=0)
+  assert np.all(norm(w_plain) < norm(w))  # the shrinkage the scale corrects
+  np.testing.assert_allclose(norm(w_scaled), norm(w), rtol=2e-3)  # fp16-rounded scale
+  # The scale is (numpy) ||W_r|| / ||W_hat_r|| of the unscaled reconstruction, same codes.
+  np.testing.assert_array_equal(
+    q.quant['blocks_1']['mlp']['fc1']['codes'], plain.quant['blocks_1']['mlp']['fc1']['codes']
+  )
+  want = (norm(w) / norm(w_plain)).astype(np.float16).astype(np.float32)
+  np.testing.assert_array_equal(q.params['blocks_1']['mlp']['fc1']['scale'], want)
+  qmodel = dit.create_model('DiT-S/8', input_size=16, num_classes=10, dense=layers.dense_factory(rules))
+  x, t, y = jnp.ones((2, 16, 16, 4)), jnp.array([1, 500]), jnp.array([3, 10])
+  a = qmodel.apply({'params': q.params, 'quant': q.quant}, x, t, y)
+  b = model.apply({'params': surgery.dequantize_params(q.params, q.quant)}, x, t, y)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'DiT-S/8'})
+  base = storage.save(str(tmp_path / 'p'), plain, {'name': 'DiT-S/8'})
+  scales = sum(int(r['shape'][0]) for r in q.layers)
+  assert sizes['codebooks'] - base['codebooks'] == 2 * scales  # one fp16 value per output channel
+  assert sum(r['bytes'] for r in q.layers) - sum(r['bytes'] for r in plain.layers) == 2 * scales
+  _, back = storage.load(str(tmp_path / 'q'))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.params, q.params)
+
+
 def _main(workdir, *overrides):
   cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={workdir}',
          '--config.quant.kmeans_iters=2', *overrides]  # fmt: skip

@@ -20,7 +20,7 @@ from dpq_jax import tree_utils
 
 # Named trainable sets; anything else in config.calibrate.trainable is a regex over param paths.
 PRESETS = {
-  'codebooks': r'.*/codebooks',
+  'codebooks': r'.*/(codebooks|scale)',  # a quantized layer's codewords and its per-channel scale
   'biases': r'.*/bias',
   'latent': r'.*/latent',  # straight-through latent weights (assignment='ste')
   'embedders': r'(x|t|y)_embedder/.*',

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import time
 
 import ml_collections
@@ -107,15 +108,72 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     rows.append({'name': name, **{k: rep.get(k) for k in ROW_KEYS}, 'metrics': metrics, 'timings_s': rep['timings_s']})
     state['report_notes'] += [f'{name}: {n}' for n in row_state['report_notes']]
   state['report']['rows'] = rows
+  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
   state['report']['compare'] = {
     'num_samples': sample_cfg.num_samples,
     'sampler': f'{sample_cfg.sampler} {sample_cfg.steps} steps, cfg {sample_cfg.cfg_scale}',
     'grid': 'compare_grid.png',
     'plot': 'compare_plot.png',
+    'reading': reading(config, rows),
+    'peak_rss_mib': round(peak_mib, 1),
   }
+  print(f'compare: {len(rows)} rows; peak memory (RSS) of the run so far {peak_mib:.0f} MiB')
   save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
   save_plot(os.path.join(workdir, 'compare_plot.png'), rows)
   return state
+
+
+def budget_bits(config: ml_collections.ConfigDict) -> float | None:
+  """Effective bits per quantized weight the compressed rows' budget allows (32 / ratio), if a ratio."""
+  budgets = [
+    row.get('overrides', {}).get('compress', {}).get('budget')
+    for row in config.compare.row_defs.values()
+    if 'compress' in row.get('stages', ())
+  ]
+  budgets = [b for b in budgets if b]
+  return 32.0 / max(budgets) if budgets else None
+
+
+def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
+  """Plain sentences computed from the rows (nothing hard-coded): which 1-bit row keeps the model best,
+  which rows fit the compression budget and how they rank, and what calibration changed."""
+  by_name = {r['name']: r for r in rows}
+  out = []
+
+  def fmt(r: dict) -> str:
+    m = r['metrics']
+    bits = r['effective_bits_per_quantized_weight']
+    return (f'{r["name"]} (fd {m["fd"]:.1f}, class acc. {m["class_accuracy"]:.3f}, eps err. {m["eps_rel_error"]:.3f}, '
+            f'{bits:.2f} eff. bits)' if bits else f'{r["name"]} (fd {m["fd"]:.1f}, class acc. {m["class_accuracy"]:.3f})')  # fmt: skip
+
+  one_bit = [r for r in rows if r['index_bits_per_weight'] and r['index_bits_per_weight'] <= 1.0 + 1e-9
+             and 'calibrate' not in row_config(config, r['name'])[1]]  # fmt: skip
+  if 'fp' in by_name:
+    out.append(f'Full precision: {fmt(by_name["fp"])}.')
+  if one_bit:
+    ranked = sorted(one_bit, key=lambda r: r['metrics']['fd'])
+    out.append('At <= 1 index bit without calibration, by fd: ' + '; '.join(fmt(r) for r in ranked) + '.')
+  limit = budget_bits(config)
+  if limit:
+    fits = sorted((r for r in rows if r['effective_bits_per_quantized_weight'] and
+                   r['effective_bits_per_quantized_weight'] <= limit + 1e-9), key=lambda r: r['metrics']['fd'])  # fmt: skip
+    out.append(f'Within the compression budget ({limit:.3f} eff. bits per quantized weight, codebooks included), by '
+               'fd: ' + ('; '.join(fmt(r) for r in fits) if fits else 'no row') + '.')  # fmt: skip
+  for r in rows:
+    cfg, stages = row_config(config, r['name'])
+    if 'calibrate' not in stages:
+      continue
+    before = [
+      b for b in rows
+      if row_config(config, b['name'])[1] == tuple(s for s in stages if s != 'calibrate')
+      and config.compare.row_defs[b['name']].get('overrides', {}) == config.compare.row_defs[r['name']].get('overrides', {})
+    ]  # fmt: skip
+    if before:
+      b, m0, m1 = before[0], before[0]['metrics'], r['metrics']
+      out.append(f'Calibration ({r["name"]} vs {b["name"]}): fd {m0["fd"]:.1f} -> {m1["fd"]:.1f}, class acc. '
+                 f'{m0["class_accuracy"]:.3f} -> {m1["class_accuracy"]:.3f}, eps err. {m0["eps_rel_error"]:.3f} -> '
+                 f'{m1["eps_rel_error"]:.3f}.')  # fmt: skip
+  return out
 
 
 def save_grid(path: str, images: dict[str, np.ndarray], per_row: int) -> None:

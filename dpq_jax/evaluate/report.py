@@ -39,6 +39,28 @@ def _fmt(v: Any) -> str:
   return str(v)
 
 
+def rows_table(rows: list[dict[str, Any]]) -> list[str]:
+  """The compare rows as a markdown table: sizes (effective bits include codebooks), metrics, seconds."""
+  metric_keys = list(dict.fromkeys(k for r in rows for k in r.get('metrics', {})))
+  head = ['row', 'index bits', 'eff. bits (quantized layers)', 'x vs fp32 (quantized layers)', 'x vs fp32 (model)',
+          'bytes', 'weight rel. MSE', *metric_keys, 'seconds']  # fmt: skip
+  lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+  for r in rows:
+    cells = [
+      r['name'],
+      _fmt(r.get('index_bits_per_weight')),
+      _fmt(r.get('effective_bits_per_quantized_weight')),
+      _fmt(r.get('compression_ratio')),
+      _fmt(r.get('compression_ratio_model')),
+      f'{r["bytes"]["total"]:,}' if r.get('bytes') else 'n/a',
+      _fmt(r.get('weight_rel_mse')),
+      *(_fmt(r.get('metrics', {}).get(k)) for k in metric_keys),
+      ', '.join(f'{k} {v:.1f}' for k, v in r.get('timings_s', {}).items()),
+    ]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
+
+
 def to_markdown(report: dict[str, Any], notes: list[str]) -> str:
   lines = [f'# dpq_jax report: {report.get("config_name", "")}', '']
   keys = [
@@ -66,6 +88,15 @@ def to_markdown(report: dict[str, Any], notes: list[str]) -> str:
       f'{s["num_samples"]} samples, {s["sampler"]} {s["steps"]} steps, cfg {s["cfg_scale"]}; latents `{s["latents"]}`.'
     )
     lines += ['', f'![samples]({s["grid"]})']
+  if report.get('rows'):
+    lines += ['', '## Rows', ''] + rows_table(report['rows'])
+    compare = report.get('compare', {})
+    if compare.get('reading'):
+      lines += ['', '## Reading', ''] + [f'- {r}' for r in compare['reading']]
+    if compare.get('grid'):
+      lines += ['', f'![rows side by side]({compare["grid"]})', '', f'![metrics vs effective bits]({compare["plot"]})']
+    if compare.get('peak_rss_mib'):
+      lines += ['', f'Peak memory (RSS) of the run: {compare["peak_rss_mib"]:.0f} MiB.']
   lines += ['', '## Wall time per stage (s)', '', '| stage | seconds |', '|---|---|']
   lines += [f'| {k} | {v:.2f} |' for k, v in report['timings_s'].items()]
   if notes:

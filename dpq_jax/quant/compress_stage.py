@@ -41,6 +41,7 @@ class Layer:
   reference: np.ndarray  # [in_features, out_features]: the weights the codes approximate
   bias_bytes: int = 0  # full-precision bias bytes kept with the layer (inside the budget scope)
   energy: np.ndarray | None = None  # [in_features] input-activation energy (sensitivity), or None
+  scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
 
 
 def _problems(layer: Layer) -> tuple[jax.Array, jax.Array, jax.Array | None]:
@@ -94,17 +95,18 @@ def compress_layers(
     _tick(bar)
   path_all = compress.paths_of_atoms(np.concatenate(w_all), np.concatenate(m_all), merge=merge)
   fixed = sum(layer.bias_bytes for layer in layers)
+  scale_bytes = sum(0 if layer.scale is None else layer.scale.size * value_bytes for layer in layers)
   try:
-    alloc = compress.allocate(path_all.cost, np.concatenate(nbytes), target_bytes - fixed, min_live)
+    alloc = compress.allocate(path_all.cost, np.concatenate(nbytes), target_bytes - fixed - scale_bytes, min_live)
   except compress.BudgetError as e:
-    minimum = e.min_bytes + fixed
+    minimum = e.min_bytes + fixed + scale_bytes
     raise compress.BudgetError(
       f'budget of {target_bytes} bytes is below the minimum reachable size of {minimum} bytes '
       f'({min_live} live codeword(s) per codebook, their codes at ceil(log2 {min_live}) bits, and {fixed} bytes '
       'of full-precision biases)',
       minimum,
     ) from None
-  out, rows, offset = [], [], 0
+  out, rows, scales, offset = [], [], [], 0
   for layer in layers:
     x, codes, weights = _problems(layer)
     num_codebooks = layer.codebooks.shape[0]
@@ -116,8 +118,12 @@ def compress_layers(
     rounded = result.codebooks.astype(codebook_dtype).astype(jnp.float32)
     new_codes = compress.assign_survivors(x, rounded, result.alive)  # nearest survivor of the stored codebooks
     new_codes = new_codes.reshape(layer.codes.shape)
+    scale = None
+    if layer.scale is not None:  # the norms the re-assigned reconstruction restores
+      scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), codebook_dtype)
     out.append(compress.Compressed(rounded, new_codes, result.alive))
-    rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), value_bytes))
+    scales.append(scale)
+    rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), value_bytes, scale))
     _tick(bar)
   if bar is not None:
     bar.close()
@@ -125,14 +131,16 @@ def compress_layers(
   info = {
     'target_bytes': int(target_bytes),
     'predicted_bytes': predicted,
-    'min_bytes': int(alloc.min_bytes + fixed),
+    'min_bytes': int(alloc.min_bytes + fixed + scale_bytes),
     'estimated_distortion_increase': alloc.distortion,
     'rows': rows,
+    'scales': scales,  # per layer: the recomputed per-output-channel scale [out_features], or None
   }
   return out, info
 
 
-def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndarray, value_bytes: int) -> dict:
+def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndarray, value_bytes: int,
+         scale: jax.Array | None = None) -> dict:  # fmt: skip
   num_codebooks, codebook_size, d = layer.codebooks.shape
   in_f, out_f = layer.reference.shape
   per_codebook = np.asarray(codes).reshape(num_codebooks, -1)
@@ -141,6 +149,11 @@ def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndar
   )
   bits = compress.bits_of(num_live)
   reference = jnp.asarray(layer.reference, jnp.float32)
+  decoded = pq.decode(codebooks, codes)
+  nbytes = int(nbytes.sum())
+  if scale is not None:
+    decoded = decoded * scale
+    nbytes += scale.size * value_bytes
   return {
     'name': layer.name,
     'shape': [out_f, in_f],
@@ -148,8 +161,8 @@ def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndar
     'd': d,
     'k_live': float(num_live.mean()),
     'index_bits': float(bits.mean()),
-    'bytes': int(nbytes.sum()),
-    'rel_mse': pq.rel_mse(reference, pq.decode(codebooks, codes)),
+    'bytes': nbytes,
+    'rel_mse': pq.rel_mse(reference, decoded),
     'sq_norm': float(jnp.sum(jnp.square(reference))),
     'code_entropy_bits': compress.code_entropy_bits(per_codebook, codebook_size),
   }
@@ -297,8 +310,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     if reference is None:
       reference = pq.decode(codebooks, codes)
     bias = _get(live_params, m + ('bias',))
+    scale = _get(live_params, m + ('scale',))
     layers.append(Layer(name, codebooks, codes, np.asarray(reference, np.float32),
-                        0 if bias is None else 4 * int(np.size(bias)), energy.get(name)))  # fmt: skip
+                        0 if bias is None else 4 * int(np.size(bias)), energy.get(name),
+                        None if scale is None else np.asarray(scale, np.float32)))  # fmt: skip
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = target_bytes(cfg, fp32, quantized)
@@ -315,10 +330,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     raise errors.ConfigError(f'config.compress: {e}') from None
   new_params = jax.tree.map(lambda v: v, live_params)
   new_quant = jax.tree.map(lambda v: v, live_quant)
-  for m, c in zip(modules, compressed):
-    tree_utils.set_path(new_params, m + ('codebooks',), np.asarray(c.codebooks))
-    tree_utils.set_path(new_quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
-    tree_utils.set_path(new_quant, m + ('alive',), np.asarray(c.alive))
+  _set_compressed(new_params, new_quant, modules, compressed, info['scales'])
   new_q = surgery.QuantizedParams(new_params, new_quant, q.rtn, info['rows'])
   bias_paths = {'/'.join(m + ('bias',)) for m in modules}
   measured: dict[str, int] = {}
@@ -371,20 +383,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
 # Equal-bytes comparison rows (benchmarks/compress_budget.py; the demo reuses it on its trained model).
 
 
-def _compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **kwargs) -> surgery.QuantizedParams:
-  """q's PQ/VQ layers compressed to `target` bytes of codes + codebooks (biases outside the scope)."""
-  modules = _modules(q.params)
-  lays = [
-    Layer('/'.join(m), np.asarray(_get(q.params, m + ('codebooks',))), np.asarray(_get(q.quant, m + ('codes',))),
-          np.asarray(_get(reference, m + ('kernel',)), np.float32))
-    for m in modules
-  ]  # fmt: skip
-  compressed, info = compress_layers(lays, target, **kwargs)
-  params, quant = jax.tree.map(lambda v: v, q.params), jax.tree.map(lambda v: v, q.quant)
-  for m, c in zip(modules, compressed):
+def _set_compressed(params: dict, quant: dict, modules: list[tuple[str, ...]], compressed, scales) -> None:
+  """Writes compressed layers (codebooks, codes, alive, scale) into the params / quant trees in place."""
+  for m, c, scale in zip(modules, compressed, scales):
     tree_utils.set_path(params, m + ('codebooks',), np.asarray(c.codebooks))
     tree_utils.set_path(quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
     tree_utils.set_path(quant, m + ('alive',), np.asarray(c.alive))
+    if scale is not None:
+      tree_utils.set_path(params, m + ('scale',), np.asarray(scale))
+
+
+def _compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **kwargs) -> surgery.QuantizedParams:
+  """q's PQ/VQ layers compressed to `target` bytes of codes + codebooks (biases outside the scope)."""
+  modules = _modules(q.params)
+  lays = []
+  for m in modules:
+    scale = _get(q.params, m + ('scale',))
+    lays.append(Layer('/'.join(m), np.asarray(_get(q.params, m + ('codebooks',))), np.asarray(_get(q.quant, m + ('codes',))),
+                      np.asarray(_get(reference, m + ('kernel',)), np.float32),
+                      scale=None if scale is None else np.asarray(scale)))  # fmt: skip
+  compressed, info = compress_layers(lays, target, **kwargs)
+  params, quant = jax.tree.map(lambda v: v, q.params), jax.tree.map(lambda v: v, q.quant)
+  _set_compressed(params, quant, modules, compressed, info['scales'])
   return surgery.QuantizedParams(params, quant, q.rtn, info['rows'])
 
 
@@ -415,6 +435,7 @@ def equal_bytes_rows(
   iters: int = 25,
   merge: bool = True,
   lloyd_steps: int = 2,
+  channel_scale: bool = True,
   progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, surgery.QuantizedParams]]:
   """PQ K=256/d=8 compressed to the bytes of each baseline (name, method, K, d) vs that baseline, on any
@@ -430,7 +451,7 @@ def equal_bytes_rows(
   def quantize(name: str, method: str, k: int, d: int) -> surgery.QuantizedParams:
     start = time_lib.perf_counter()
     q = surgery.quantize_params(params, surgery.default_rules(method, k, d, pattern=pattern), key, method=method,
-                                iters=iters, progress=progress)  # fmt: skip
+                                iters=iters, channel_scale=channel_scale, progress=progress)  # fmt: skip
     models[name] = q
     rows.append(_summary_row(name, q, time_lib.perf_counter() - start))
     return q

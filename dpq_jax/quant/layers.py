@@ -39,7 +39,9 @@ class QuantRules:
 
 
 class PQDense(nn.Module):
-  """y = x @ decode(codebooks, codes) + b, or a plain Dense where no spec applies.
+  """y = x @ decode(codebooks, codes) [* scale] + b, or a plain Dense where no spec applies.
+
+  `scale` [out_features] is used where the params hold one (surgery.quantize_params(channel_scale=True)).
 
   The spec is `spec`, or else the first of `rules` matching this module's path; with neither,
   the layer is nn.Dense (params `kernel`, `bias`), so fp and quantized layers share names.
@@ -72,6 +74,8 @@ class PQDense(nn.Module):
     else:
       kernel = self._quantized_kernel(spec, in_features)
     y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if spec is not None and self.has_variable('params', 'scale'):  # per-output-channel scale (pq.channel_scale)
+      y = y * self.param('scale', nn.initializers.ones, (self.features,), jnp.float32).astype(self.dtype)
     if self.use_bias:
       y = y + self.param('bias', self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y

@@ -11,6 +11,7 @@ Index cost is log2(codebook_size) / subvector_dim bits per weight either way.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,23 @@ def fit(
   result = kmeans_lib.kmeans(_problems(kernel, spec), spec.codebook_size, key, iters=iters)
   codes = result.codes.reshape(in_features // spec.subvector_dim, out_features)
   return result.codebooks, codes, result.objective
+
+
+def channel_scale(kernel: jax.Array, approx: jax.Array, dtype: Any = jnp.float16) -> jax.Array:
+  """Per-output-channel scale [out_features] s_r = ||W[:, r]|| / ||W_hat[:, r]|| (1 where W_hat[:, r] = 0),
+  rounded to `dtype` (as stored) and returned as float32.
+
+  A k-means reconstruction is the mean of its cell, so it is shorter than the weights it replaces
+  (||W_hat||^2 = ||W||^2 - ||W - W_hat||^2 for the Lloyd fixed point): every layer's outputs shrink, by
+  0.6-0.7 at 1 bit, and the shrinkage compounds through the blocks (attention logits shrink by its
+  square). Restoring each output channel's norm costs C_out values per layer (16 / C_in bits per weight).
+  """
+  kernel = jnp.asarray(kernel, jnp.float32)
+  approx = jnp.asarray(approx, jnp.float32)
+  num = jnp.sqrt(jnp.sum(jnp.square(kernel), axis=0))
+  den = jnp.sqrt(jnp.sum(jnp.square(approx), axis=0))
+  scale = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+  return scale.astype(dtype).astype(jnp.float32)
 
 
 def rel_mse(kernel: jax.Array, approx: jax.Array) -> float:

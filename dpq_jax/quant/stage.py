@@ -83,6 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     rtn_bits=cfg.bits,
     rtn_group_size=cfg.group_size or None,
     codebook_dtype=jnp.dtype(cfg.codebook_dtype),
+    channel_scale=bool(cfg.channel_scale),
   )
   seconds = time.perf_counter() - start
   spec = state['spec']

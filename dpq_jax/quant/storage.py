@@ -90,6 +90,8 @@ def save(
         c = codes[module + '/codes']
         w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
         w.add('codes', module + '/codes', packing.pack(c, bits), shape=list(c.shape), bits=bits, dtype=str(c.dtype))
+      elif path.endswith('/scale') and module + '/codes' in codes:  # PQ/VQ per-output-channel scale
+        w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
       elif path.endswith('/kernel') and module in q.rtn:
         r = q.rtn[module]
         w.add('codes', path, packing.pack(r.codes, r.bits), shape=list(r.codes.shape), bits=r.bits, rtn=True)

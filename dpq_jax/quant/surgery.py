@@ -52,9 +52,14 @@ def quantize_params(
   rtn_bits: int = 2,
   rtn_group_size: int | None = None,
   codebook_dtype: Any = jnp.float16,
+  channel_scale: bool = False,
   progress: bool = True,
 ) -> QuantizedParams:
-  """Quantizes every Dense kernel whose module path matches `rules` (all others untouched)."""
+  """Quantizes every Dense kernel whose module path matches `rules` (all others untouched).
+
+  channel_scale: PQ/VQ layers also get a `scale` [out_features] (stored like the codebooks) that
+  restores each output channel's norm (pq.channel_scale); the layer computes (x @ W_hat) * scale.
+  """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: expected one of {METHODS}')
   targets = [(p, k) for p, k in _module_kernels(params) if rules.spec_for('/'.join(p)) is not None]
@@ -99,6 +104,10 @@ def quantize_params(
       node['codebooks'] = codebooks
       tree_utils.set_path(quant, path + ('codes',), codes.astype(packing.code_dtype(spec.codebook_size)))
       nbytes = packing.packed_nbytes(codes.size, spec.index_bits) + codebooks.size * np.dtype(codebook_dtype).itemsize
+      if channel_scale:
+        node['scale'] = pq.channel_scale(kernel, approx, codebook_dtype)  # [out_features]
+        approx = approx * node['scale']
+        nbytes += node['scale'].size * np.dtype(codebook_dtype).itemsize
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
     rows.append(
       {
@@ -127,6 +136,10 @@ def dequantize_params(params: dict, quant: dict) -> dict:
     for k, v in p.items():
       if k == 'codebooks':
         out['kernel'] = pq.decode(v, q['codes'])
+        if 'scale' in p:  # per-output-channel scale (quantize_params(channel_scale=True))
+          out['kernel'] = out['kernel'] * p['scale']
+      elif k == 'scale' and 'codebooks' in p:
+        continue
       elif isinstance(v, dict):
         out[k] = walk(v, q.get(k, {}))
       else:
