@@ -1,20 +1,25 @@
-r"""Per-device memory of a DiT-XL/2 calibration step for a mesh and batch, computed from the real shapes.
+r"""Per-device memory of a DiT-XL/2 calibration step for a mesh and batch, computed from the real shapes,
+for each config.calibrate.remat mode, and checked against XLA's memory analysis of the real step.
 
   .venv/bin/python benchmarks/memory_plan.py                        # v5e-8 and 8x A100-40GB plans
   .venv/bin/python benchmarks/memory_plan.py --data 2 --fsdp 4 --batch 32 --hbm-gib 16
+  .venv/bin/python benchmarks/memory_plan.py --check DiT-4x1152x16/2:2  # + the model vs XLA, compiled here
 
 Counted per device, float32 as the calibration step keeps them (`dpq_jax/calibrate/`):
   latent     the full-precision block kernels the assignments are computed from (frozen), FSDP-sharded
   other fp   embedders, final layer, biases (frozen), FSDP-sharded
   codebooks  [num_codebooks, K, d] per layer (trained), FSDP-sharded; Adam keeps 2 more copies + 1 gradient
   codes      uint8/uint16 [num_subvectors, C_out] per layer, FSDP-sharded
-  decoded    W_hat = codebooks[codes]: all-gathered per layer for its matmul. Kept for the backward pass
-             (what the step does now) it is the whole quantized model per device; recomputed in the
-             backward pass (jax.checkpoint per block, not implemented yet) only the largest block's.
+  decoded    W_hat = codebooks[codes]: all-gathered per layer for its matmul, plus the transient dW of the
+             layer being differentiated. remat='none' keeps every W_hat (and the gather's int32 indices) for
+             the backward pass: the whole quantized model per device; 'decoded' re-gathers each layer's W_hat
+             in the backward (only the largest layer's W_hat + dW live); 'blocks' recomputes a whole block
+             (its 5 W_hat + one dW), on backends that keep jax.checkpoint's order (not XLA:CPU: see --check).
   acts       activations kept for the backward pass: per sample and block ~17 T*h + heads*T^2 floats
-             (T = 256 tokens, h = 1152), times the per-device batch (the global batch is split over data x fsdp).
-The first table checks the model against XLA's own memory analysis of the real step at batch 1 on one
-CPU device (benchmarks/calibrate_step.py --skip-s: arguments 3.33 GiB, temporaries 3.76 GiB).
+             (T = 256 tokens, h = 1152), times the per-device batch (the global batch is split over data x fsdp);
+             'blocks' keeps only each block's input (T*h) plus one block's activations while it is recomputed.
+--check compiles the real step (benchmarks/calibrate_step.py) on one CPU device for a smaller model of the
+same width and compares this model's temporaries with XLA's.
 """
 
 import argparse
@@ -43,7 +48,7 @@ def shapes(model_name: str, k: int, d: int) -> dict:
 
   model = dit.create_model(model_name, input_size=32)
   tree = jax.eval_shape(lambda key: dit.init_params(model, key), jax.random.key(0))
-  out = {'latent': 0, 'other': 0, 'codebooks': 0, 'codes': 0, 'largest_block_kernels': 0}
+  out = {'latent': 0, 'other': 0, 'codebooks': 0, 'codes': 0, 'largest_layer_kernel': 0, 'gather_indices': 0}
   block = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     name = '/'.join(p.key for p in path)
@@ -54,27 +59,67 @@ def shapes(model_name: str, k: int, d: int) -> dict:
       out['latent'] += 4 * n
       out['codebooks'] += 4 * (c_in // d) * k * d
       out['codes'] += (1 if k <= 256 else 2) * (c_in // d) * c_out
+      out['gather_indices'] += 4 * (c_in // d) * c_out  # int32 codes the gather's backward keeps
+      out['largest_layer_kernel'] = max(out['largest_layer_kernel'], 4 * n)
       b = module.split('/')[0]
       block[b] = block.get(b, 0) + 4 * n
     else:
       out['other'] += 4 * n
   out['largest_block_kernels'] = max(block.values())
   hidden, tokens, heads = model.hidden_size, (32 // model.patch_size) ** 2, model.num_heads
-  out['acts_per_sample'] = 4 * model.depth * (17 * tokens * hidden + heads * tokens * tokens)
+  out['block_acts_per_sample'] = 4 * (17 * tokens * hidden + heads * tokens * tokens)
+  out['acts_per_sample'] = model.depth * out['block_acts_per_sample']
+  out['block_input_per_sample'] = 4 * tokens * hidden
+  out['depth'] = model.depth
   return out
 
 
-def plan(s: dict, data: int, fsdp: int, batch: int, remat: bool) -> dict:
+def plan(s: dict, data: int, fsdp: int, batch: int, remat: str) -> dict:
+  """Bytes per device by item for one remat mode ('none' | 'decoded' | 'blocks')."""
+  per_device_batch = batch / (data * fsdp)  # the batch is split over both mesh axes
+  decoded = {
+    'none': s['latent'] + s['gather_indices'] + s['largest_layer_kernel'],
+    'decoded': 2 * s['largest_layer_kernel'],
+    'blocks': s['largest_block_kernels'] + s['largest_layer_kernel'],
+  }[remat]
+  if remat == 'blocks':
+    acts = s['depth'] * s['block_input_per_sample'] + s['block_acts_per_sample']
+  else:
+    acts = s['acts_per_sample']
   per = {
     'latent': s['latent'] / fsdp,
     'other fp': s['other'] / fsdp,
     'codebooks + Adam + grad': 4 * s['codebooks'] / fsdp,
     'codes': s['codes'] / fsdp,
-    'decoded': 2 * s['largest_block_kernels'] if remat else s['latent'],
-    'acts': s['acts_per_sample'] * batch / (data * fsdp),  # the batch is split over both mesh axes
+    'decoded': decoded,
+    'acts': acts * per_device_batch,
   }
   per['total'] = sum(per.values())
   return per
+
+
+def temporaries(s: dict, batch: int, remat: str) -> float:
+  """What XLA counts as temporaries on one device: decoded kernels, activations, the codebook gradient."""
+  p = plan(s, 1, 1, batch, remat)
+  return p['decoded'] + p['acts'] + s['codebooks']
+
+
+def check(spec: str, k: int, d: int, repeats: int) -> None:
+  """This model's temporaries vs XLA's memory analysis of the real step, per remat mode."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import calibrate_step
+
+  name, _, batch = spec.rpartition(':')
+  s = shapes(name, k, d)
+  rows = calibrate_step.measure_remat(name, int(batch), repeats)
+  print(f'| check: {name}, batch {batch}, one CPU device | this model: temporaries GiB | XLA temporaries GiB '
+        '| model / XLA | XLA arguments GiB | step s |')  # fmt: skip
+  print('|---|---|---|---|---|---|')
+  for r in rows:
+    mine = temporaries(s, int(batch), r['remat'])
+    print(f'| remat={r["remat"]} | {mine / GIB:.3f} | {r["temp"] / GIB:.3f} | {mine / r["temp"]:.2f} '
+          f'| {r["args"] / GIB:.3f} | {r["step_s"]:.2f} |')  # fmt: skip
+  print()
 
 
 def main(argv=None) -> None:
@@ -86,10 +131,25 @@ def main(argv=None) -> None:
   parser.add_argument('--fsdp', type=int, default=1)
   parser.add_argument('--batch', type=int, default=32, help='global batch')
   parser.add_argument('--hbm-gib', type=float, default=16.0)
+  parser.add_argument(
+    '--check',
+    default='',
+    metavar='MODEL:BATCH',
+    help='compile the real step of this model per remat mode and compare (e.g. DiT-4x1152x16/2:2)',
+  )
+  parser.add_argument('--repeats', type=int, default=2, help='--check: timed steps per mode')
   args = parser.parse_args(argv)
   for flag, v in (('--fsdp', args.fsdp), ('--batch', args.batch), ('--k', args.k), ('--d', args.d)):
     if v < 1:
       parser.error(f'{flag}={v}: expected >= 1')
+  if args.check:
+    name, _, batch = args.check.rpartition(':')
+    try:
+      dit.parse_name(name)
+      if int(batch) < 1:
+        raise ValueError
+    except ValueError:
+      parser.error(f'--check={args.check!r}: expected MODEL:BATCH with a DiT name and a batch >= 1')
   if args.data and args.batch % (args.data * args.fsdp):
     parser.error(f'--batch={args.batch}: expected a multiple of --data x --fsdp = {args.data * args.fsdp}')
   s = shapes(args.model, args.k, args.d)
@@ -97,13 +157,8 @@ def main(argv=None) -> None:
 
   print(f'{args.model}, PQ K={args.k} d={args.d}: block kernels {s["latent"] / GIB:.2f} GiB fp32, codebooks '
         f'{s["codebooks"] / GIB:.3f} GiB, activations {s["acts_per_sample"] / GIB:.3f} GiB per sample\n')  # fmt: skip
-  one = plan(s, 1, 1, 1, remat=False)
-  args_gib = (one['latent'] + one['other fp'] + 3 * s['codebooks'] / 1 + one['codes']) / GIB
-  temps_gib = (one['decoded'] + one['acts'] + s['codebooks']) / GIB
-  print('| check: batch 1, one device | this model GiB | XLA memory analysis GiB |')
-  print('|---|---|---|')
-  print(f'| arguments (weights, codebooks, Adam, codes) | {args_gib:.2f} | 3.33 |')
-  print(f'| temporaries (decoded kernels, activations, gradients) | {temps_gib:.2f} | 3.76 |\n')
+  if args.check:
+    check(args.check, args.k, args.d, args.repeats)
 
   plans = dict(PLANS)
   if args.data:
@@ -113,15 +168,18 @@ def main(argv=None) -> None:
       args.batch,
       args.hbm_gib,
     )
-  print('| plan | batch (per device) | decoded kernels | ' + ' | '.join(cols) + ' | HBM | fits |')
-  print('|---|---|---|' + '---|' * len(cols) + '---|---|')
+  modes = {'none': 'kept (none)', 'decoded': 're-gathered (decoded)', 'blocks': 'block remat (blocks)'}
+  print('| plan | batch (per device) | remat | ' + ' | '.join(cols) + ' | saved vs none | HBM | fits |')
+  print('|---|---|---|' + '---|' * len(cols) + '---|---|---|')
   for name, (data, fsdp, batch, hbm) in plans.items():
-    for remat in (False, True):
+    base = plan(s, data, fsdp, batch, 'none')['total']
+    for remat, label in modes.items():
       p = plan(s, data, fsdp, batch, remat)
       fits = 'yes' if p['total'] < 0.9 * hbm * GIB else 'no'
-      mode = 'recomputed per block' if remat else 'kept (now)'
-      print(f'| {name} | {batch} ({batch // (data * fsdp)}) | {mode} | ' + ' | '.join(f'{p[c] / GIB:.2f}' for c in cols)
-            + f' | {hbm:g} | {fits} |')  # fmt: skip
+      print(f'| {name} | {batch} ({batch // (data * fsdp)}) | {label} | ' + ' | '.join(f'{p[c] / GIB:.2f}' for c in cols)
+            + f' | {(base - p["total"]) / GIB:.2f} | {hbm:g} | {fits} |')  # fmt: skip
+  print('\nblocks rows assume a backend that keeps jax.checkpoint\'s order (XLA:CPU does not: there the step needs '
+        'more memory with blocks, see --check); the decoded re-gather is ordered by a data dependency, on every backend.')  # fmt: skip
 
 
 if __name__ == '__main__':

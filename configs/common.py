@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.calibrate.trainable = 'codebooks'  # comma-separated sets (codebooks, biases, latent, ...) or path regexes
   config.calibrate.assignment = 'dynamic'  # 'dynamic' (argmin in the forward) | 'ste' (latent weights in params)
   config.calibrate.assign_every = 1  # recompute assignments every n steps; 0 keeps them fixed
+  # What the backward pass recomputes instead of keeping: 'none' | 'decoded' (each quantized layer's decoded
+  # kernel, re-gathered from codebooks + codes) | 'blocks' (whole DiT blocks, nn.remat; no saving on XLA:CPU).
+  # Same loss and gradients in every mode; benchmarks/calibrate_step.py measures memory and time.
+  config.calibrate.remat = 'none'
   config.calibrate.label_dropout = 0.1  # DiT training's class dropout (null label = num_classes)
   config.calibrate.distill_weight = 0.0  # + w * ||eps_q - eps_fp||^2 on the same noisy input; 0 = off
   config.calibrate.checkpoint_every = 200

@@ -20,6 +20,7 @@ from dpq_jax import errors, io_utils
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import loop as loop_lib
+from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_stage
 from dpq_jax.quant import layers, storage, surgery
@@ -74,6 +75,8 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
     errs.append(f'config.calibrate.assign_every={cfg.assign_every}: expected >= 0 (0 keeps the codes fixed)')
   if cfg.assignment not in ASSIGNMENTS:
     errs.append(f'config.calibrate.assignment={cfg.assignment!r}: expected one of {", ".join(ASSIGNMENTS)}')
+  if cfg.remat not in step_lib.REMAT_MODES:
+    errs.append(f'config.calibrate.remat={cfg.remat!r}: expected one of {", ".join(step_lib.REMAT_MODES)}')
   if cfg.optimizer not in trainable_lib.OPTIMIZERS:
     errs.append(f'config.calibrate.optimizer={cfg.optimizer!r}: expected one of {", ".join(trainable_lib.OPTIMIZERS)}')
   if cfg.schedule not in trainable_lib.SCHEDULES:
@@ -201,8 +204,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   else:
     params, quant = q.params, q.quant
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
-  dynamic_model = spec.create(dtype=dtype, dense=layers.dense_factory(rules, assignment))
-  frozen_model = spec.create(dtype=dtype, dense=layers.dense_factory(rules, 'frozen'))
+  dynamic_model, frozen_model = step_lib.calibration_models(spec.create(dtype=dtype), rules, assignment, cfg.remat)
   try:
     trainable_lib.split_trainable(params, trainable_lib.trainable_patterns(cfg.trainable))
   except ValueError as e:

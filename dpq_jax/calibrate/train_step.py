@@ -25,8 +25,15 @@ import optax
 from dpq_jax import tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.quant import layers
 
 LATENT = 'latent'
+# What the backward pass recomputes instead of keeping (config.calibrate.remat):
+#   'none'     nothing: every decoded kernel W_hat [C_in, C_out] and every activation is kept;
+#   'decoded'  each quantized layer's W_hat is re-gathered from codebooks + codes (PQDense.remat);
+#   'blocks'   each DiT block is rematerialised whole (DiT.remat, nn.remat): only block inputs are kept.
+#              XLA:CPU drops jax.checkpoint's ordering and gains nothing (benchmarks/calibrate_step.py).
+REMAT_MODES = ('none', 'decoded', 'blocks')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,23 @@ class LossConfig:
   label_dropout: float = 0.1  # DiT training's class dropout; the null label is num_classes
   assign_every: int = 1  # recompute assignments every n steps (1: every step, 0: never)
   distill_weight: float = 0.0  # weight of ||eps_q - eps_fp||^2 on the same noisy input
+
+
+def calibration_models(
+  model: nn.Module, rules: layers.QuantRules, assignment: str, remat: str = 'none'
+) -> tuple[nn.Module, nn.Module]:
+  """(dynamic, frozen) quantized clones of the DiT `model` for `make_train_step`, with the remat mode.
+
+  dynamic recomputes the assignments in its forward (`assignment` 'dynamic' or 'ste'); frozen
+  decodes the stored codes. The remat mode changes what the backward pass keeps, never a value or a
+  parameter name.
+  """
+  if remat not in REMAT_MODES:
+    raise ValueError(f'remat={remat!r}: expected one of {", ".join(REMAT_MODES)}')
+  decoded, blocks = remat == 'decoded', remat == 'blocks'
+  dynamic = model.clone(dense=layers.dense_factory(rules, assignment, remat=decoded), remat=blocks)
+  frozen = model.clone(dense=layers.dense_factory(rules, 'frozen', remat=decoded), remat=blocks)
+  return dynamic, frozen
 
 
 def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -> tuple[dict, dict]:

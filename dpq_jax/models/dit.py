@@ -248,6 +248,10 @@ class DiT(nn.Module):
     dense: factory for every linear layer, called with nn.Dense's keyword arguments
       (`features`, `dtype`, optional `kernel_init`, `name`). Swap it to quantize.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    remat: rematerialise every block in the backward pass (nn.remat: only a block's inputs are
+      kept, its activations are recomputed). Parameter names are unchanged, so any checkpoint loads.
+      XLA:CPU drops the optimization barrier of jax.checkpoint before scheduling and runs the
+      recomputation early, so on CPU this costs memory instead of saving it.
   """
 
   input_size: int = 32
@@ -262,6 +266,7 @@ class DiT(nn.Module):
   learn_sigma: bool = True
   dtype: Any = jnp.float32
   dense: DenseFactory = _default_dense
+  remat: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -282,8 +287,9 @@ class DiT(nn.Module):
       self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name='y_embedder'
     )(y, train, force_drop_ids)
     c = t_emb + y_emb
+    block = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
-      x = DiTBlock(self.hidden_size, self.num_heads, self.dense, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x, c)
+      x = block(self.hidden_size, self.num_heads, self.dense, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x, c)
     x = FinalLayer(self.hidden_size, p * p * self.out_channels, self.dense, self.dtype, name='final_layer')(x, c)
     return self.unpatchify(x.astype(jnp.float32))
 
@@ -326,6 +332,7 @@ def create_model(
   class_dropout_prob: float = 0.1,
   dtype: Any = jnp.float32,
   dense: DenseFactory | None = None,
+  remat: bool = False,
 ) -> DiT:
   """Builds a registry DiT, e.g. create_model('DiT-XL/2', input_size=32) for 256x256 images."""
   size, patch = parse_name(name)
@@ -343,6 +350,7 @@ def create_model(
     learn_sigma=learn_sigma,
     dtype=dtype,
     dense=dense or _default_dense,
+    remat=remat,
   )
 
 

@@ -1,0 +1,262 @@
+"""config.calibrate.remat: the recomputing modes change what the backward pass keeps, never a value.
+
+Every mode's calibration step equals the 'none' step and a dense reference (the plain DiT on the
+decoded kernels: codeword gradient = scatter-add of dL/dW over the sub-vectors assigned to it);
+'decoded' keeps no decoded kernel [C_in, C_out] among the saved residuals and does not run the
+forward matmul twice; 'blocks' keeps the parameter names of a converted checkpoint.
+"""
+
+import contextlib
+import functools
+import io
+import re
+
+import jax
+import jax.ad_checkpoint
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpq_jax import diffusion as diffusion_lib
+from dpq_jax import pipeline
+from dpq_jax.calibrate import sharding
+from dpq_jax.calibrate import train_step as step_lib
+from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import dit
+from dpq_jax.quant import layers, pq, surgery
+from tests import test_calibrate as tc
+
+B = 3  # batch: no activation shape equals a kernel shape of the tiny model (hidden 32)
+
+
+def _step(remat: str, assignment: str):
+  """(metrics, params before, params after, XLA temporaries bytes) of one SGD(lr=1) calibration step:
+  after = before - grad."""
+  fp, rules, params, q = tc.tiny_setup()
+  trainable = 'codebooks,latent' if assignment == 'ste' else 'codebooks'
+  cfg = tc.calib_config(optimizer='sgd', lr=1.0, b1=0.0, label_dropout=0.5, trainable=trainable)
+  dyn, frz = step_lib.calibration_models(fp, rules, assignment, remat)
+  p, qn = step_lib.attach_latent(q.params, q.quant, params, assignment)
+  mutable, constant = step_lib.split_quant(qn)
+  train, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
+  tx = trainable_lib.optimizer(cfg)
+  state = step_lib.init_state(train, mutable, tx, 0)
+  frozen = {'params': frozen_params, 'quant': constant, 'fp': {}}
+  fn = step_lib.make_train_step(
+    dyn, frz, diffusion_lib.create_diffusion(), tx, step_lib.LossConfig(tc.NUM_CLASSES, 0.5)
+  )
+  mesh = sharding.make_mesh((('data', 1), ('fsdp', 1)), jax.devices()[:1])
+  jstep, state_sh, frozen_sh = step_lib.jit_step(fn, mesh, state, frozen)
+  state = jax.device_put(state, state_sh, may_alias=False)
+  frozen = jax.device_put(frozen, frozen_sh)
+  before = jax.device_get(state)
+  x, y = tc.tiny_data(8)
+  batch = {'latents': x, 'labels': y}
+  compiled = jstep.lower(state, frozen, batch).compile()
+  after, metrics = compiled(state, frozen, batch)
+  return jax.device_get(metrics), before, jax.device_get(after), compiled.memory_analysis().temp_size_in_bytes
+
+
+@functools.lru_cache(maxsize=None)
+def _dense_reference():
+  """(loss, dL/dW of every kernel) of the plain DiT on the decoded kernels, with step 0's randomness."""
+  fp, _, params, q = tc.tiny_setup()
+  x, y = tc.tiny_data(8)
+  rng = jax.random.fold_in(jax.random.key(0), 0)  # init_state(seed=0), step 0
+  k_t, k_noise, k_drop = jax.random.split(rng, 3)
+  diffusion = diffusion_lib.create_diffusion()
+  t = jax.random.randint(k_t, (8,), 0, diffusion.num_timesteps)
+  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
+  y_in = jnp.where(jax.random.uniform(k_drop, (8,)) < 0.5, tc.NUM_CLASSES, y)
+
+  def loss(p):
+    terms = diffusion.training_losses(fp.apply, {'params': p}, jnp.asarray(x), t, noise=noise, model_kwargs={'y': y_in})
+    return jnp.mean(terms['loss'])
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(surgery.dequantize_params(q.params, q.quant))
+  return float(value), jax.device_get(grads)
+
+
+def _node(tree, keys):
+  for k in keys:
+    tree = tree[k]
+  return tree
+
+
+@pytest.mark.parametrize(
+  'remat,assignment', [('none', 'dynamic'), ('decoded', 'dynamic'), ('blocks', 'dynamic'), ('decoded', 'ste')]
+)
+def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment):
+  _, _, _, q = tc.tiny_setup()
+  cached = {('none', 'dynamic'): _step_none, ('decoded', 'dynamic'): _step_decoded}
+  metrics, before, after, _ = cached[remat, assignment]() if (remat, assignment) in cached else _step(remat, assignment)
+  ref_loss, ref_grads = _dense_reference()
+  np.testing.assert_allclose(float(metrics['loss']), ref_loss, rtol=1e-5)
+  checked = 0
+  for path, codes in jax.tree_util.tree_leaves_with_path(q.quant):
+    keys = [p.key for p in path[:-1]]
+    dw = np.asarray(_node(ref_grads, keys)['kernel'])  # [C_in, C_out]
+    sub = np.asarray(pq.to_subvectors(dw, 4))  # [M, out, d]
+    want = np.zeros_like(_node(before['params'], keys)['codebooks'])  # [M, K, d]
+    for m in range(sub.shape[0]):
+      np.add.at(want[m], np.asarray(codes)[m], sub[m])
+    got = _node(before['params'], keys)['codebooks'] - _node(after['params'], keys)['codebooks']
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-7)
+    if assignment == 'ste':  # the straight-through latent weight receives dL/dW itself
+      got = _node(before['params'], keys)['latent'] - _node(after['params'], keys)['latent']
+      np.testing.assert_allclose(got, dw, rtol=2e-3, atol=1e-7)
+    checked += 1
+  assert checked == 10
+  if remat != 'none' and assignment == 'dynamic':  # and the same step as 'none', to float rounding
+    ref_metrics, _, ref_after, _ = _step_none()
+    for k in ('loss', 'mse', 'vb', 'grad_norm', 'changed'):
+      np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-5, atol=1e-7, err_msg=k)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), after['params'], ref_after['params']
+    )
+    jax.tree.map(np.testing.assert_array_equal, after['quant'], ref_after['quant'])
+
+
+@functools.lru_cache(maxsize=None)
+def _step_none():
+  return _step('none', 'dynamic')
+
+
+@functools.lru_cache(maxsize=None)
+def _step_decoded():
+  return _step('decoded', 'dynamic')
+
+
+def test_decoded_mode_needs_less_memory_in_xla_analysis():
+  """XLA's buffer assignment of the compiled step: 'decoded' saves at least half the decoded kernels."""
+  _, _, params, q = tc.tiny_setup()
+  kernel_bytes = sum(
+    4 * np.size(_node(params, [p.key for p in path[:-1]])['kernel'])
+    for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
+  )
+  none, decoded = _step_none()[3], _step_decoded()[3]
+  assert decoded <= none - kernel_bytes // 2, (none, decoded, kernel_bytes)
+
+
+def _residuals(remat: str) -> list[tuple[str, str, tuple[int, ...]]]:
+  """(source, dtype, shape) of every residual the calibration loss keeps for its backward pass, from
+  jax.ad_checkpoint.print_saved_residuals; arguments (params, latents) cost nothing and are left out."""
+  fp, rules, params, q = tc.tiny_setup()
+  dyn, _ = step_lib.calibration_models(fp, rules, 'dynamic', remat)
+  _, qn = step_lib.attach_latent(q.params, q.quant, params, 'dynamic')
+  x, y = tc.tiny_data(B)
+  t = jnp.arange(B) * 300
+
+  def loss(p):
+    out, _ = dyn.apply({'params': p, 'quant': qn}, jnp.asarray(x), t, jnp.asarray(y), mutable=['quant'])
+    return jnp.mean(jnp.square(out))
+
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    jax.ad_checkpoint.print_saved_residuals(loss, q.params)
+  out = []
+  for line in buf.getvalue().splitlines():
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line)
+    assert m, line
+    if not m.group(3).startswith(('from the argument', 'from a constant')):
+      out.append((m.group(3), m.group(1), tuple(int(v) for v in m.group(2).split(',') if v)))
+  return out
+
+
+def _count_dots(jaxpr) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == 'dot_general'
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count_dots(sub)
+  return n
+
+
+def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
+  _, _, params, q = tc.tiny_setup()
+  kernel_shapes = {
+    np.shape(_node(params, [p.key for p in path[:-1]])['kernel'])
+    for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
+  }
+  assert kernel_shapes == {(32, 96), (32, 32), (32, 128), (128, 32), (32, 192)}
+  none = _residuals('none')
+  assert kernel_shapes <= {s for _, dt, s in none if dt == 'f32'}, none  # what 'none' keeps: the decoded kernels
+  decoded = _residuals('decoded')
+  assert not kernel_shapes & {s for _, dt, s in decoded if dt.startswith(('f', 'bf'))}, decoded
+  # Instead a layer keeps its codes (uint8 [C_in / d, C_out]; fc2's (32, 32) is one), 1/16 of a float W_hat.
+  assert {s for _, dt, s in decoded if dt == 'u8'} == {(8, 96), (8, 32), (8, 128), (32, 32), (8, 192)}, decoded
+  assert len(decoded) < len(none)
+
+  # The backward of 'decoded' computes dx and dW only: as many matmuls as 'none' (3 per layer).
+  fp, rules, _, _ = tc.tiny_setup()
+  x, y = tc.tiny_data(B)
+  t = jnp.arange(B) * 300
+  counts = {}
+  for remat in ('none', 'decoded'):
+    dyn, _ = step_lib.calibration_models(fp, rules, 'frozen', remat)
+
+    def loss(p, dyn=dyn):
+      return jnp.mean(jnp.square(dyn.apply({'params': p, 'quant': q.quant}, jnp.asarray(x), t, jnp.asarray(y))))
+
+    counts[remat] = _count_dots(jax.make_jaxpr(jax.grad(loss))(q.params).jaxpr)
+  assert counts['decoded'] == counts['none'], counts
+
+
+def test_pqdense_decoded_residuals_are_its_inputs():
+  """One PQDense: 'none' keeps W_hat [64, 48]; 'decoded' keeps only its inputs x, codebooks, codes."""
+  spec = pq.CodebookSpec(16, 4)
+  x = jax.random.normal(jax.random.key(0), (5, 64))
+  codes = jax.random.randint(jax.random.key(2), (16, 48), 0, 16).astype(jnp.uint8)  # [M, C_out]
+  for remat in (False, True):
+    layer = layers.PQDense(48, spec=spec, remat=remat)
+    v = layer.init(jax.random.key(1), x)
+
+    def loss(cb, x, codes, layer=layer, v=v):
+      return jnp.sum(jnp.sin(layer.apply({'params': dict(v['params'], codebooks=cb), 'quant': {'codes': codes}}, x)))
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      jax.ad_checkpoint.print_saved_residuals(loss, v['params']['codebooks'], x, codes)
+    kept = [ln.split(' ')[0] for ln in buf.getvalue().splitlines() if ' from the argument ' not in f' {ln} ']
+    assert ('f32[64,48]' in kept) != remat, buf.getvalue()
+    if remat:  # nothing of the layer's own: only cos(y) of the loss's sin
+      assert kept == ['f32[5,48]'], buf.getvalue()
+
+
+def test_blocks_mode_keeps_the_param_tree_and_loads_converted_params():
+  fp, rules, params, q = tc.tiny_setup()
+  x, y = tc.tiny_data(B)
+  t = jnp.arange(B) * 300
+  fp_remat = fp.clone(remat=True)
+  a = dit.init_params(fp, jax.random.key(0))
+  b = dit.init_params(fp_remat, jax.random.key(0))
+  assert jax.tree_util.tree_structure(a) == jax.tree_util.tree_structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # same names -> same RNG streams -> same values
+  # The converted (non-remat) params load into the remat model and give the same output.
+  np.testing.assert_allclose(jax.jit(fp_remat.apply)({'params': params}, x, t, y),
+                             jax.jit(fp.apply)({'params': params}, x, t, y), rtol=1e-6, atol=1e-6)  # fmt: skip
+  # Quantized: every collection (params, quant) of every mode has the 'none' structure and shapes.
+  shapes = {}
+  for remat in step_lib.REMAT_MODES:
+    dyn, frz = step_lib.calibration_models(fp, rules, 'dynamic', remat)
+    v = jax.eval_shape(lambda k, dyn=dyn: dyn.init(k, jnp.asarray(x), t, jnp.asarray(y)), jax.random.key(0))
+    shapes[remat] = jax.tree.map(lambda s: (s.shape, s.dtype), v)
+    out = jax.jit(frz.apply)({'params': q.params, 'quant': q.quant}, x, t, y)
+    if remat == 'none':
+      ref = out
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+  assert shapes['decoded'] == shapes['none'] and shapes['blocks'] == shapes['none']
+  assert 'blocks_1' in shapes['blocks']['params'] and 'codes' in shapes['blocks']['quant']['blocks_0']['mlp']['fc1']
+
+
+def test_bad_remat_value_fails_with_one_clear_line():
+  config = tc._runlocal(**{'calibrate.remat': 'layers'})
+  with pytest.raises(pipeline.ConfigError) as e:
+    pipeline.check_config(config)
+  assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks"
+  fp, rules, _, _ = tc.tiny_setup()
+  with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks"):
+    step_lib.calibration_models(fp, rules, 'dynamic', 'all')
+  assert tc._runlocal(**{'calibrate.remat': 'blocks'}).calibrate.remat == 'blocks'
+  pipeline.check_config(tc._runlocal(**{'calibrate.remat': 'decoded'}))  # the good values pass
