@@ -119,7 +119,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   }
   print(f'compare: {len(rows)} rows; peak memory (RSS) of the run so far {peak_mib:.0f} MiB')
   save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
-  save_plot(os.path.join(workdir, 'compare_plot.png'), rows)
+  save_plot(os.path.join(workdir, 'compare_plot.png'), rows, budget_bits(config))
   return state
 
 
@@ -138,6 +138,7 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
   """Plain sentences computed from the rows (nothing hard-coded): which 1-bit row keeps the model best,
   which rows fit the compression budget and how they rank, and what calibration changed."""
   by_name = {r['name']: r for r in rows}
+  stages = {r['name']: row_config(config, r['name'])[1] for r in rows}
   out = []
 
   def fmt(r: dict) -> str:
@@ -147,7 +148,7 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
             f'{bits:.2f} eff. bits)' if bits else f'{r["name"]} (fd {m["fd"]:.1f}, class acc. {m["class_accuracy"]:.3f})')  # fmt: skip
 
   one_bit = [r for r in rows if r['index_bits_per_weight'] and r['index_bits_per_weight'] <= 1.0 + 1e-9
-             and 'calibrate' not in row_config(config, r['name'])[1]]  # fmt: skip
+             and 'calibrate' not in stages[r['name']]]  # fmt: skip
   if 'fp' in by_name:
     out.append(f'Full precision: {fmt(by_name["fp"])}.')
   if one_bit:
@@ -159,15 +160,12 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
                    r['effective_bits_per_quantized_weight'] <= limit + 1e-9), key=lambda r: r['metrics']['fd'])  # fmt: skip
     out.append(f'Within the compression budget ({limit:.3f} eff. bits per quantized weight, codebooks included), by '
                'fd: ' + ('; '.join(fmt(r) for r in fits) if fits else 'no row') + '.')  # fmt: skip
+  overrides = {r['name']: config.compare.row_defs[r['name']].get('overrides', {}) for r in rows}
   for r in rows:
-    cfg, stages = row_config(config, r['name'])
-    if 'calibrate' not in stages:
+    if 'calibrate' not in stages[r['name']]:
       continue
-    before = [
-      b for b in rows
-      if row_config(config, b['name'])[1] == tuple(s for s in stages if s != 'calibrate')
-      and config.compare.row_defs[b['name']].get('overrides', {}) == config.compare.row_defs[r['name']].get('overrides', {})
-    ]  # fmt: skip
+    uncalibrated = tuple(s for s in stages[r['name']] if s != 'calibrate')
+    before = [b for b in rows if stages[b['name']] == uncalibrated and overrides[b['name']] == overrides[r['name']]]
     if before:
       b, m0, m1 = before[0], before[0]['metrics'], r['metrics']
       out.append(f'Calibration ({r["name"]} vs {b["name"]}): fd {m0["fd"]:.1f} -> {m1["fd"]:.1f}, class acc. '
@@ -195,24 +193,43 @@ def save_grid(path: str, images: dict[str, np.ndarray], per_row: int) -> None:
   io_utils.atomic_write(path, lambda tmp: canvas.save(tmp, format='PNG'))
 
 
-def save_plot(path: str, rows: list[dict]) -> None:
-  """fd, class accuracy and eps error against effective bits per quantized weight (codes + codebooks;
-  32 for the full-precision row), a labelled point per row."""
+def save_plot(path: str, rows: list[dict], budget: float | None = None) -> None:
+  """fd (log scale), class accuracy and eps error against effective bits per quantized weight (codes +
+  codebooks + scales): a point per quantized row (marker: plain / compressed / calibrated / unscaled),
+  the full-precision row as a dashed line, the compression budget (if any) as a dotted one; one legend."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+  fp = [r for r in rows if not r['effective_bits_per_quantized_weight']]
+  quantized = [r for r in rows if r['effective_bits_per_quantized_weight']]
+  colors = plt.get_cmap('tab20').colors
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
   for ax, key in zip(axes, ('fd', 'class_accuracy', 'eps_rel_error')):
-    for row in rows:
-      x = row['effective_bits_per_quantized_weight'] or 32.0
-      ax.scatter([x], [row['metrics'][key]], s=25)
-      ax.annotate(row['name'], (x, row['metrics'][key]), fontsize=7, xytext=(3, 3), textcoords='offset points')
-    ax.set_xscale('log', base=2)
+    for i, row in enumerate(quantized):
+      ax.scatter([row['effective_bits_per_quantized_weight']], [row['metrics'][key]], s=40, label=row['name'],
+                 color=colors[i % len(colors)], marker=_marker(row['name']), zorder=3)  # fmt: skip
+    for row in fp:
+      ax.axhline(row['metrics'][key], color='k', linestyle='--', linewidth=1, label=f'{row["name"]} (32 bits)')
+    if budget:
+      ax.axvline(
+        budget, color='grey', linestyle=':', linewidth=1, label=f'{32 / budget:.4g}x budget ({budget:.3f} bits)'
+      )
+    if key == 'fd':
+      ax.set_yscale('log')
     ax.set_xlabel('effective bits per quantized weight (codebooks included)')
-    ax.set_title(key)
+    ax.set_title(key + (' (log scale)' if key == 'fd' else ''))
     ax.grid(alpha=0.3)
-  fig.tight_layout()
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc='center left', bbox_to_anchor=(0.83, 0.5), fontsize=8, frameon=False)
+  fig.tight_layout(rect=(0, 0, 0.83, 1))
   io_utils.atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
   plt.close(fig)
+
+
+def _marker(name: str) -> str:
+  for part, marker in (('calibrated', '*'), ('compressed', 's'), ('unscaled', 'x')):
+    if part in name:
+      return marker
+  return 'o'
