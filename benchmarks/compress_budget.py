@@ -3,10 +3,11 @@ r"""Codebook compression on DiT-XL/2 block shapes: equal-bytes quality, and the 
   .venv/bin/python benchmarks/compress_budget.py                      # (a) on 1 block, (b) on 4 blocks
   .venv/bin/python benchmarks/compress_budget.py --blocks 2 --iters 10 --xl-blocks 28
   .venv/bin/python benchmarks/compress_budget.py --model runs/digits/train/model --skip b   # trained weights
+  .venv/bin/python benchmarks/compress_budget.py --model runs/digits/train/model --skip b --codebook-dtype int8
 
 (a) Weights: random with realistic heavy tails (student-t df=4 x 0.02, as benchmarks/pq_vs_faiss.py),
-the 5 linear layers of --blocks DiT-XL/2 blocks. At EQUAL bytes of codes + codebooks (fp16, packed as on
-disk): PQ K=256/d=8 compressed (dpq_jax.quant.compress, usage importance, merge, 2 Lloyd steps) to the
+the 5 linear layers of --blocks DiT-XL/2 blocks. At EQUAL bytes of codes + codebooks (fp16 unless
+--codebook-dtype, packed as on disk): PQ K=256/d=8 compressed (dpq_jax.quant.compress, usage importance, merge, 2 Lloyd steps) to the
 bytes of PQ K=16/d=4, and to the bytes of VQ K=256/d=8 (one codebook per layer), against those two. All
 k-means: ours, --iters Lloyd iterations. The MSE ratio column is each row's error over the compressed
 row's error at the same bytes.
@@ -15,6 +16,8 @@ that model's trained weights instead, adds VQ K=1024/d=8 (the bytes of the 24x b
 adds the layer output error: sum over layers of ||X (W - W_hat)||^2 / ||X W||^2, X each layer's inputs in
 the full-precision model on noisy inputs (the 300 held-out digits at t spread over 0..999 for the digits
 model; unit-normal latents otherwise): what the weights' error does to the activations the layer sees.
+--codebook-dtype stores every row's codebook values (baselines included) as float16 (default), bfloat16,
+float32 or int8 (one float16 scale per codebook; channel scales stay float16), as config.quant.codebook_dtype.
 (b) Time and peak memory of compressing --xl-blocks blocks of DiT-XL/2 (K=256/d=8 codebooks from one
 assignment to random sub-vectors, which costs what k-means would not: only the compression is timed) to
 24.1x vs fp32 of the blocks' kernels + biases, in a child process so its peak RSS is its own. When
@@ -35,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpq_jax import convert, diffusion  # noqa: E402
-from dpq_jax.quant import compress_stage, kmeans, surgery  # noqa: E402
+from dpq_jax.quant import codebook_values, compress_stage, kmeans, surgery  # noqa: E402
 
 LAYERS = {  # DiT-XL/2 block linear layers, (C_out, C_in) as in PyTorch
   'attn/qkv': (3456, 1152),
@@ -119,11 +122,19 @@ def part_a(args) -> None:
     params = block_params(args.blocks, args.seed)
     what = f'{args.blocks} DiT-XL/2 block(s)'
   rows, models = compress_stage.equal_bytes_rows(
-    params, jax.random.key(args.seed), baselines=baselines, iters=args.iters, progress=False
+    params,
+    jax.random.key(args.seed),
+    baselines=baselines,
+    iters=args.iters,
+    codebook_dtype=args.codebook_dtype,
+    progress=False,
   )
   by_name = {r['name']: r for r in rows}
   weights = sum(int(np.prod(r['shape'])) for r in models[rows[0]['name']].layers)
-  print(f'## (a) Equal bytes: {what}, {weights} quantized weights, {args.iters} Lloyd iterations\n')
+  print(
+    f'## (a) Equal bytes: {what}, {weights} quantized weights, {args.iters} Lloyd iterations, '
+    f'{args.codebook_dtype} codebooks\n'
+  )
   out_col = inputs is not None
   print('| method | bytes (codes+codebooks) | eff. bits/weight | index bits/weight | x vs fp32 | weight rel MSE | '
         'MSE / compressed@same bytes |' + (' layer output rel error |' if out_col else '') + ' seconds |')  # fmt: skip
@@ -153,7 +164,7 @@ def part_a(args) -> None:
     print(line + '.')
 
 
-def _compress_child(num_blocks: int, seed: int, queue) -> None:
+def _compress_child(num_blocks: int, seed: int, codebook_dtype: str, queue) -> None:
   params = block_params(num_blocks, seed)
   lays = []
   key = jax.random.key(seed)
@@ -165,7 +176,7 @@ def _compress_child(num_blocks: int, seed: int, queue) -> None:
       kernel = node['kernel']
       sub = jnp.asarray(kernel).reshape(kernel.shape[0] // 8, 8, -1).transpose(0, 2, 1)  # [M, C_out, 8]
       pick = jax.random.randint(jax.random.fold_in(key, 5 * b + i), (sub.shape[0], 256), 0, sub.shape[1])
-      codebooks = jnp.take_along_axis(sub, pick[..., None], axis=1).astype(jnp.float16).astype(jnp.float32)
+      codebooks = codebook_values.round_codebooks(jnp.take_along_axis(sub, pick[..., None], axis=1), codebook_dtype)
       codes = kmeans.assign(sub, codebooks).astype(jnp.uint8)
       lays.append(compress_stage.Layer(f'blocks_{b}/{name}', np.asarray(codebooks), np.asarray(codes), kernel,
                                        bias_bytes=4 * kernel.shape[1]))  # fmt: skip
@@ -173,7 +184,8 @@ def _compress_child(num_blocks: int, seed: int, queue) -> None:
   fp32 = sum(4 * lay.reference.size + lay.bias_bytes for lay in lays)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   start = time.perf_counter()
-  _, info = compress_stage.compress_layers(lays, int(fp32 / 24.1), lloyd_steps=2, progress=False)
+  _, info = compress_stage.compress_layers(lays, int(fp32 / 24.1), lloyd_steps=2, codebook_dtype=codebook_dtype,
+                                          progress=False)  # fmt: skip
   seconds = time.perf_counter() - start
   rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   queue.put((fp32, info['predicted_bytes'], seconds, rss_before, rss_peak))
@@ -182,12 +194,15 @@ def _compress_child(num_blocks: int, seed: int, queue) -> None:
 def part_b(args) -> None:
   ctx = multiprocessing.get_context('spawn')
   queue = ctx.Queue()
-  proc = ctx.Process(target=_compress_child, args=(args.xl_blocks, args.seed, queue))
+  proc = ctx.Process(target=_compress_child, args=(args.xl_blocks, args.seed, args.codebook_dtype, queue))
   proc.start()
   fp32, nbytes, seconds, rss_before, rss_peak = queue.get()
   proc.join()
   mib = 2**20
-  print(f'\n## (b) Compressing {args.xl_blocks} DiT-XL/2 block(s) (K=256, d=8) to 24.1x, {os.cpu_count()} CPUs\n')
+  print(
+    f'\n## (b) Compressing {args.xl_blocks} DiT-XL/2 block(s) (K=256, d=8, {args.codebook_dtype} codebooks) to '
+    f'24.1x, {os.cpu_count()} CPUs\n'
+  )
   print('| blocks | fp32 kernels+biases MiB | compressed MiB | x vs fp32 | seconds | peak RSS MiB (before compress) |')
   print('|---|---|---|---|---|---|')
   print(f'| {args.xl_blocks} (measured) | {fp32 / mib:.1f} | {nbytes / mib:.2f} | {fp32 / nbytes:.2f} | {seconds:.1f} | '
@@ -206,6 +221,12 @@ def main(argv=None) -> None:
   parser.add_argument('--seed', type=int, default=0)
   parser.add_argument('--model', default='', help='converted model dir: (a) on its trained weights')
   parser.add_argument('--skip', default='', help="'a' or 'b' to skip that part")
+  parser.add_argument(
+    '--codebook-dtype',
+    default='float16',
+    choices=codebook_values.DTYPES,
+    help='how codebook values are stored (config.quant.codebook_dtype)',
+  )
   args = parser.parse_args(argv)
   for flag, value, low, high in (('--blocks', args.blocks, 1, 28), ('--xl-blocks', args.xl_blocks, 1, 28)):
     if not low <= value <= high:

@@ -10,3 +10,12 @@ def set_path(tree: dict, keys: Sequence[str], value: Any) -> None:
   for k in keys[:-1]:
     tree = tree.setdefault(k, {})
   tree[keys[-1]] = value
+
+
+def get_path(tree: dict, keys: Sequence[str]) -> Any:
+  """tree[k0][k1]...[kn], or None where a key is missing."""
+  for k in keys:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree

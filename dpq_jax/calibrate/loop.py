@@ -20,12 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import io_utils
+from dpq_jax import io_utils, tree_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.quant import codebook_values
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
@@ -179,10 +180,12 @@ def calibrate(
     checkpointer.wait()
     checkpointer.close()
 
-  trained = _round_codebooks(
-    trainable_lib.merge(distributed.to_host(state['params']), distributed.to_host(frozen['params'])), codebook_dtype
-  )
   quant_now = distributed.to_host(state['quant'])
+  trained = _round_codebooks(
+    trainable_lib.merge(distributed.to_host(state['params']), distributed.to_host(frozen['params'])),
+    trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])),
+    codebook_dtype,
+  )
   sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
   quant_out = step_lib.refresh_codes(
     dynamic_model, trained, trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])), sample
@@ -201,8 +204,16 @@ def calibrate(
   }
 
 
-def _round_codebooks(params: dict, dtype: Any) -> dict:
-  """Codebooks rounded to their storage dtype, so the final codes are the argmin of what is stored."""
-  return jax.tree_util.tree_map_with_path(
-    lambda p, x: jnp.asarray(x).astype(dtype).astype(jnp.float32) if str(p[-1].key) == 'codebooks' else x, params
-  )
+def _round_codebooks(params: dict, quant: dict, dtype: Any) -> dict:
+  """Codebooks rounded to what their storage dtype keeps (codebook_values.round_codebooks: float16/bfloat16,
+  or int8 with a per-codebook scale over the live rows of a compressed layer), so the final codes are the
+  argmin of what is stored."""
+
+  def round_leaf(path, x):
+    keys = [str(k.key) for k in path]
+    if keys[-1] != 'codebooks':
+      return x
+    alive = tree_utils.get_path(quant, keys[:-1] + ['alive'])
+    return codebook_values.round_codebooks(jnp.asarray(x), dtype, None if alive is None else jnp.asarray(alive))
+
+  return jax.tree_util.tree_map_with_path(round_leaf, params)

@@ -270,15 +270,21 @@ def assign_survivors(x: jax.Array, codebooks: jax.Array, alive: jax.Array) -> ja
 
 
 def codebook_bytes(
-  num_live: np.ndarray, num_points: int, subvector_dim: int, value_bytes: int, size_bytes: int
+  num_live: np.ndarray,
+  num_points: int,
+  subvector_dim: int,
+  value_bytes: int,
+  size_bytes: int,
+  overhead_bytes: int = 0,
 ) -> np.ndarray:
   """Exact on-disk bytes of codebooks with num_live live codewords, each serving num_points codes:
   live rows (value_bytes each value), the codes as one byte-aligned stream per codebook at
-  ceil(log2 K') bits, and the codebook's size entry (size_bytes)."""
+  ceil(log2 K') bits, the codebook's size entry (size_bytes) and its other per-codebook bytes
+  (overhead_bytes: the float16 scale of an int8 codebook, codebook_values.overhead_bytes)."""
   num_live = np.asarray(num_live, np.int64)
   bits = np.array([packing.index_bits(int(k)) for k in range(1, int(num_live.max(initial=1)) + 1)], np.int64)
   code_bytes = (num_points * bits[num_live - 1] + 7) // 8
-  return num_live * subvector_dim * value_bytes + code_bytes + size_bytes
+  return num_live * subvector_dim * value_bytes + code_bytes + size_bytes + overhead_bytes
 
 
 class Allocation(NamedTuple):

@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils, tree_utils
-from dpq_jax.quant import compress, packing, pq, storage, surgery
+from dpq_jax.quant import codebook_values, compress, packing, pq, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.quant import stage as quantize_stage
@@ -71,13 +71,17 @@ def compress_layers(
 ) -> tuple[list[compress.Compressed], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
-  Returns the compressed layers (codebooks rounded to codebook_dtype, codes re-assigned to the rounded
-  survivors) and an info dict with the predicted bytes, the allocation and per-layer rows.
+  Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
+  over the survivors; codes re-assigned to the rounded survivors) and an info dict with the predicted bytes,
+  the allocation and per-layer rows.
 
   Raises:
     compress.BudgetError: target below the minimum reachable size (named in the message).
   """
-  value_bytes = np.dtype(codebook_dtype).itemsize
+  value_bytes = codebook_values.value_bytes(codebook_dtype)
+  overhead = codebook_values.overhead_bytes(codebook_dtype)  # per codebook (int8: its fp16 scale)
+  side_dtype = codebook_values.side_dtype(codebook_dtype)  # per-output-channel scales: never int8
+  side_bytes = np.dtype(side_dtype).itemsize
   bar = _bar(progress, 2 * len(layers), 'compress')
   if len({layer.codebooks.shape[1:] for layer in layers}) > 1:
     raise ValueError('compress_layers: every layer needs the same codebook size K and sub-vector length d')
@@ -90,12 +94,12 @@ def compress_layers(
     m_all.append(np.asarray(m))
     live = np.arange(codebook_size, 0, -1)  # K' after 0, 1, ..., K - 1 removals
     size_bytes = compress.size_dtype(codebook_size).itemsize
-    per = compress.codebook_bytes(live, x.shape[1], d, value_bytes, size_bytes)
+    per = compress.codebook_bytes(live, x.shape[1], d, value_bytes, size_bytes, overhead)
     nbytes.append(np.broadcast_to(per, (num_codebooks, codebook_size)))
     _tick(bar)
   path_all = compress.paths_of_atoms(np.concatenate(w_all), np.concatenate(m_all), merge=merge)
   fixed = sum(layer.bias_bytes for layer in layers)
-  scale_bytes = sum(0 if layer.scale is None else layer.scale.size * value_bytes for layer in layers)
+  scale_bytes = sum(0 if layer.scale is None else layer.scale.size * side_bytes for layer in layers)
   try:
     alloc = compress.allocate(path_all.cost, np.concatenate(nbytes), target_bytes - fixed - scale_bytes, min_live)
   except compress.BudgetError as e:
@@ -115,15 +119,15 @@ def compress_layers(
     num_live = jnp.asarray(alloc.num_live[part], jnp.int32)
     offset += num_codebooks
     result = compress.realize(x, layer.codebooks, codes, path, num_live, weights, merge=merge, lloyd_steps=lloyd_steps)
-    rounded = result.codebooks.astype(codebook_dtype).astype(jnp.float32)
+    rounded = codebook_values.round_codebooks(result.codebooks, codebook_dtype, result.alive)
     new_codes = compress.assign_survivors(x, rounded, result.alive)  # nearest survivor of the stored codebooks
     new_codes = new_codes.reshape(layer.codes.shape)
     scale = None
     if layer.scale is not None:  # the norms the re-assigned reconstruction restores
-      scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), codebook_dtype)
+      scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), side_dtype)
     out.append(compress.Compressed(rounded, new_codes, result.alive))
     scales.append(scale)
-    rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), value_bytes, scale))
+    rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), codebook_dtype, scale))
     _tick(bar)
   if bar is not None:
     bar.close()
@@ -139,13 +143,18 @@ def compress_layers(
   return out, info
 
 
-def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndarray, value_bytes: int,
+def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndarray, codebook_dtype: str,
          scale: jax.Array | None = None) -> dict:  # fmt: skip
   num_codebooks, codebook_size, d = layer.codebooks.shape
   in_f, out_f = layer.reference.shape
   per_codebook = np.asarray(codes).reshape(num_codebooks, -1)
   nbytes = compress.codebook_bytes(
-    num_live, per_codebook.shape[1], d, value_bytes, compress.size_dtype(codebook_size).itemsize
+    num_live,
+    per_codebook.shape[1],
+    d,
+    codebook_values.value_bytes(codebook_dtype),
+    compress.size_dtype(codebook_size).itemsize,
+    codebook_values.overhead_bytes(codebook_dtype),
   )
   bits = compress.bits_of(num_live)
   reference = jnp.asarray(layer.reference, jnp.float32)
@@ -153,7 +162,7 @@ def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndar
   nbytes = int(nbytes.sum())
   if scale is not None:
     decoded = decoded * scale
-    nbytes += scale.size * value_bytes
+    nbytes += scale.size * np.dtype(codebook_values.side_dtype(codebook_dtype)).itemsize
   return {
     'name': layer.name,
     'shape': [out_f, in_f],
@@ -221,14 +230,6 @@ def check_config(cfg: ml_collections.ConfigDict, quant_method: str) -> list[str]
 # The stage.
 
 
-def _get(tree: dict, path: tuple[str, ...]) -> Any:
-  for p in path:
-    if not isinstance(tree, dict) or p not in tree:
-      return None
-    tree = tree[p]
-  return tree
-
-
 def _modules(params: dict) -> list[tuple[str, ...]]:
   flat = jax.tree_util.tree_leaves_with_path(params)
   return [tuple(k.key for k in p[:-1]) for p, _ in flat if p[-1].key == 'codebooks']
@@ -285,7 +286,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     state['rules'] = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
   live_params, live_quant = q.params, q.quant
   modules = _modules(live_params)
-  needs_original = any(_get(live_quant, m + ('latent',)) is None and _get(live_params, m + ('latent',)) is None
+  get = tree_utils.get_path
+  needs_original = any(get(live_quant, m + ('latent',)) is None and get(live_params, m + ('latent',)) is None
                        for m in modules)  # fmt: skip
   if cfg.reference == 'original' and fp_params is None and needs_original:
     from dpq_jax.models import load as load_stage
@@ -300,17 +302,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   layers = []
   for m in modules:
     name = '/'.join(m)
-    codebooks = np.asarray(_get(live_params, m + ('codebooks',)), np.float32)
-    codes = np.asarray(_get(live_quant, m + ('codes',)))
-    reference = _get(live_quant, m + ('latent',))
+    codebooks = np.asarray(tree_utils.get_path(live_params, m + ('codebooks',)), np.float32)
+    codes = np.asarray(tree_utils.get_path(live_quant, m + ('codes',)))
+    reference = tree_utils.get_path(live_quant, m + ('latent',))
     if reference is None:
-      reference = _get(live_params, m + ('latent',))
+      reference = tree_utils.get_path(live_params, m + ('latent',))
     if reference is None and cfg.reference == 'original':
-      reference = _get(fp_params, m + ('kernel',))
+      reference = tree_utils.get_path(fp_params, m + ('kernel',))
     if reference is None:
       reference = pq.decode(codebooks, codes)
-    bias = _get(live_params, m + ('bias',))
-    scale = _get(live_params, m + ('scale',))
+    bias = tree_utils.get_path(live_params, m + ('bias',))
+    scale = tree_utils.get_path(live_params, m + ('scale',))
     layers.append(Layer(name, codebooks, codes, np.asarray(reference, np.float32),
                         0 if bias is None else 4 * int(np.size(bias)), energy.get(name),
                         None if scale is None else np.asarray(scale, np.float32)))  # fmt: skip
@@ -397,10 +399,11 @@ def _compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **k
   """q's PQ/VQ layers compressed to `target` bytes of codes + codebooks (biases outside the scope)."""
   modules = _modules(q.params)
   lays = []
+  get = tree_utils.get_path
   for m in modules:
-    scale = _get(q.params, m + ('scale',))
-    lays.append(Layer('/'.join(m), np.asarray(_get(q.params, m + ('codebooks',))), np.asarray(_get(q.quant, m + ('codes',))),
-                      np.asarray(_get(reference, m + ('kernel',)), np.float32),
+    scale = get(q.params, m + ('scale',))
+    lays.append(Layer('/'.join(m), np.asarray(get(q.params, m + ('codebooks',))), np.asarray(get(q.quant, m + ('codes',))),
+                      np.asarray(get(reference, m + ('kernel',)), np.float32),
                       scale=None if scale is None else np.asarray(scale)))  # fmt: skip
   compressed, info = compress_layers(lays, target, **kwargs)
   params, quant = jax.tree.map(lambda v: v, q.params), jax.tree.map(lambda v: v, q.quant)
@@ -436,10 +439,12 @@ def equal_bytes_rows(
   merge: bool = True,
   lloyd_steps: int = 2,
   channel_scale: bool = True,
+  codebook_dtype: str = 'float16',
   progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, surgery.QuantizedParams]]:
   """PQ K=256/d=8 compressed to the bytes of each baseline (name, method, K, d) vs that baseline, on any
-  params tree (the layers matched by `pattern`). Rows `pq-k256-d8-compressed@<baseline>`.
+  params tree (the layers matched by `pattern`). Rows `pq-k256-d8-compressed@<baseline>`. Every row
+  stores its codebooks as `codebook_dtype` (codebook_values), baselines included.
 
   Returns (rows, models): rows with name, bytes, effective/index bits per weight, compression ratio,
   weight relative MSE and seconds; models the QuantizedParams of every row (to sample from them).
@@ -451,7 +456,8 @@ def equal_bytes_rows(
   def quantize(name: str, method: str, k: int, d: int) -> surgery.QuantizedParams:
     start = time_lib.perf_counter()
     q = surgery.quantize_params(params, surgery.default_rules(method, k, d, pattern=pattern), key, method=method,
-                                iters=iters, channel_scale=channel_scale, progress=progress)  # fmt: skip
+                                iters=iters, channel_scale=channel_scale, codebook_dtype=codebook_dtype,
+                                progress=progress)  # fmt: skip
     models[name] = q
     rows.append(_summary_row(name, q, time_lib.perf_counter() - start))
     return q
@@ -463,6 +469,7 @@ def equal_bytes_rows(
     start = time_lib.perf_counter()
     target = next(r['bytes'] for r in rows if r['name'] == ref)
     name = f'pq-k256-d8-compressed@{ref}'
-    models[name] = _compress_tree(big, params, target, merge=merge, lloyd_steps=lloyd_steps, progress=progress)
+    models[name] = _compress_tree(big, params, target, merge=merge, lloyd_steps=lloyd_steps,
+                                  codebook_dtype=codebook_dtype, progress=progress)  # fmt: skip
     rows.append(_summary_row(name, models[name], time_lib.perf_counter() - start))
   return rows, models

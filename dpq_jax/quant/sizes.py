@@ -15,6 +15,9 @@ def summary(rows: list[dict[str, Any]], sizes: dict[str, int], num_params: int) 
   effective_bits_per_weight: the whole artifact per weight of the model;
   compression_ratio: fp32 bytes of the quantized kernels / their codes + codebooks;
   compression_ratio_model: fp32 bytes of the model / the artifact.
+  Every byte figure is measured on disk (storage.sizes_on_disk), never derived from a bytes-per-value
+  formula: `codebooks` is all of codebooks.bin (codebook values in config.quant.codebook_dtype, the float16
+  scale per codebook of int8 codebooks, per-output-channel scales, K' of compressed codebooks).
   """
   quantized = int(sum(np.prod(r['shape']) for r in rows))
   compressed = sizes['codes'] + sizes['codebooks']

@@ -6,11 +6,10 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from dpq_jax import errors
-from dpq_jax.quant import layers, storage, surgery
+from dpq_jax.quant import codebook_values, layers, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 
 ARTIFACT_DIR = 'quantized'
@@ -36,8 +35,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'config.quant.kmeans_iters={cfg.kmeans_iters}: expected >= 0')
   if cfg.dequantize not in DEQUANTIZE:
     errors.append(f'config.quant.dequantize={cfg.dequantize!r}: expected one of {", ".join(DEQUANTIZE)}')
-  if cfg.codebook_dtype not in ('float16', 'bfloat16', 'float32'):
-    errors.append(f"config.quant.codebook_dtype={cfg.codebook_dtype!r}: expected 'float16', 'bfloat16' or 'float32'")
+  if cfg.codebook_dtype not in codebook_values.DTYPES:
+    errors.append(
+      f"config.quant.codebook_dtype={cfg.codebook_dtype!r}: expected 'float16', 'bfloat16', 'float32' or 'int8'"
+    )
   try:
     surgery.default_rules(cfg.method, max(cfg.k, 1), max(cfg.d, 1), tuple(cfg.overrides), cfg.pattern)
   except ValueError as e:
@@ -82,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     iters=cfg.kmeans_iters,
     rtn_bits=cfg.bits,
     rtn_group_size=cfg.group_size or None,
-    codebook_dtype=jnp.dtype(cfg.codebook_dtype),
+    codebook_dtype=cfg.codebook_dtype,
     channel_scale=bool(cfg.channel_scale),
   )
   seconds = time.perf_counter() - start

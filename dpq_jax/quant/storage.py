@@ -4,8 +4,11 @@ DIR/ holds four files, written into a temporary sibling and renamed into place:
   codes.bin            every layer's codes, bit-packed at ceil(log2 K) bits (RTN: b bits); a compressed
                        layer (one with `quant/alive`): one byte-aligned stream per codebook at
                        ceil(log2 K') bits, K' its live codewords
-  codebooks.bin        PQ/VQ codebooks and RTN scales/offsets, float16 (configurable); a compressed
-                       layer: K' per codebook (`codebook_sizes`, uint16) and only the live rows
+  codebooks.bin        PQ/VQ codebooks, per-output-channel scales and RTN scales/offsets, float16
+                       (config.quant.codebook_dtype); 'int8' codebooks: int8 values and one float16 scale
+                       per codebook (`<module>/codebook_scales` [num_codebooks], codebook_values), the other
+                       scalars float16; a compressed layer: K' per codebook (`codebook_sizes`, uint16) and
+                       only the live rows
   full_precision.bin   everything else (biases, embedders, final layer), float32
   index.json           model spec and, per array, its file, offset, shape, dtype and bits
 `bytes` in report.json are these files' sizes, so the artifact is exactly as small as stated.
@@ -27,7 +30,7 @@ import numpy as np
 
 from dpq_jax import io_utils, tree_utils
 from dpq_jax.calibrate import distributed
-from dpq_jax.quant import compress, packing
+from dpq_jax.quant import codebook_values, compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
 
@@ -70,6 +73,8 @@ def save(
   commit: put the artifact at `directory` (default: this process is the job's writer, process 0);
   False builds it only to measure it. In a multi-process run every process must call save.
   """
+  codebook_dtype = codebook_values.dtype_name(codebook_dtype)  # raises before anything is written
+  side_dtype = codebook_values.side_dtype(codebook_dtype)  # channel scales, RTN scale/offset: never int8
   commit = distributed.is_writer() if commit is None else commit
   directory = io_utils.abspath(directory)
   parent = None  # object stores and measure-only builds: the local temp dir
@@ -88,16 +93,23 @@ def save(
         k = value.shape[1]
         bits = packing.index_bits(k)
         c = codes[module + '/codes']
-        w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
+        if codebook_dtype == 'int8':
+          values, scales = codebook_values.encode(value, codebook_dtype)  # [C, K, d] int8, [C] float16
+          w.add(
+            'codebooks', module + '/codebook_scales', scales, shape=[scales.size], dtype=codebook_values.SCALE_DTYPE
+          )
+          w.add('codebooks', path, values, shape=list(value.shape), dtype=codebook_dtype)
+        else:
+          w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
         w.add('codes', module + '/codes', packing.pack(c, bits), shape=list(c.shape), bits=bits, dtype=str(c.dtype))
       elif path.endswith('/scale') and module + '/codes' in codes:  # PQ/VQ per-output-channel scale
-        w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
+        w.add('codebooks', path, value.astype(side_dtype), shape=list(value.shape), dtype=side_dtype)
       elif path.endswith('/kernel') and module in q.rtn:
         r = q.rtn[module]
         w.add('codes', path, packing.pack(r.codes, r.bits), shape=list(r.codes.shape), bits=r.bits, rtn=True)
         for name, arr in (('scale', r.scale), ('offset', r.offset)):
-          w.add('codebooks', f'{module}/rtn_{name}', arr.astype(codebook_dtype), shape=list(arr.shape),
-                dtype=codebook_dtype)  # fmt: skip
+          w.add('codebooks', f'{module}/rtn_{name}', arr.astype(side_dtype), shape=list(arr.shape),
+                dtype=side_dtype)  # fmt: skip
       else:
         w.add('full_precision', path, value.astype(np.float32), shape=list(value.shape), dtype='float32')
     w.close()
@@ -121,7 +133,7 @@ def _add_compressed(w: _Writer, module: str, codebooks: np.ndarray, codes: np.nd
   """A compressed layer: K' of each codebook, only its live rows, its codes at ceil(log2 K') bits.
 
   codebooks [num_codebooks, K, d], codes [num_subvectors, out_features], alive [num_codebooks, K] with
-  the live codewords first (alive[c, k] == k < K'_c).
+  the live codewords first (alive[c, k] == k < K'_c). int8: scales from the live rows only.
   """
   num_codebooks, codebook_size, _ = codebooks.shape
   alive = np.asarray(alive, bool)
@@ -133,9 +145,14 @@ def _add_compressed(w: _Writer, module: str, codebooks: np.ndarray, codes: np.nd
     raise ValueError(f'{module}/codes: a code points at a dead codeword')
   size_dtype = compress.size_dtype(codebook_size)
   w.add('codebooks', module + '/codebook_sizes', live.astype(size_dtype), shape=[num_codebooks], dtype=str(size_dtype))
-  rows = np.asarray(codebooks)[alive]  # [sum K', d]
-  w.add('codebooks', module + '/codebooks', rows.astype(codebook_dtype), shape=list(codebooks.shape),
-        dtype=codebook_dtype, live_rows=True)  # fmt: skip
+  if codebook_dtype == 'int8':
+    values, scales = codebook_values.encode(codebooks, codebook_dtype, alive)  # [C, K, d] int8, [C] float16
+    w.add('codebooks', module + '/codebook_scales', scales, shape=[num_codebooks], dtype=codebook_values.SCALE_DTYPE)
+    rows = values[alive]  # [sum K', d]
+  else:
+    rows = np.asarray(codebooks)[alive].astype(codebook_dtype)  # [sum K', d]
+  w.add('codebooks', module + '/codebooks', rows, shape=list(codebooks.shape), dtype=codebook_dtype,
+        live_rows=True)  # fmt: skip
   bits = compress.bits_of(live)
   stream = np.concatenate([packing.pack(c, int(b)) for c, b in zip(per_codebook, bits)])
   w.add('codes', module + '/codes', stream, shape=list(np.shape(codes)), bits=bits.tolist(), dtype=str(codes.dtype))
@@ -178,6 +195,11 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
   quant: dict = {}
   rtn_parts: dict[str, dict[str, Any]] = {}
   live: dict[str, np.ndarray] = {}  # K' per codebook of compressed layers
+  scales: dict[str, np.ndarray] = {}  # the float16 scale per codebook of int8 codebooks, by module
+  for e in index['entries']:
+    if e['path'].endswith('/codebook_scales'):
+      raw = blobs[e['file']][e['offset'] : e['offset'] + e['nbytes']]
+      scales[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype'])
   for e in index['entries']:
     raw = blobs[e['file']][e['offset'] : e['offset'] + e['nbytes']]
     shape = tuple(e['shape'])
@@ -195,16 +217,20 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
       if keys[-1] == 'codebook_sizes':
         live[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype']).astype(np.int64)
         continue
+      if keys[-1] == 'codebook_scales':
+        continue
+      module = e['path'].rsplit('/', 1)[0]
       if e.get('live_rows'):
-        module = e['path'].rsplit('/', 1)[0]
-        rows = np.frombuffer(raw.tobytes(), e['dtype']).reshape(-1, shape[-1]).astype(np.float32)
+        rows = np.frombuffer(raw.tobytes(), e['dtype']).reshape(-1, shape[-1])
+        rows = codebook_values.decode_rows(rows, scales[module] if e['dtype'] == 'int8' else None, live[module])
         alive = np.arange(shape[1])[None] < live[module][:, None]  # [num_codebooks, K]
         arr = np.broadcast_to(rows[np.cumsum(live[module]) - live[module]][:, None], shape).copy()  # dead: row 0
         arr[alive] = rows
         tree_utils.set_path(params, keys, arr)
         tree_utils.set_path(quant, keys[:-1] + ['alive'], alive)
         continue
-      arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape).astype(np.float32)
+      arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape)
+      arr = codebook_values.decode(arr, scales[module] if e['dtype'] == 'int8' else None)
       if keys[-1].startswith('rtn_'):
         rtn_parts.setdefault('/'.join(keys[:-1]), {})[keys[-1][4:]] = arr
         continue

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import layers, packing, pq, rtn
+from dpq_jax.quant import codebook_values, layers, packing, pq, rtn
 
 METHODS = ('pq', 'vq', 'rtn')
 
@@ -57,11 +57,17 @@ def quantize_params(
 ) -> QuantizedParams:
   """Quantizes every Dense kernel whose module path matches `rules` (all others untouched).
 
-  channel_scale: PQ/VQ layers also get a `scale` [out_features] (stored like the codebooks) that
-  restores each output channel's norm (pq.channel_scale); the layer computes (x @ W_hat) * scale.
+  codebook_dtype: how codebook values are stored ('float16', 'bfloat16', 'float32' or 'int8'; see
+  codebook_values): the codebooks are rounded to what they decode to, and bytes counted as stored.
+  channel_scale: PQ/VQ layers also get a `scale` [out_features] (stored like the codebooks; float16 for
+  int8 codebooks) that restores each output channel's norm (pq.channel_scale); the layer computes
+  (x @ W_hat) * scale.
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: expected one of {METHODS}')
+  codebook_dtype = codebook_values.dtype_name(codebook_dtype)
+  side_dtype = codebook_values.side_dtype(codebook_dtype)  # channel / RTN scales: never int8
+  side_bytes = np.dtype(side_dtype).itemsize
   targets = [(p, k) for p, k in _module_kernels(params) if rules.spec_for('/'.join(p)) is not None]
   for path, kernel in targets:  # every spec is checked before any k-means runs
     name = '/'.join(path)
@@ -88,26 +94,30 @@ def quantize_params(
       node = node[p]
     if method == 'rtn':
       codes, scale, offset = rtn.quantize(kernel.T, rtn_bits, rtn_group_size)
-      scale = scale.astype(codebook_dtype).astype(jnp.float32)
-      offset = offset.astype(codebook_dtype).astype(jnp.float32)
+      scale = codebook_values.round_side(scale, codebook_dtype)
+      offset = codebook_values.round_side(offset, codebook_dtype)
       approx = rtn.dequantize(codes, scale, offset).T
       node['kernel'] = approx
       rtn_layers[name] = RTNLayer(np.asarray(codes), np.asarray(scale), np.asarray(offset), rtn_bits)
-      nbytes = packing.packed_nbytes(codes.size, rtn_bits) + 2 * np.dtype(codebook_dtype).itemsize * scale.size
+      nbytes = packing.packed_nbytes(codes.size, rtn_bits) + 2 * side_bytes * scale.size
       row = {'k': 2**rtn_bits, 'd': 1, 'index_bits': rtn_bits}
     else:
       codebooks, codes, _ = pq.fit(kernel, spec, jax.random.fold_in(key, i), iters)
-      codebooks = codebooks.astype(codebook_dtype).astype(jnp.float32)
+      codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)  # [num_codebooks, K, d] as stored
       codes = pq.encode(kernel, codebooks, spec)  # nearest codeword of the stored (rounded) codebooks
       approx = pq.decode(codebooks, codes)
       del node['kernel']
       node['codebooks'] = codebooks
       tree_utils.set_path(quant, path + ('codes',), codes.astype(packing.code_dtype(spec.codebook_size)))
-      nbytes = packing.packed_nbytes(codes.size, spec.index_bits) + codebooks.size * np.dtype(codebook_dtype).itemsize
+      nbytes = (
+        packing.packed_nbytes(codes.size, spec.index_bits)
+        + codebooks.size * codebook_values.value_bytes(codebook_dtype)
+        + codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
+      )
       if channel_scale:
-        node['scale'] = pq.channel_scale(kernel, approx, codebook_dtype)  # [out_features]
+        node['scale'] = pq.channel_scale(kernel, approx, side_dtype)  # [out_features]
         approx = approx * node['scale']
-        nbytes += node['scale'].size * np.dtype(codebook_dtype).itemsize
+        nbytes += node['scale'].size * side_bytes
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
     rows.append(
       {
