@@ -507,12 +507,21 @@ def save_converted_vae(output_dir: str, config: Any, params: Params, source: str
   _save_dir(output_dir, {'kind': 'vae', 'config': config.to_json(), 'source': source}, params)
 
 
+RANDOM_VAE = 'random'  # config.vae.checkpoint for smoke runs: the SD kl-f8 architecture, random weights
+
+
 def load_vae(path: str) -> tuple[Any, Params]:
-  """A converted VAE directory or a diffusers AutoencoderKL folder -> (VAEConfig, params)."""
+  """A converted VAE directory, a diffusers AutoencoderKL folder, or 'random' (the SD kl-f8 VAE with seeded
+  random weights: smoke runs of the pipeline with no download) -> (VAEConfig, params)."""
   import orbax.checkpoint as ocp
 
   from dpq_jax.models import vae as vae_lib
 
+  if path == RANDOM_VAE:
+    import jax
+
+    config = vae_lib.VAEConfig()
+    return config, vae_lib.init_params(vae_lib.AutoencoderKL(config), jax.random.key(0))
   if not is_converted(path):
     return load_torch_vae(path)
   meta = io_utils.read_json(os.path.join(path, SPEC_FILE))

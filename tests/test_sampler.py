@@ -283,3 +283,20 @@ def test_random_init_smoke_caps_of_the_xl_job(tmp_path):
   report = json.loads((tmp_path / 'report.json').read_text())
   assert report['samples']['steps'] == 2
   assert 'random-init smoke run: 2 of 7 steps, 3 of 6 images' in (tmp_path / 'report.md').read_text()
+
+
+def test_random_vae_is_the_sd_architecture():
+  """config.vae.checkpoint='random' (smoke runs, nothing to download): diffusers' AutoencoderKL with the SD
+  kl-f8 config has exactly as many weights, and a latent decodes to an 8x larger image."""
+  import diffusers
+
+  config, params = convert.load_vae(convert.RANDOM_VAE)
+  torch_vae = diffusers.AutoencoderKL(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+    down_block_types=('DownEncoderBlock2D',) * 4, up_block_types=('UpDecoderBlock2D',) * 4,
+  )  # fmt: skip
+  assert sum(p.size for p in jax.tree.leaves(params)) == sum(p.numel() for p in torch_vae.parameters())
+  images = vae_lib.decode_latents(vae_lib.AutoencoderKL(config), params, jnp.ones((1, 2, 2, 4)))
+  assert images.shape == (1, 16, 16, 3) and bool(jnp.all(jnp.isfinite(images)))
+  cfg = _config(convert.RANDOM_VAE)
+  assert not [line for line in sample.check_config(cfg.sample, 10, cfg.vae) if 'vae' in line]

@@ -119,8 +119,10 @@ def _check_data(data: ml_collections.ConfigDict, config: ml_collections.ConfigDi
           f'config.data.data_dir={data.data_dir!r}: no such directory; expected the tfds data dir holding a '
           'prepared imagenet2012 (or set config.data.source=data_free)'
         )
+      from dpq_jax import convert
+
       vae = _vae_checkpoint(config)
-      if not vae or not io_utils.exists(vae):
+      if not vae or (vae != convert.RANDOM_VAE and not io_utils.exists(vae)):
         errs.append(f'config.vae.checkpoint={vae!r}: the imagenet source encodes images with the SD VAE; give its path')
       if data.image_size != 8 * config.model.input_size:
         errs.append(

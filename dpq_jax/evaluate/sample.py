@@ -64,9 +64,10 @@ def check_config(cfg: ml_collections.ConfigDict, num_classes: int, vae: ml_colle
   except ValueError as e:
     errors.append(str(e))
   if vae is not None and vae.checkpoint:
-    if not io_utils.isdir(vae.checkpoint):
+    if vae.checkpoint != convert.RANDOM_VAE and not io_utils.isdir(vae.checkpoint):
       errors.append(
-        f'config.vae.checkpoint={vae.checkpoint!r}: expected a converted VAE or diffusers AutoencoderKL directory'
+        f'config.vae.checkpoint={vae.checkpoint!r}: expected a converted VAE or diffusers AutoencoderKL '
+        "directory, or 'random' (smoke runs)"
       )
     if vae.batch_size < 0 or (vae.batch_size and vae.batch_size % jax.device_count()):
       errors.append(
