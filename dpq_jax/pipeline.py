@@ -17,6 +17,7 @@ import ml_collections
 
 from dpq_jax import errors, io_utils
 from dpq_jax.calibrate import distributed
+from dpq_jax.calibrate import loop as calibrate_loop
 from dpq_jax.calibrate import stage as calibrate_stage
 from dpq_jax.demo import compare as compare_stage
 from dpq_jax.demo import train as train_stage
@@ -24,7 +25,7 @@ from dpq_jax.evaluate import evaluate_stage
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.evaluate import sample as sample_stage
 from dpq_jax.models import load as load_stage
-from dpq_jax.quant import compress_stage
+from dpq_jax.quant import compress_stage, lineage
 from dpq_jax.quant import stage as quantize_stage
 
 ConfigError = errors.ConfigError
@@ -103,9 +104,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     for name in config.stages:
       start = time.perf_counter()
+      if name in lineage.CHAIN and 'plan' not in state:  # the first stage that writes DIR/quantized/
+        state['plan'] = lineage.plan(config, state.get('fp_params'))
+        if 'calibrate' in config.stages:  # refused before quantize/compress rewrite the artifact
+          calibrate_loop.check_checkpoints(workdir, lineage.upto(state['plan'], 'calibrate')[-1]['fingerprint'])
+        if 'spec' in state and quantize_stage.resume_chain(config, workdir, state):
+          state['skip'] = {link['stage'] for link in state['plan']}
+      if name in state.get('skip', ()):
+        state['report']['timings_s'][name] = 0.0
+        continue
       state = STAGES[name](config, workdir, state)
       if name in ('load', 'train'):  # the fp model: calibrate's latent weights, data-free samples, distillation
         state['fp_params'] = state['variables']['params']
+      if name in lineage.CHAIN and writer:
+        lineage.record(workdir, lineage.upto(state['plan'], name), state['report'])
       state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
   except BaseException:
     if created and not io_utils.is_remote(workdir) and not os.listdir(workdir):

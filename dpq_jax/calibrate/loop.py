@@ -61,8 +61,12 @@ def calibrate(
   diffusion=None,
   codebook_dtype: Any = jnp.float32,
   progress: bool = True,
+  fingerprint: str | None = None,
 ) -> dict[str, Any]:
   """Runs config.calibrate `cfg` on the quantized model (params, quant); resumes from workdir.
+
+  fingerprint: what decided the model being calibrated and how (quant/lineage.py); kept next to the
+  checkpoints, and checkpoints written under another one are refused (CheckpointError), never resumed.
 
   Returns:
     {'params': calibrated params (no latent weights), 'quant': the `quant` collection with the
@@ -97,6 +101,7 @@ def calibrate(
   metrics_path = os.path.join(workdir, METRICS_FILE)
   writer = distributed.is_writer()
   start = checkpointer.latest_step()
+  _check_fingerprint(checkpointer.directory, fingerprint, start is not None, writer)
   if start is not None:
     state, data_state, start = checkpointer.restore(_abstract(state, state_sh))
     try:
@@ -204,16 +209,47 @@ def calibrate(
   }
 
 
+FINGERPRINT_FILE = 'calibration.json'
+
+
+def check_checkpoints(workdir: str, fingerprint: str) -> None:
+  """Before a job rewrites anything: CheckpointError if DIR/checkpoints holds another calibration's steps."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  steps = [n for n in io_utils.listdir(directory) if n.isdigit()] if io_utils.isdir(directory) else []
+  _check_fingerprint(directory, fingerprint, bool(steps), writer=False)
+
+
+def _check_fingerprint(directory: str, fingerprint: str | None, resuming: bool, writer: bool) -> None:
+  """Refuses checkpoints of another calibration; records this one's fingerprint when starting fresh."""
+  if fingerprint is None:
+    return
+  path = os.path.join(directory, FINGERPRINT_FILE)
+  if resuming and io_utils.exists(path):
+    old = io_utils.read_json(path).get('fingerprint')
+    if old != fingerprint:
+      raise ckpt_lib.CheckpointError(
+        f'{directory} holds checkpoints of another calibration (fingerprint {old}, this job {fingerprint}: the '
+        'weights or the quant/compress/calibrate/data config differ); delete it to start over, or rerun with '
+        "that job's config to resume it"
+      )
+  elif writer and not resuming:
+    io_utils.makedirs(directory)
+    io_utils.write_json(path, {'fingerprint': fingerprint})
+
+
 def _round_codebooks(params: dict, quant: dict, dtype: Any) -> dict:
-  """Codebooks rounded to what their storage dtype keeps (codebook_values.round_codebooks: float16/bfloat16,
-  or int8 with a per-codebook scale over the live rows of a compressed layer), so the final codes are the
-  argmin of what is stored."""
+  """Codebooks and per-output-channel scales rounded to what the artifact stores (codebook_values:
+  float16/bfloat16, or int8 codebooks with a per-codebook scale over the live rows of a compressed layer;
+  scales in the side dtype), so the final codes are the argmin of what is stored and the model that goes
+  on to sampling is the one on disk."""
 
   def round_leaf(path, x):
     keys = [str(k.key) for k in path]
-    if keys[-1] != 'codebooks':
-      return x
-    alive = tree_utils.get_path(quant, keys[:-1] + ['alive'])
-    return codebook_values.round_codebooks(jnp.asarray(x), dtype, None if alive is None else jnp.asarray(alive))
+    if keys[-1] == 'codebooks':
+      alive = tree_utils.get_path(quant, keys[:-1] + ['alive'])
+      return codebook_values.round_codebooks(jnp.asarray(x), dtype, None if alive is None else jnp.asarray(alive))
+    if keys[-1] == 'scale' and tree_utils.get_path(params, keys[:-1] + ['codebooks']) is not None:
+      return codebook_values.round_side(x, dtype)
+    return x
 
   return jax.tree_util.tree_map_with_path(round_leaf, params)

@@ -19,7 +19,6 @@ arr_1 int64 labels) that the evaluate stage reads; DIR/samples_grid.png.
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import time
 
@@ -33,6 +32,7 @@ from dpq_jax import diffusion as diffusion_lib
 from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz, grid, sampler
 from dpq_jax.models import vae as vae_lib
+from dpq_jax.quant import lineage
 
 SAMPLES_FILE = 'samples.npz'  # DIR/samples.npz: the ADM batch
 LATENTS_FILE = os.path.join('samples', 'latents.npz')
@@ -153,17 +153,7 @@ class _Run:
 
 def fingerprint(config: ml_collections.ConfigDict, variables, vae_params) -> dict:
   """What decides the samples: the sampling config, the model and VAE, and digests of their weights."""
-
-  def digest(tree) -> str:
-    if tree is None:
-      return ''
-    h = hashlib.sha256()
-    for path, x in jax.tree_util.tree_leaves_with_path(tree):
-      x = jnp.asarray(x, jnp.float32)
-      stats = np.asarray([jnp.sum(x), jnp.sum(jnp.abs(x))], np.float32)
-      h.update(f'{jax.tree_util.keystr(path)}:{x.shape}:{stats.tobytes().hex()};'.encode())
-    return h.hexdigest()[:16]
-
+  digest = lineage.weights_digest
   s = config.sample
   return {
     'sampler': s.sampler, 'steps': s.steps, 'cfg_scale': float(s.cfg_scale), 'eta': float(s.get('eta', 0.0)),

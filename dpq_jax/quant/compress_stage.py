@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils, tree_utils
-from dpq_jax.quant import codebook_values, compress, packing, pq, storage, surgery
+from dpq_jax.quant import codebook_values, compress, lineage, packing, pq, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.quant import stage as quantize_stage
@@ -351,6 +351,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     meta = {'name': spec.name, 'input_size': spec.input_size, 'num_classes': spec.num_classes,
             'learn_sigma': spec.learn_sigma, 'in_channels': spec.in_channels, 'method': qcfg.method}  # fmt: skip
   meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'importance': cfg.importance}
+  meta['lineage'] = lineage.upto(state['plan'], 'compress') if state.get('plan') else None
   sizes = storage.save(artifact, new_q, meta, qcfg.codebook_dtype, check=check)
   seconds = time.perf_counter() - start
   rows = info['rows']

@@ -8,8 +8,8 @@ import time
 import jax
 import ml_collections
 
-from dpq_jax import errors
-from dpq_jax.quant import codebook_values, layers, storage, surgery
+from dpq_jax import errors, io_utils
+from dpq_jax.quant import codebook_values, layers, lineage, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 
 ARTIFACT_DIR = 'quantized'
@@ -96,6 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     'in_channels': spec.in_channels,
     'method': cfg.method,
     'rules': [[p, s.codebook_size, s.subvector_dim, s.shared] for p, s in rules.rules],
+    'lineage': lineage.upto(state['plan'], 'quantize') if state.get('plan') else None,
   }
   sizes = storage.save(os.path.join(workdir, ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
   num_params = state['report']['num_params']
@@ -109,6 +110,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   state['rules'] = rules
   state['variables'], state['model'] = runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
   return state
+
+
+def resume_chain(config: ml_collections.ConfigDict, workdir: str, state: dict) -> bool:
+  """Loads DIR/quantized/ as the output of the planned chain (quantize, compress, calibrate) when its lineage
+  and DIR/lineage.json equal state['plan'] (see quant/lineage.py); the report gets those stages' sections
+  back. Returns whether it did (the caller then skips the chain)."""
+  artifact = os.path.join(workdir, ARTIFACT_DIR)
+  meta = storage.load_meta(artifact) if io_utils.exists(os.path.join(artifact, storage.INDEX)) else None
+  saved = lineage.finished(workdir, meta, state['plan'])
+  if saved is None:
+    return False
+  cfg = config.quant
+  _, q = storage.load(artifact)
+  rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
+  state['quantized'], state['rules'] = q, rules
+  state['variables'], state['model'] = runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
+  state['report'].update(saved)
+  stages = ', '.join(link['stage'] for link in state['plan'])
+  state.setdefault('report_notes', []).append(
+    f"{stages}: {artifact} is the output of this job's {stages} (same config and weights; {lineage.FILE}): "
+    'loaded, not recomputed'
+  )
+  return True
 
 
 def runtime_model(spec, q: surgery.QuantizedParams, rules: layers.QuantRules, cfg, dtype):
