@@ -53,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.group_size = 0  # rtn only; 0 = one group per output channel
   config.quant.kmeans_iters = 25
   config.quant.seed = 0
-  config.quant.codebook_dtype = 'float16'  # stored codebook values: float16 | bfloat16 | float32 | int8 (+ fp16 scale each)
+  config.quant.codebook_dtype = 'float16'  # codebook values: float16 | bfloat16 | float32 | int8 (+ fp16 scale)
   # PQ/VQ: one fp16 scale per output channel restoring its norm (k-means reconstructions are shorter
   # than the weights, and the shrinkage compounds through the blocks); 16 / C_in bits per weight.
   config.quant.channel_scale = True
