@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.compress.budget_bytes = 0  # bytes (0: unset)
   config.compress.budget_bits = 0.0  # bits per quantized weight, biases included (0: unset)
   config.compress.importance = 'usage'  # 'usage' | 'sensitivity' (usage weighted by input-activation energy)
+  config.compress.distortion = 'relative'  # each layer's error over its sum_i e_i ||W_i||^2; 'absolute': raw
   config.compress.merge = True  # removed codeword merges into its least-cost survivor; False: plain re-assignment
   config.compress.lloyd_steps = 2  # Lloyd steps over the survivors after re-assignment
   config.compress.min_live = 1  # live codewords kept per codebook at least

@@ -1,5 +1,6 @@
 """Codebook compression: importance, removal paths, re-assignment, allocation, storage and the stage."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -309,3 +310,21 @@ def test_budget_forms_take_bytes_then_bits_then_ratio():
   assert compress_stage.target_bytes(cfg, 2400, 500) == 31  # 0.5 bit x 500 weights = 31.25 bytes
   cfg.budget_bytes = 77
   assert compress_stage.target_bytes(cfg, 2400, 500) == 77
+
+
+def test_relative_distortion_makes_the_allocation_blind_to_a_layers_scale():
+  """Scaling one layer's weights (and so its codebooks) by 8 changes nothing about which codewords are
+  worth keeping relative to that layer: with distortion='relative' the per-codebook K' stay the same; with
+  'absolute' the scaled layer's squared errors are 64x larger and it takes bytes from the others. (A power
+  of two scales every float exactly, so the usage ties break the same way.)"""
+  base = _layers(num=2)
+  big = base[:1] + [dataclasses.replace(base[1], codebooks=8 * base[1].codebooks, reference=8 * base[1].reference)]
+  fp32 = sum(4 * lay.reference.size + lay.bias_bytes for lay in base)
+  live = {}
+  for mode in ('absolute', 'relative'):
+    for name, lays in (('base', base), ('big', big)):
+      _, info = compress_stage.compress_layers(lays, fp32 // 12, lloyd_steps=0, progress=False, distortion=mode)
+      live[mode, name] = [row['k_live'] for row in info['rows']]
+  assert live['relative', 'base'] == live['relative', 'big']
+  assert live['absolute', 'big'][1] > live['absolute', 'base'][1]
+  assert live['absolute', 'big'][0] < live['absolute', 'base'][0]

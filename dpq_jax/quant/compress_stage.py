@@ -28,6 +28,7 @@ from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.quant import stage as quantize_stage
 
 IMPORTANCE = ('usage', 'sensitivity')
+DISTORTION = ('absolute', 'relative')
 REFERENCES = ('original', 'decoded')
 
 
@@ -44,8 +45,13 @@ class Layer:
   scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
 
 
-def _problems(layer: Layer) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None)."""
+def _problems(layer: Layer, distortion: str = 'absolute') -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None).
+
+  distortion 'relative': the point weights divided by the layer's own scale, sum_i e_i ||W_i||^2 over input
+  channels i (e_i the activation energy, or 1), so every layer's squared error counts relative to its size
+  (the allocation across layers no longer favours layers with large weights or inputs); within a layer the
+  order and the centroids are unchanged."""
   num_codebooks, _, d = layer.codebooks.shape
   x = pq.to_subvectors(jnp.asarray(layer.reference, jnp.float32), d)  # [M, out, d]
   codes = jnp.asarray(layer.codes, jnp.int32)  # [M, out]
@@ -53,6 +59,11 @@ def _problems(layer: Layer) -> tuple[jax.Array, jax.Array, jax.Array | None]:
   if layer.energy is not None:
     per_position = np.asarray(layer.energy, np.float32).reshape(-1, d).mean(axis=1)  # [M]
     weights = jnp.broadcast_to(jnp.asarray(per_position)[:, None], codes.shape)
+  if distortion == 'relative':
+    ref = np.asarray(layer.reference, np.float32)  # [in, out]
+    energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)
+    norm = float(np.sum(energy[:, None] * np.square(ref)))
+    weights = (jnp.ones(codes.shape, jnp.float32) if weights is None else weights) / max(norm, 1e-30)
   if num_codebooks == 1:  # VQ: one problem over all of the layer's sub-vectors
     x, codes = x.reshape(1, -1, d), codes.reshape(1, -1)
     weights = None if weights is None else weights.reshape(1, -1)
@@ -68,6 +79,7 @@ def compress_layers(
   min_live: int = 1,
   codebook_dtype: str = 'float16',
   progress: bool = True,
+  distortion: str = 'absolute',
 ) -> tuple[list[compress.Compressed], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
@@ -87,7 +99,7 @@ def compress_layers(
     raise ValueError('compress_layers: every layer needs the same codebook size K and sub-vector length d')
   w_all, m_all, nbytes = [], [], []
   for layer in layers:
-    x, codes, weights = _problems(layer)
+    x, codes, weights = _problems(layer, distortion)
     num_codebooks, codebook_size, d = layer.codebooks.shape
     w, m = compress.atoms(x, layer.codebooks, codes, weights)
     w_all.append(np.asarray(w))
@@ -112,7 +124,7 @@ def compress_layers(
     ) from None
   out, rows, scales, offset = [], [], [], 0
   for layer in layers:
-    x, codes, weights = _problems(layer)
+    x, codes, weights = _problems(layer, distortion)
     num_codebooks = layer.codebooks.shape[0]
     part = slice(offset, offset + num_codebooks)
     path = compress.Path(*(jnp.asarray(a[part]) for a in path_all))
@@ -215,6 +227,8 @@ def check_config(cfg: ml_collections.ConfigDict, quant_method: str) -> list[str]
     problems.append(f'config.compress.budget={cfg.budget}: expected a compression ratio > 1 vs fp32')
   if cfg.importance not in IMPORTANCE:
     problems.append(f'config.compress.importance={cfg.importance!r}: expected one of {", ".join(IMPORTANCE)}')
+  if cfg.distortion not in DISTORTION:
+    problems.append(f'config.compress.distortion={cfg.distortion!r}: expected one of {", ".join(DISTORTION)}')
   if cfg.reference not in REFERENCES:
     problems.append(f'config.compress.reference={cfg.reference!r}: expected one of {", ".join(REFERENCES)}')
   if cfg.lloyd_steps < 0:
@@ -327,6 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
       lloyd_steps=cfg.lloyd_steps,
       min_live=cfg.min_live,
       codebook_dtype=qcfg.codebook_dtype,
+      distortion=cfg.distortion,
     )
   except compress.BudgetError as e:
     raise errors.ConfigError(f'config.compress: {e}') from None
@@ -370,6 +385,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     'code_entropy_bits_per_weight': entropy / quantized,
     'code_entropy_bytes': int(np.ceil(entropy / 8)),
     'importance': cfg.importance,
+    'distortion': cfg.distortion,
     'merge': bool(cfg.merge),
     'lloyd_steps': cfg.lloyd_steps,
     'reference': cfg.reference,
