@@ -107,7 +107,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if name in lineage.CHAIN and 'plan' not in state:  # the first stage that writes DIR/quantized/
         state['plan'] = lineage.plan(config, state.get('fp_params'))
         if 'calibrate' in config.stages:  # refused before quantize/compress rewrite the artifact
-          calibrate_loop.check_checkpoints(workdir, lineage.upto(state['plan'], 'calibrate')[-1]['fingerprint'])
+          calibrate_loop.check_checkpoints(workdir, lineage.fingerprint(lineage.of_state(state, 'calibrate')))
         if 'spec' in state and quantize_stage.resume_chain(config, workdir, state):
           state['skip'] = {link['stage'] for link in state['plan']}
       if name in state.get('skip', ()):
@@ -117,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if name in ('load', 'train'):  # the fp model: calibrate's latent weights, data-free samples, distillation
         state['fp_params'] = state['variables']['params']
       if name in lineage.CHAIN and writer:
-        lineage.record(workdir, lineage.upto(state['plan'], name), state['report'])
+        lineage.record(workdir, lineage.of_state(state, name), state['report'])
       state['report']['timings_s'][name] = round(time.perf_counter() - start, 3)
   except BaseException:
     if created and not io_utils.is_remote(workdir) and not os.listdir(workdir):

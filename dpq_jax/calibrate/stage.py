@@ -226,14 +226,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     seed=cfg.seed,
     fp_model=spec.create(dtype=dtype),
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
-    fingerprint=lineage.upto(state['plan'], 'calibrate')[-1]['fingerprint'] if state.get('plan') else None,
+    fingerprint=lineage.fingerprint(lineage.of_state(state, 'calibrate')),
   )
   q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, state['fp_params']))
   artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
   # Only the writer needs the stored meta: the others build the artifact just to measure it (and
   # may not see the writer's files at all, e.g. a workdir on each host's own disk).
   meta = storage.load_meta(artifact) if distributed.is_writer() else {}
-  meta['lineage'] = lineage.upto(state['plan'], 'calibrate') if state.get('plan') else None
+  meta['lineage'] = lineage.of_state(state, 'calibrate')
   sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
   state['report'].update(sizes_lib.summary(q.layers, sizes, state['report']['num_params']))
   summary = _summary(out, cfg, source)

@@ -366,7 +366,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     meta = {'name': spec.name, 'input_size': spec.input_size, 'num_classes': spec.num_classes,
             'learn_sigma': spec.learn_sigma, 'in_channels': spec.in_channels, 'method': qcfg.method}  # fmt: skip
   meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'importance': cfg.importance}
-  meta['lineage'] = lineage.upto(state['plan'], 'compress') if state.get('plan') else None
+  meta['lineage'] = lineage.of_state(state, 'compress')
   sizes = storage.save(artifact, new_q, meta, qcfg.codebook_dtype, check=check)
   seconds = time.perf_counter() - start
   rows = info['rows']

@@ -76,6 +76,17 @@ def upto(chain: list[dict[str, str]], stage: str) -> list[dict[str, str]]:
   return chain[: names.index(stage) + 1]
 
 
+def of_state(state: dict, stage: str) -> list[dict[str, str]] | None:
+  """The pipeline's planned links up to `stage` (what its artifact records), or None outside a planned chain
+  (e.g. the demo's rows)."""
+  return upto(state['plan'], stage) if state.get('plan') else None
+
+
+def fingerprint(chain: list[dict[str, str]] | None) -> str | None:
+  """The last link's fingerprint: it decides everything up to that stage."""
+  return chain[-1]['fingerprint'] if chain else None
+
+
 def record(workdir: str, chain: list[dict[str, str]], report: dict) -> None:
   """DIR/lineage.json after a chain stage: its links so far and the report as it stands (no timings)."""
   kept = {k: v for k, v in report.items() if k not in ('timings_s', 'stages', 'config_name')}

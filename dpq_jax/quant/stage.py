@@ -96,7 +96,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     'in_channels': spec.in_channels,
     'method': cfg.method,
     'rules': [[p, s.codebook_size, s.subvector_dim, s.shared] for p, s in rules.rules],
-    'lineage': lineage.upto(state['plan'], 'quantize') if state.get('plan') else None,
+    'lineage': lineage.of_state(state, 'quantize'),
   }
   sizes = storage.save(os.path.join(workdir, ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
   num_params = state['report']['num_params']
