@@ -38,7 +38,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpq_jax import convert, diffusion  # noqa: E402
-from dpq_jax.quant import codebook_values, compress_stage, kmeans, surgery  # noqa: E402
+from dpq_jax.quant import allocation, codebook_values, equal_bytes, kmeans, surgery  # noqa: E402
 
 LAYERS = {  # DiT-XL/2 block linear layers, (C_out, C_in) as in PyTorch
   'attn/qkv': (3456, 1152),
@@ -110,7 +110,7 @@ def output_error(params: dict, q: surgery.QuantizedParams, inputs: dict[str, np.
 
 
 def part_a(args) -> None:
-  baselines = compress_stage.BASELINES
+  baselines = equal_bytes.BASELINES
   inputs = None
   if args.model:
     _, params = convert.load_converted(args.model)
@@ -121,7 +121,7 @@ def part_a(args) -> None:
   else:
     params = block_params(args.blocks, args.seed)
     what = f'{args.blocks} DiT-XL/2 block(s)'
-  rows, models = compress_stage.equal_bytes_rows(
+  rows, models = equal_bytes.equal_bytes_rows(
     params,
     jax.random.key(args.seed),
     baselines=baselines,
@@ -178,13 +178,13 @@ def _compress_child(num_blocks: int, seed: int, codebook_dtype: str, queue) -> N
       pick = jax.random.randint(jax.random.fold_in(key, 5 * b + i), (sub.shape[0], 256), 0, sub.shape[1])
       codebooks = codebook_values.round_codebooks(jnp.take_along_axis(sub, pick[..., None], axis=1), codebook_dtype)
       codes = kmeans.assign(sub, codebooks).astype(jnp.uint8)
-      lays.append(compress_stage.Layer(f'blocks_{b}/{name}', np.asarray(codebooks), np.asarray(codes), kernel,
+      lays.append(allocation.Layer(f'blocks_{b}/{name}', np.asarray(codebooks), np.asarray(codes), kernel,
                                        bias_bytes=4 * kernel.shape[1]))  # fmt: skip
   del params
   fp32 = sum(4 * lay.reference.size + lay.bias_bytes for lay in lays)
   rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   start = time.perf_counter()
-  _, info = compress_stage.compress_layers(lays, int(fp32 / 24.1), lloyd_steps=2, codebook_dtype=codebook_dtype,
+  _, info = allocation.compress_layers(lays, int(fp32 / 24.1), lloyd_steps=2, codebook_dtype=codebook_dtype,
                                           progress=False)  # fmt: skip
   seconds = time.perf_counter() - start
   rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -30,7 +30,6 @@ from dpq_jax import convert  # noqa: E402
 from dpq_jax import diffusion as diffusion_lib  # noqa: E402
 from dpq_jax.evaluate import sampler as sampler_lib  # noqa: E402
 from dpq_jax.models import load as load_lib  # noqa: E402
-from dpq_jax.quant import stage as quant_stage  # noqa: E402
 from dpq_jax.quant import surgery  # noqa: E402
 
 
@@ -82,7 +81,7 @@ def main(argv=None) -> None:
   variants = {'fp': ({'params': params}, fp_model)}
   for name, mode in (('pq load', 'load'), ('pq on-fly', 'on_the_fly')):
     cfg = ml_collections.ConfigDict({'method': 'pq', 'dequantize': mode})
-    variants[name] = quant_stage.runtime_model(spec, q, rules, cfg, jnp.float32)
+    variants[name] = surgery.runtime_model(spec, q, rules, cfg, jnp.float32)
 
   respacing = f'ddim{args.steps}' if args.sampler == 'ddim' else str(args.steps)
   diffusion = diffusion_lib.create_diffusion(respacing)

@@ -25,7 +25,8 @@ from dpq_jax.evaluate import evaluate_stage
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.evaluate import sample as sample_stage
 from dpq_jax.models import load as load_stage
-from dpq_jax.quant import compress_stage, lineage
+from dpq_jax.stages import compress as compress_stage
+from dpq_jax.quant import lineage
 from dpq_jax.quant import stage as quantize_stage
 
 ConfigError = errors.ConfigError

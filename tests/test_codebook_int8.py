@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import codebook_values, compress_stage, packing, pq, storage, surgery
+from dpq_jax.quant import allocation, codebook_values, packing, pq, storage, surgery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATTERN = r'blocks_\d+/(attn/proj|mlp/fc1)'  # 4 layers of 2 shapes: quick to compile
@@ -167,7 +167,7 @@ def _layers(num=2, k=32, d=8, in_f=64, out_f=256):
     kernel = _heavy((in_f, out_f), seed=10 + i)
     cb, codes, _ = pq.fit(jnp.asarray(kernel), pq.CodebookSpec(k, d), jax.random.key(i), iters=4)
     scale = pq.channel_scale(kernel, pq.decode(cb, codes))
-    out.append(compress_stage.Layer(f'blocks_{i}/mlp/fc1', np.asarray(cb), np.asarray(codes), kernel,
+    out.append(allocation.Layer(f'blocks_{i}/mlp/fc1', np.asarray(cb), np.asarray(codes), kernel,
                                     bias_bytes=4 * out_f, scale=np.asarray(scale)))  # fmt: skip
   return out
 
@@ -194,7 +194,7 @@ def test_compressed_int8_meets_budget_on_disk_with_cheaper_codewords(tmp_path):
   target = fp32 // 16  # float16 codebooks must lose about half their codewords
   out = {}
   for dt in ('float16', 'int8'):
-    compressed, info = compress_stage.compress_layers(lays, target, lloyd_steps=1, codebook_dtype=dt, progress=False)
+    compressed, info = allocation.compress_layers(lays, target, lloyd_steps=1, codebook_dtype=dt, progress=False)
     sizes, bias = _save_compressed(lays, compressed, info, tmp_path / dt, dt)
     on_disk = os.path.getsize(tmp_path / dt / 'codes.bin') + os.path.getsize(tmp_path / dt / 'codebooks.bin') + bias
     assert sizes['codes'] + sizes['codebooks'] + bias == on_disk == info['predicted_bytes'] <= target, dt

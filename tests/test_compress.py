@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import compress, compress_stage, kmeans, layers, packing, pq, storage, surgery
+from dpq_jax.quant import allocation, compress, kmeans, layers, packing, pq, statistics, storage, surgery
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,7 +155,7 @@ def _layers(num=3, k=32, d=8, in_f=64, out_f=128):
   out = []
   for i in range(num):
     kernel, cb, codes = _fit(in_f, out_f, k, d, seed=10 + i)
-    out.append(compress_stage.Layer(f'blocks_{i}/mlp/fc1', cb, codes, kernel, bias_bytes=4 * out_f))
+    out.append(allocation.Layer(f'blocks_{i}/mlp/fc1', cb, codes, kernel, bias_bytes=4 * out_f))
   return out
 
 
@@ -163,7 +163,7 @@ def test_budget_met_exactly_on_disk_and_roundtrip(tmp_path):
   lays = _layers()
   fp32 = sum(4 * lay.reference.size + lay.bias_bytes for lay in lays)
   target = fp32 // 12
-  compressed, info = compress_stage.compress_layers(lays, target, lloyd_steps=1, progress=False)
+  compressed, info = allocation.compress_layers(lays, target, lloyd_steps=1, progress=False)
   assert info['predicted_bytes'] <= target
   params, quant = {}, {}
   for lay, c in zip(lays, compressed):
@@ -203,20 +203,20 @@ def test_infeasible_budget_names_the_minimum():
   per_codebook = 2 * 8 * 2 + (128 * 1 + 7) // 8 + 2  # 2 live fp16 rows of 8, 1-bit codes, K'
   minimum = sum(lay.codebooks.shape[0] for lay in lays) * per_codebook + sum(lay.bias_bytes for lay in lays)
   with pytest.raises(compress.BudgetError, match=f'below the minimum reachable size of {minimum} bytes'):
-    compress_stage.compress_layers(lays, minimum - 1, min_live=2, progress=False)
-  compress_stage.compress_layers(lays, minimum, min_live=2, lloyd_steps=0, progress=False)  # exactly reachable
+    allocation.compress_layers(lays, minimum - 1, min_live=2, progress=False)
+  allocation.compress_layers(lays, minimum, min_live=2, lloyd_steps=0, progress=False)  # exactly reachable
 
 
 def test_sensitivity_weights_move_bytes_to_sensitive_positions():
   kernel, cb, codes = _fit(64, 128, 32, 8, seed=20)
   energy = np.ones(64, np.float32)
   energy[:32] = 100.0  # the first 4 of 8 positions see 100x the input energy
-  lay = compress_stage.Layer('a', cb, codes, kernel, energy=energy)
-  compressed, info = compress_stage.compress_layers([lay], 8 * 4096 // 12, lloyd_steps=0, progress=False)
+  lay = allocation.Layer('a', cb, codes, kernel, energy=energy)
+  compressed, info = allocation.compress_layers([lay], 8 * 4096 // 12, lloyd_steps=0, progress=False)
   live = np.asarray(compressed[0].alive).sum(1)
   assert live[:4].min() > live[4:].max(), live
-  plain, _ = compress_stage.compress_layers(
-    [compress_stage.Layer('a', cb, codes, kernel)], 8 * 4096 // 12, lloyd_steps=0, progress=False
+  plain, _ = allocation.compress_layers(
+    [allocation.Layer('a', cb, codes, kernel)], 8 * 4096 // 12, lloyd_steps=0, progress=False
   )
   assert not np.array_equal(np.asarray(plain[0].alive).sum(1), live)
 
@@ -285,7 +285,7 @@ def test_activation_energy_is_the_mean_squared_layer_input():
   params = randomize_zero_init(dit.init_params(dit.create_model(name, input_size=8, num_classes=10),
                                                jax.random.key(0)), jax.random.key(1))  # fmt: skip
   spec = types.SimpleNamespace(input_size=8, in_channels=4, num_classes=10)
-  energy = compress_stage.activation_energy(model, {'params': params}, spec, num_batches=2, seed=3, batch_size=2)
+  energy = statistics.activation_energy(model, {'params': params}, spec, num_batches=2, seed=3, batch_size=2)
   assert energy['blocks_0/mlp/fc2'].shape == (256,) and 'final_layer/linear' in energy
   # Independent: fc2's input is gelu_tanh(fc1's output), which capture_intermediates records.
   want = 0.0
@@ -305,11 +305,11 @@ def test_budget_forms_take_bytes_then_bits_then_ratio():
   import ml_collections
 
   cfg = ml_collections.ConfigDict({'budget': 24.0, 'budget_bytes': 0, 'budget_bits': 0.0})
-  assert compress_stage.target_bytes(cfg, fp32_bytes=2400, quantized_weights=500) == 100
+  assert allocation.target_bytes(cfg, fp32_bytes=2400, quantized_weights=500) == 100
   cfg.budget_bits = 0.5
-  assert compress_stage.target_bytes(cfg, 2400, 500) == 31  # 0.5 bit x 500 weights = 31.25 bytes
+  assert allocation.target_bytes(cfg, 2400, 500) == 31  # 0.5 bit x 500 weights = 31.25 bytes
   cfg.budget_bytes = 77
-  assert compress_stage.target_bytes(cfg, 2400, 500) == 77
+  assert allocation.target_bytes(cfg, 2400, 500) == 77
 
 
 def test_relative_distortion_makes_the_allocation_blind_to_a_layers_scale():
@@ -323,7 +323,7 @@ def test_relative_distortion_makes_the_allocation_blind_to_a_layers_scale():
   live = {}
   for mode in ('absolute', 'relative'):
     for name, lays in (('base', base), ('big', big)):
-      _, info = compress_stage.compress_layers(lays, fp32 // 12, lloyd_steps=0, progress=False, distortion=mode)
+      _, info = allocation.compress_layers(lays, fp32 // 12, lloyd_steps=0, progress=False, distortion=mode)
       live[mode, name] = [row['k_live'] for row in info['rows']]
   assert live['relative', 'base'] == live['relative', 'big']
   assert live['absolute', 'big'][1] > live['absolute', 'base'][1]

@@ -245,7 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     f'{_fmt(summary["step_time_s"])} s/step; per-step metrics in metrics.jsonl'
   )
   state['quantized'] = q
-  state['variables'], state['model'] = quantize_stage.runtime_model(spec, q, rules, config.quant, dtype)
+  state['variables'], state['model'] = surgery.runtime_model(spec, q, rules, config.quant, dtype)
   return state
 
 

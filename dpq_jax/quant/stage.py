@@ -108,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   state['report'].update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))
   state['quantized'] = q
   state['rules'] = rules
-  state['variables'], state['model'] = runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
+  state['variables'], state['model'] = surgery.runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
   return state
 
 
@@ -125,7 +125,7 @@ def resume_chain(config: ml_collections.ConfigDict, workdir: str, state: dict) -
   _, q = storage.load(artifact)
   rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
   state['quantized'], state['rules'] = q, rules
-  state['variables'], state['model'] = runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
+  state['variables'], state['model'] = surgery.runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
   state['report'].update(saved)
   stages = ', '.join(link['stage'] for link in state['plan'])
   state.setdefault('report_notes', []).append(
@@ -134,10 +134,3 @@ def resume_chain(config: ml_collections.ConfigDict, workdir: str, state: dict) -
   )
   return True
 
-
-def runtime_model(spec, q: surgery.QuantizedParams, rules: layers.QuantRules, cfg, dtype):
-  """(variables, module) that run the quantized model: PQDense decoding on the fly, or the plain
-  DiT on weights dequantized once (config.quant.dequantize == 'load'; always for RTN)."""
-  if cfg.method == 'rtn' or cfg.dequantize == 'load':
-    return {'params': surgery.dequantize_params(q.params, q.quant)}, spec.create(dtype=dtype)
-  return {'params': q.params, 'quant': q.quant}, spec.create(dtype=dtype, dense=layers.dense_factory(rules))

@@ -177,3 +177,12 @@ def default_rules(method: str, k: int, d: int, overrides: tuple[str, ...] = (), 
   else:
     rules.append((pattern, pq.CodebookSpec(k, d, shared)))
   return layers.QuantRules(tuple(rules))
+
+
+def runtime_model(spec, q: QuantizedParams, rules: layers.QuantRules, cfg, dtype) -> tuple[dict, Any]:
+  """(variables, module) that run the quantized model: PQDense decoding on the fly, or the plain
+  DiT on weights dequantized once (config.quant.dequantize == 'load'; always for RTN). `cfg` is
+  config.quant, `spec` the models.ModelSpec."""
+  if cfg.method == 'rtn' or cfg.dequantize == 'load':
+    return {'params': dequantize_params(q.params, q.quant)}, spec.create(dtype=dtype)
+  return {'params': q.params, 'quant': q.quant}, spec.create(dtype=dtype, dense=layers.dense_factory(rules))

@@ -1,0 +1,215 @@
+"""Codebook compression of a whole model to a byte budget: per-layer problems, the global allocation
+of live codewords across layers (compress.allocate), and the per-layer realisation.
+
+Budget scope (what "24x vs fp32" measures): the quantized layers' codes, codebooks (live rows and K'
+of each codebook) and their full-precision biases, against the fp32 bytes of those kernels and biases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dpq_jax import tree_utils
+from dpq_jax.quant import codebook_values, compress, packing, pq
+
+@dataclasses.dataclass
+class Layer:
+  """One PQ/VQ layer to compress."""
+
+  name: str
+  codebooks: np.ndarray  # [num_codebooks, K, d]
+  codes: np.ndarray  # [num_subvectors, out_features]
+  reference: np.ndarray  # [in_features, out_features]: the weights the codes approximate
+  bias_bytes: int = 0  # full-precision bias bytes kept with the layer (inside the budget scope)
+  energy: np.ndarray | None = None  # [in_features] input-activation energy (sensitivity), or None
+  scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
+
+
+def _problems(layer: Layer, distortion: str = 'absolute') -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None).
+
+  distortion 'relative': the point weights divided by the layer's own scale, sum_i e_i ||W_i||^2 over input
+  channels i (e_i the activation energy, or 1), so every layer's squared error counts relative to its size
+  (the allocation across layers no longer favours layers with large weights or inputs); within a layer the
+  order and the centroids are unchanged."""
+  num_codebooks, _, d = layer.codebooks.shape
+  x = pq.to_subvectors(jnp.asarray(layer.reference, jnp.float32), d)  # [M, out, d]
+  codes = jnp.asarray(layer.codes, jnp.int32)  # [M, out]
+  weights = None
+  if layer.energy is not None:
+    per_position = np.asarray(layer.energy, np.float32).reshape(-1, d).mean(axis=1)  # [M]
+    weights = jnp.broadcast_to(jnp.asarray(per_position)[:, None], codes.shape)
+  if distortion == 'relative':
+    ref = np.asarray(layer.reference, np.float32)  # [in, out]
+    energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)
+    norm = float(np.sum(energy[:, None] * np.square(ref)))
+    weights = (jnp.ones(codes.shape, jnp.float32) if weights is None else weights) / max(norm, 1e-30)
+  if num_codebooks == 1:  # VQ: one problem over all of the layer's sub-vectors
+    x, codes = x.reshape(1, -1, d), codes.reshape(1, -1)
+    weights = None if weights is None else weights.reshape(1, -1)
+  return x, codes, weights
+
+
+def compress_layers(
+  layers: list[Layer],
+  target_bytes: int,
+  *,
+  merge: bool = True,
+  lloyd_steps: int = 2,
+  min_live: int = 1,
+  codebook_dtype: str = 'float16',
+  progress: bool = True,
+  distortion: str = 'absolute',
+) -> tuple[list[compress.Compressed], dict[str, Any]]:
+  """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
+
+  Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
+  over the survivors; codes re-assigned to the rounded survivors) and an info dict with the predicted bytes,
+  the allocation and per-layer rows.
+
+  Raises:
+    compress.BudgetError: target below the minimum reachable size (named in the message).
+  """
+  value_bytes = codebook_values.value_bytes(codebook_dtype)
+  overhead = codebook_values.overhead_bytes(codebook_dtype)  # per codebook (int8: its fp16 scale)
+  side_dtype = codebook_values.side_dtype(codebook_dtype)  # per-output-channel scales: never int8
+  side_bytes = np.dtype(side_dtype).itemsize
+  bar = _bar(progress, 2 * len(layers), 'compress')
+  if len({layer.codebooks.shape[1:] for layer in layers}) > 1:
+    raise ValueError('compress_layers: every layer needs the same codebook size K and sub-vector length d')
+  w_all, m_all, nbytes = [], [], []
+  for layer in layers:
+    x, codes, weights = _problems(layer, distortion)
+    num_codebooks, codebook_size, d = layer.codebooks.shape
+    w, m = compress.atoms(x, layer.codebooks, codes, weights)
+    w_all.append(np.asarray(w))
+    m_all.append(np.asarray(m))
+    live = np.arange(codebook_size, 0, -1)  # K' after 0, 1, ..., K - 1 removals
+    size_bytes = compress.size_dtype(codebook_size).itemsize
+    per = compress.codebook_bytes(live, x.shape[1], d, value_bytes, size_bytes, overhead)
+    nbytes.append(np.broadcast_to(per, (num_codebooks, codebook_size)))
+    _tick(bar)
+  path_all = compress.paths_of_atoms(np.concatenate(w_all), np.concatenate(m_all), merge=merge)
+  fixed = sum(layer.bias_bytes for layer in layers)
+  scale_bytes = sum(0 if layer.scale is None else layer.scale.size * side_bytes for layer in layers)
+  try:
+    alloc = compress.allocate(path_all.cost, np.concatenate(nbytes), target_bytes - fixed - scale_bytes, min_live)
+  except compress.BudgetError as e:
+    minimum = e.min_bytes + fixed + scale_bytes
+    raise compress.BudgetError(
+      f'budget of {target_bytes} bytes is below the minimum reachable size of {minimum} bytes '
+      f'({min_live} live codeword(s) per codebook, their codes at ceil(log2 {min_live}) bits, and {fixed} bytes '
+      'of full-precision biases)',
+      minimum,
+    ) from None
+  out, rows, scales, offset = [], [], [], 0
+  for layer in layers:
+    x, codes, weights = _problems(layer, distortion)
+    num_codebooks = layer.codebooks.shape[0]
+    part = slice(offset, offset + num_codebooks)
+    path = compress.Path(*(jnp.asarray(a[part]) for a in path_all))
+    num_live = jnp.asarray(alloc.num_live[part], jnp.int32)
+    offset += num_codebooks
+    result = compress.realize(x, layer.codebooks, codes, path, num_live, weights, merge=merge, lloyd_steps=lloyd_steps)
+    rounded = codebook_values.round_codebooks(result.codebooks, codebook_dtype, result.alive)
+    new_codes = compress.assign_survivors(x, rounded, result.alive)  # nearest survivor of the stored codebooks
+    new_codes = new_codes.reshape(layer.codes.shape)
+    scale = None
+    if layer.scale is not None:  # the norms the re-assigned reconstruction restores
+      scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), side_dtype)
+    out.append(compress.Compressed(rounded, new_codes, result.alive))
+    scales.append(scale)
+    rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), codebook_dtype, scale))
+    _tick(bar)
+  if bar is not None:
+    bar.close()
+  predicted = int(sum(r['bytes'] for r in rows)) + fixed
+  info = {
+    'target_bytes': int(target_bytes),
+    'predicted_bytes': predicted,
+    'min_bytes': int(alloc.min_bytes + fixed + scale_bytes),
+    'estimated_distortion_increase': alloc.distortion,
+    'rows': rows,
+    'scales': scales,  # per layer: the recomputed per-output-channel scale [out_features], or None
+  }
+  return out, info
+
+
+def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndarray, codebook_dtype: str,
+         scale: jax.Array | None = None) -> dict:  # fmt: skip
+  num_codebooks, codebook_size, d = layer.codebooks.shape
+  in_f, out_f = layer.reference.shape
+  per_codebook = np.asarray(codes).reshape(num_codebooks, -1)
+  nbytes = compress.codebook_bytes(
+    num_live,
+    per_codebook.shape[1],
+    d,
+    codebook_values.value_bytes(codebook_dtype),
+    compress.size_dtype(codebook_size).itemsize,
+    codebook_values.overhead_bytes(codebook_dtype),
+  )
+  bits = compress.bits_of(num_live)
+  reference = jnp.asarray(layer.reference, jnp.float32)
+  decoded = pq.decode(codebooks, codes)
+  nbytes = int(nbytes.sum())
+  if scale is not None:
+    decoded = decoded * scale
+    nbytes += scale.size * np.dtype(codebook_values.side_dtype(codebook_dtype)).itemsize
+  return {
+    'name': layer.name,
+    'shape': [out_f, in_f],
+    'k': codebook_size,
+    'd': d,
+    'k_live': float(num_live.mean()),
+    'index_bits': float(bits.mean()),
+    'bytes': nbytes,
+    'rel_mse': pq.rel_mse(reference, decoded),
+    'sq_norm': float(jnp.sum(jnp.square(reference))),
+    'code_entropy_bits': compress.code_entropy_bits(per_codebook, codebook_size),
+  }
+
+
+def _bar(progress: bool, total: int, desc: str):
+  if not progress:
+    return None
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, unit='step')
+
+
+def _tick(bar) -> None:
+  if bar is not None:
+    bar.update(1)
+
+
+def target_bytes(cfg: ml_collections.ConfigDict, fp32_bytes: int, quantized_weights: int) -> int:
+  """Bytes of the budget scope: budget_bytes, else budget_bits per quantized weight, else fp32 / budget."""
+  if cfg.budget_bytes:
+    return int(cfg.budget_bytes)
+  if cfg.budget_bits:
+    return int(cfg.budget_bits * quantized_weights // 8)
+  return int(fp32_bytes // cfg.budget)
+
+
+
+def modules(params: dict) -> list[tuple[str, ...]]:
+  """Module paths of the PQ/VQ layers of a params tree."""
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  return [tuple(k.key for k in p[:-1]) for p, _ in flat if p[-1].key == 'codebooks']
+
+
+def set_compressed(params: dict, quant: dict, modules: list[tuple[str, ...]], compressed, scales) -> None:
+  """Writes compressed layers (codebooks, codes, alive, scale) into the params / quant trees in place."""
+  for m, c, scale in zip(modules, compressed, scales):
+    tree_utils.set_path(params, m + ('codebooks',), np.asarray(c.codebooks))
+    tree_utils.set_path(quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
+    tree_utils.set_path(quant, m + ('alive',), np.asarray(c.alive))
+    if scale is not None:
+      tree_utils.set_path(params, m + ('scale',), np.asarray(scale))
+

@@ -1,0 +1,169 @@
+"""Stage `compress`: codebook compression of the quantized model to `config.compress`'s size budget.
+
+Runs after `quantize` and may run again after calibration: it reads the current model (the job's
+quantized model, or the artifact in DIR/quantized when the job holds none), compresses every PQ/VQ
+layer (quant/allocation.py), and rewrites DIR/quantized atomically, refusing to replace it unless the
+written files meet the budget.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dpq_jax import errors, io_utils, tree_utils
+from dpq_jax.quant import allocation, compress, lineage, pq, statistics, storage, surgery
+from dpq_jax.quant import layers as layers_lib
+from dpq_jax.quant import sizes as sizes_lib
+from dpq_jax.quant import stage as quantize_stage
+
+IMPORTANCE = ('usage', 'sensitivity')
+DISTORTION = ('absolute', 'relative')
+REFERENCES = ('original', 'decoded')
+
+
+def check_config(cfg: ml_collections.ConfigDict, quant_method: str) -> list[str]:
+  """Problems with config.compress, each naming the value and what was expected."""
+  problems = []
+  if quant_method not in ('pq', 'vq'):
+    problems.append(f"config.quant.method={quant_method!r}: stage 'compress' needs 'pq' or 'vq' codebooks")
+  for key in ('budget_bytes', 'budget_bits'):
+    if cfg[key] < 0:
+      problems.append(f'config.compress.{key}={cfg[key]}: expected a positive value, or 0 to leave it unset')
+  if not (cfg.budget_bytes or cfg.budget_bits) and not cfg.budget > 1:
+    problems.append(f'config.compress.budget={cfg.budget}: expected a compression ratio > 1 vs fp32')
+  if cfg.importance not in IMPORTANCE:
+    problems.append(f'config.compress.importance={cfg.importance!r}: expected one of {", ".join(IMPORTANCE)}')
+  if cfg.distortion not in DISTORTION:
+    problems.append(f'config.compress.distortion={cfg.distortion!r}: expected one of {", ".join(DISTORTION)}')
+  if cfg.reference not in REFERENCES:
+    problems.append(f'config.compress.reference={cfg.reference!r}: expected one of {", ".join(REFERENCES)}')
+  if cfg.lloyd_steps < 0:
+    problems.append(f'config.compress.lloyd_steps={cfg.lloyd_steps}: expected >= 0')
+  if cfg.min_live < 1:
+    problems.append(f'config.compress.min_live={cfg.min_live}: expected >= 1 live codeword per codebook')
+  if cfg.sensitivity_batches < 1:
+    problems.append(f'config.compress.sensitivity_batches={cfg.sensitivity_batches}: expected >= 1')
+  return problems
+
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+  cfg = config.compress
+  qcfg = config.quant
+  start = time.perf_counter()
+  artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
+  q = state.get('quantized')  # quantize and calibrate both leave the current model here
+  fp_params = state.get('fp_params')
+  if q is None:  # stages ('load', 'compress', ...): compress the artifact already on disk
+    if not io_utils.isdir(artifact):
+      raise errors.ConfigError(
+        f"stage 'compress': no quantized model in the state or at {artifact}; run 'quantize' first"
+      )
+    fp_params = fp_params or state['variables']['params']
+    _, q = storage.load(artifact)
+  if 'rules' not in state:
+    state['rules'] = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
+  live_params, live_quant = q.params, q.quant
+  modules = allocation.modules(live_params)
+  get = tree_utils.get_path
+  needs_original = any(get(live_quant, m + ('latent',)) is None and get(live_params, m + ('latent',)) is None
+                       for m in modules)  # fmt: skip
+  if cfg.reference == 'original' and fp_params is None and needs_original:
+    from dpq_jax.models import load as load_stage
+
+    fp_params = load_stage.load_model(config.model, config.seed)[2]
+  energy = {}
+  if cfg.importance == 'sensitivity':
+    # PQ modules decoding on the fly, whatever the runtime: the interceptor records PQDense inputs.
+    model = state['spec'].create(dtype=state['model'].dtype, dense=layers_lib.dense_factory(state['rules']))
+    variables = {'params': live_params, 'quant': live_quant}
+    energy = statistics.activation_energy(model, variables, state['spec'], cfg.sensitivity_batches, config.seed)
+  layers = []
+  for m in modules:
+    name = '/'.join(m)
+    codebooks = np.asarray(tree_utils.get_path(live_params, m + ('codebooks',)), np.float32)
+    codes = np.asarray(tree_utils.get_path(live_quant, m + ('codes',)))
+    reference = tree_utils.get_path(live_quant, m + ('latent',))
+    if reference is None:
+      reference = tree_utils.get_path(live_params, m + ('latent',))
+    if reference is None and cfg.reference == 'original':
+      reference = tree_utils.get_path(fp_params, m + ('kernel',))
+    if reference is None:
+      reference = pq.decode(codebooks, codes)
+    bias = tree_utils.get_path(live_params, m + ('bias',))
+    scale = tree_utils.get_path(live_params, m + ('scale',))
+    layers.append(allocation.Layer(name, codebooks, codes, np.asarray(reference, np.float32),
+                        0 if bias is None else 4 * int(np.size(bias)), energy.get(name),
+                        None if scale is None else np.asarray(scale, np.float32)))  # fmt: skip
+  quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
+  fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
+  target = allocation.target_bytes(cfg, fp32, quantized)
+  try:
+    compressed, info = allocation.compress_layers(
+      layers,
+      target,
+      merge=cfg.merge,
+      lloyd_steps=cfg.lloyd_steps,
+      min_live=cfg.min_live,
+      codebook_dtype=qcfg.codebook_dtype,
+      distortion=cfg.distortion,
+    )
+  except compress.BudgetError as e:
+    raise errors.ConfigError(f'config.compress: {e}') from None
+  new_params = jax.tree.map(lambda v: v, live_params)
+  new_quant = jax.tree.map(lambda v: v, live_quant)
+  allocation.set_compressed(new_params, new_quant, modules, compressed, info['scales'])
+  new_q = surgery.QuantizedParams(new_params, new_quant, q.rtn, info['rows'])
+  bias_paths = {'/'.join(m + ('bias',)) for m in modules}
+  measured: dict[str, int] = {}
+
+  def check(sizes: dict[str, int], entries: list[dict]) -> None:
+    scope = sizes['codes'] + sizes['codebooks'] + sum(e['nbytes'] for e in entries if e['path'] in bias_paths)
+    measured['bytes'] = scope
+    if scope > target or scope != info['predicted_bytes']:
+      raise RuntimeError(f'compressed artifact holds {scope} bytes in the budget scope: predicted '
+                         f"{info['predicted_bytes']}, budget {target}")  # fmt: skip
+
+  if io_utils.exists(os.path.join(artifact, storage.INDEX)):
+    meta = storage.load_meta(artifact)
+  else:
+    spec = state['spec']
+    meta = {'name': spec.name, 'input_size': spec.input_size, 'num_classes': spec.num_classes,
+            'learn_sigma': spec.learn_sigma, 'in_channels': spec.in_channels, 'method': qcfg.method}  # fmt: skip
+  meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'importance': cfg.importance}
+  meta['lineage'] = lineage.of_state(state, 'compress')
+  sizes = storage.save(artifact, new_q, meta, qcfg.codebook_dtype, check=check)
+  seconds = time.perf_counter() - start
+  rows = info['rows']
+  entropy = sum(r['code_entropy_bits'] for r in rows)
+  report = state['report']
+  report.update(sizes_lib.summary(rows, sizes, report['num_params']))
+  report['method'] = f'{qcfg.method}-k{qcfg.k}-d{qcfg.d}-compressed'
+  report['compress'] = {
+    'budget': next({k: cfg[k]} for k in ('budget_bytes', 'budget_bits', 'budget') if cfg[k]),
+    'scope_fp32_bytes': fp32,
+    'target_bytes': target,
+    'measured_bytes': measured['bytes'],
+    'compression_ratio_scope': fp32 / measured['bytes'],
+    'min_reachable_bytes': info['min_bytes'],
+    'k_live_mean': float(np.mean([r['k_live'] for r in rows])),
+    'code_entropy_bits_per_weight': entropy / quantized,
+    'code_entropy_bytes': int(np.ceil(entropy / 8)),
+    'importance': cfg.importance,
+    'distortion': cfg.distortion,
+    'merge': bool(cfg.merge),
+    'lloyd_steps': cfg.lloyd_steps,
+    'reference': cfg.reference,
+    'seconds': round(seconds, 2),
+  }
+  state['quantized'] = new_q
+  state['variables'], state['model'] = surgery.runtime_model(
+    state['spec'], new_q, state['rules'], qcfg, state['model'].dtype
+  )
+  return state
+
