@@ -100,10 +100,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.calibrate.log_every = 10
   config.calibrate.mesh = (('data', -1), ('fsdp', 1))  # -1: the remaining devices
   config.calibrate.seed = 0
-  # model.init='random' is a smoke run on the real shapes: at most smoke_steps steps of batch
-  # smoke_batch_size on data-free samples (0 disables the cap).
-  config.calibrate.smoke_steps = 3
-  config.calibrate.smoke_batch_size = 2
 
   config.data = ml_collections.ConfigDict()
   # 'imagenet' | 'data_free' | 'npz' | 'train'; 'auto': imagenet for a checkpoint, the `train` stage's data
@@ -139,10 +135,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.labels = 'random'  # 'random' | 'balanced' | comma-separated class ids
   config.sample.seed = 0
   config.sample.eta = 0.0  # DDIM noise scale (0: deterministic DDIM)
-  # Caps for an untrained model (model.init='random', no 'train' stage: a smoke run on the real shapes);
-  # 0: no cap. The DiT-XL/2 jobs set them (quant_job).
-  config.sample.smoke_steps = 0
-  config.sample.smoke_num_samples = 0
 
   config.vae = ml_collections.ConfigDict()
   config.vae.checkpoint = (
@@ -181,8 +173,6 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
   config.sample.num_samples = 8
   config.sample.batch_size = 8
   config.sample.labels = '207,360,387,974,88,979,417,279'  # the original sample.py's classes
-  config.sample.smoke_steps = 5  # --config.model.init=random: 5 DDPM steps, 2 images (CPU smoke run)
-  config.sample.smoke_num_samples = 2
   if args.runlocal:  # the same stages on a small model, seconds on a CPU
     config.model.name = 'DiT-S/8'
     config.model.input_size = 16
@@ -192,12 +182,27 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
     config.sample.steps = 3
     config.sample.num_samples = 4
     config.sample.batch_size = 4
-    config.sample.smoke_num_samples = 0  # already small
     config.calibrate.steps = 3
-    config.calibrate.batch_size = 4
+    config.calibrate.batch_size = 2
     config.calibrate.log_every = 1
     config.calibrate.warmup = 0
     config.data.source = 'data_free'
-    config.data.num_samples = 8
+    config.data.num_samples = 2
     config.data.sample_steps = 2
+  return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `:smoke` variant of a DiT-XL/2 job: random weights on the real shapes, and every long loop cut to
+  seconds (3 calibration steps of batch 2 on 2 data-free samples, 5 DDPM steps for 2 images). A CPU checks
+  the whole job this way; the values are in config.json like any other."""
+  config.model.init = 'random'
+  config.calibrate.steps = min(config.calibrate.steps, 3)
+  config.calibrate.batch_size = min(config.calibrate.batch_size, 2)
+  config.data.source = 'data_free'
+  config.data.num_samples = min(config.data.num_samples, config.calibrate.batch_size)
+  config.data.sample_steps = min(config.data.sample_steps, 2)
+  config.sample.steps = min(config.sample.steps, 5)
+  config.sample.num_samples = min(config.sample.num_samples, 2)
+  config.sample.batch_size = min(config.sample.batch_size, 2)
   return config

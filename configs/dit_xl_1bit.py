@@ -6,15 +6,16 @@ Codebook compression (stage `compress`, on by default: >= 24x vs fp32 for the qu
 between quantize and calibrate. Calibration (stage `calibrate`) then trains the codebooks on the DDPM
 loss with assignments recomputed in every forward, on ImageNet latents (config.data.data_dir: a tfds dir
 with imagenet2012 prepared; config.vae.checkpoint: the SD VAE that encodes them once into a cache);
-with `--config.model.init=random` it runs 3 steps on data-free samples instead (no dataset needed).
+its `:smoke` variant runs random weights for 3 steps on data-free samples instead (no dataset needed).
 
   python -m dpq_jax.main --config=configs/dit_xl_1bit.py \
       --config.model.checkpoint=ckpt/dit_xl_2_256        # or DiT-XL-2-256x256.pt directly
-  python -m dpq_jax.main --config=configs/dit_xl_1bit.py --config.model.init=random  # CPU smoke run
+  python -m dpq_jax.main --config=configs/dit_xl_1bit.py:smoke  # CPU smoke run
 
 Variants by argument: `configs/dit_xl_1bit.py:method=vq` (one codebook per layer, VQ4DiT),
 `:method=rtn` (1-bit round-to-nearest), `:k=16,d=4` (the other 1-bit PQ shape), `:runlocal`
-(DiT-S/8 on 16x16 latents: the same stages in seconds), `:compress=0` (no codebook compression).
+(DiT-S/8 on 16x16 latents: the same stages in seconds), `:smoke` (DiT-XL/2 shapes, random weights, every
+loop cut to seconds: common.smoke), `:compress=0` (no codebook compression).
 """
 
 import ml_collections
@@ -23,7 +24,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, method='pq', k=256, d=8, bits=1, runlocal=False, compress=True)
+  args = common.parse_arg(arg, method='pq', k=256, d=8, bits=1, runlocal=False, compress=True, smoke=False)
   config = common.quant_job(f'dit_xl_1bit_{args.method}', args)
   if args.compress and args.method != 'rtn':
     # Codebook compression right after quantize: the 28 blocks' codes + codebooks + fp biases in at most
@@ -32,4 +33,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     stages.insert(stages.index('quantize') + 1, 'compress')
     config.stages = tuple(stages)
     config.compress.budget = 24.1
-  return config
+  return common.smoke(config) if args.smoke else config

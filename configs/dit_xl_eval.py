@@ -15,7 +15,8 @@ the 10k-sample protocol of quantization papers gives about 4.5.
       --config.evaluate.samples=runs/x/samples.npz --config.evaluate.reference=...   # score an existing batch
 
 Arguments: method (fp | pq | vq | rtn, quantized as configs/dit_xl_1bit.py with k, d, bits, compress),
-samples (50000 | 10000 | any), batch (sampling batch, global), evaluate_only.
+samples (50000 | 10000 | any), batch (sampling batch, global), evaluate_only, smoke (random weights,
+every loop cut to seconds: common.smoke).
 """
 
 import ml_collections
@@ -25,7 +26,7 @@ from configs import common, dit_xl_1bit
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(
-    arg, method='fp', k=256, d=8, bits=1, compress=True, samples=50000, batch=64, evaluate_only=False
+    arg, method='fp', k=256, d=8, bits=1, compress=True, samples=50000, batch=64, evaluate_only=False, smoke=False
   )
   if args.method == 'fp':
     config = common.base_config()
@@ -47,4 +48,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.seed = 0
   config.evaluate.image_size = 256
   config.evaluate.batch_size = 64
-  return config
+  return common.smoke(config) if args.smoke else config

@@ -253,7 +253,6 @@ def _runlocal(**overrides) -> ml_collections.ConfigDict:
     (
       {
         'calibrate.batch_size': 3,
-        'calibrate.smoke_batch_size': 0,
         'model.init': 'checkpoint',
         'data.source': 'data_free',
       },
@@ -321,9 +320,10 @@ class _TinySpec:
 def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   """Stage `calibrate` on data-free samples: metrics.jsonl, report keys, and DIR/quantized holding
   the calibrated codebooks with codes that are their argmin of the latent weights."""
-  from dpq_jax.calibrate import stage as calibrate_stage
   from dpq_jax.quant import sizes as sizes_lib
   from dpq_jax.quant import storage
+  from dpq_jax.stages import Job, QuantizedModel
+  from dpq_jax.stages import calibrate as calibrate_stage
 
   fp, rules, params, q = tiny_setup()
   q = surgery.QuantizedParams(q.params, q.quant, {}, [
@@ -336,12 +336,11 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   config.model.init = 'checkpoint'  # no smoke caps
   config.model.input_size = 8
   report = {'num_params': 1000, **sizes_lib.summary(q.layers, sizes, 1000)}
-  state = {'spec': _TinySpec(fp), 'fp_params': params, 'quantized': q, 'rules': rules, 'report': report,
-           'variables': {'params': q.params, 'quant': q.quant}}  # fmt: skip
+  job = Job(report=report, spec=_TinySpec(fp), fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'tiny'}))
   config.data.source = 'data_free'
-  assert calibrate_stage.check_config(config) == []
-  state = calibrate_stage.run(config, str(tmp_path), state)
-  summary = state['report']['calibrate']
+  assert calibrate_stage.check(config) == []
+  job = calibrate_stage.run(config, str(tmp_path), job)
+  summary = job.report['calibrate']
   assert summary['steps'] == 4 and summary['num_examples'] == 8 and summary['resumed_from_step'] is None
   logged = [json.loads(s) for s in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   assert [r['step'] for r in logged] == [1, 2, 3, 4]
@@ -360,9 +359,10 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
       node_q, node_fp, node_old = node_q[k], node_fp[k], node_old[k]
     assert not np.allclose(cb, node_old['codebooks'])  # calibrated
     np.testing.assert_array_equal(node_q['codes'], pq.encode(node_fp['kernel'], cb, pq.CodebookSpec(16, 4)))
-  assert state['report']['layers'][0]['rel_mse'] < 1.0  # recomputed against the fp weights
+  assert job.report['layers'][0]['rel_mse'] < 1.0  # recomputed against the fp weights
   # The runtime model of the next stage runs on the calibrated variables.
-  out = state['model'].apply(state['variables'], jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
+  model, variables = job.runtime(config)
+  out = model.apply(variables, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
                              jnp.zeros((1,), jnp.int32))  # fmt: skip
   assert out.shape == (1, 8, 8, 8)
 

@@ -55,7 +55,7 @@ def test_sharded_step_equals_single_device():
 def test_batch_not_divisible_by_the_mesh_fails_before_any_step():
   if jax.device_count() < 8:
     return _rerun_with_8_devices('test_batch_not_divisible_by_the_mesh_fails_before_any_step')
-  config = tc._runlocal(**{'calibrate.batch_size': 6, 'calibrate.smoke_batch_size': 0})
+  config = tc._runlocal(**{'calibrate.batch_size': 6})
   config.calibrate.mesh = (('data', -1), ('fsdp', 2))
   with pytest.raises(pipeline.ConfigError, match=r'batch_size=6 is not divisible by the data-parallel size 8'):
     pipeline.check_config(config)

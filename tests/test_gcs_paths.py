@@ -138,7 +138,7 @@ def test_readers_take_gs_paths(tmp_path):
 
   from dpq_jax import convert
   from dpq_jax.calibrate import data as data_lib
-  from dpq_jax.evaluate import adm_npz, evaluate_stage
+  from dpq_jax.evaluate import adm_npz, scoring
   from tests import torch_refs
 
   ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
@@ -163,13 +163,13 @@ def test_readers_take_gs_paths(tmp_path):
     for a, b in zip(_leaves(params), _leaves(params_l)):
       np.testing.assert_array_equal(a, b)
     assert adm_npz.check_samples('gs://bkt/samples.npz') == (5, 8)
-    assert evaluate_stage.check_samples('gs://bkt/samples.npz') == []
-    assert evaluate_stage.check_reference('gs://bkt/img') == []
-    assert evaluate_stage.check_reference('gs://bkt/none.npz') == [
+    assert scoring.check_samples('gs://bkt/samples.npz') == []
+    assert scoring.check_reference('gs://bkt/img') == []
+    assert scoring.check_reference('gs://bkt/none.npz') == [
       "config.evaluate.reference='gs://bkt/none.npz': no such file or folder"
     ]
     for path in ('gs://bkt/samples.npz', 'gs://bkt/img'):
-      got = np.concatenate(list(evaluate_stage.Images(path, 'x').batches(2)))
+      got = np.concatenate(list(scoring.Images(path, 'x').batches(2)))
       np.testing.assert_array_equal(got, images)
     for got in (data_lib.load_npz('gs://bkt/cal.npz'), data_lib.load_cache('gs://bkt/cache')):
       np.testing.assert_array_equal(got[0], latents)

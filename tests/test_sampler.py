@@ -14,9 +14,12 @@ import pytest
 
 from configs import common
 from dpq_jax import convert, diffusion, errors, pipeline
-from dpq_jax.evaluate import adm_npz, sample, sampler
+from dpq_jax.evaluate import adm_npz, sampler
+from dpq_jax.evaluate import sample_batch as sample
 from dpq_jax.models import load
 from dpq_jax.models import vae as vae_lib
+from dpq_jax.stages import Job
+from dpq_jax.stages import sample as sample_stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
@@ -33,8 +36,8 @@ def vae_dir(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def dit():
-  _, model, params = load.load_model(_config().model, 0)
-  return model, {'params': params}
+  spec, _, params = load.load_model(_config().model, 0)
+  return spec, params
 
 
 def _config(vae_checkpoint='', **sample_overrides):
@@ -110,9 +113,8 @@ def test_guidance_is_the_originals(dit):
 
 
 def _run_stage(config, workdir, dit):
-  model, variables = dit
-  state = {'model': model, 'variables': variables, 'report': {}, 'report_notes': []}
-  return sample.run(config, str(workdir), state)
+  spec, params = dit
+  return sample_stage.run(config, str(workdir), Job(report={}, spec=spec, fp_params=params))
 
 
 def test_resume_after_interruption_gives_the_same_files(dit, vae_dir, tmp_path, monkeypatch):
@@ -135,8 +137,8 @@ def test_resume_after_interruption_gives_the_same_files(dit, vae_dir, tmp_path, 
   assert chunks == ['00000000.npz', 'meta.json']  # one finished chunk, nothing half-written
   assert not (tmp_path / 'resumed' / sample.SAMPLES_FILE).exists()
   monkeypatch.setattr(sampler.Sampler, '__call__', original)
-  state = _run_stage(config, tmp_path / 'resumed', dit)
-  assert state['report']['samples']['resumed_chunks'] == 1
+  job = _run_stage(config, tmp_path / 'resumed', dit)
+  assert job.report['samples']['resumed_chunks'] == 1
   for name in (sample.SAMPLES_FILE, sample.LATENTS_FILE):
     assert (tmp_path / 'resumed' / name).read_bytes() == (tmp_path / 'straight' / name).read_bytes(), name
   assert not (tmp_path / 'resumed' / sample.CHUNK_DIR).exists()
@@ -144,7 +146,7 @@ def test_resume_after_interruption_gives_the_same_files(dit, vae_dir, tmp_path, 
 
 def test_adm_npz_and_grid(dit, vae_dir, tmp_path):
   config = _config(vae_dir, labels='balanced')
-  state = _run_stage(config, tmp_path, dit)
+  job = _run_stage(config, tmp_path, dit)
   path = tmp_path / sample.SAMPLES_FILE
   with np.load(path) as f:
     assert sorted(f.files) == ['arr_0', 'arr_1']
@@ -162,7 +164,7 @@ def test_adm_npz_and_grid(dit, vae_dir, tmp_path):
   want = np.clip(127.5 * decoded + 128.0, 0, 255).astype(np.uint8)
   assert np.abs(images.astype(int) - want).max() <= 1 and (images == want).mean() > 0.99
   assert (tmp_path / sample.GRID_FILE).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-  assert state['samples_npz'] == str(path) and state['report']['samples']['npz'] == sample.SAMPLES_FILE
+  assert job.samples == str(path) and job.report['samples']['npz'] == sample.SAMPLES_FILE
 
 
 def test_streaming_npz_equals_numpy(tmp_path):
@@ -263,26 +265,29 @@ def test_batch_must_split_over_devices(tmp_path):
   assert not (tmp_path / 'w').exists()
 
 
-def test_random_init_smoke_caps_of_the_xl_job(tmp_path):
-  """`configs/dit_xl_1bit.py --config.model.init=random` samples 2 images in 5 steps, a checkpoint job all 8
-  in 250; runlocal keeps its own 4 images; a small model with the caps runs them through the stage."""
+def test_smoke_variant_of_the_xl_job_is_config_values(tmp_path):
+  """`configs/dit_xl_1bit.py:smoke` samples 2 images in 5 steps and calibrates 3 steps of batch 2 on data-free
+  samples, as config values: the plain job keeps the paper's protocol, no stage caps anything behind the
+  config's back (a random-init model samples what its config says), and config.json shows what ran."""
   from configs import dit_xl_1bit
 
   xl = dit_xl_1bit.get_config()
-  assert sample.effective_config(xl) is xl  # model.init='checkpoint': the paper's protocol untouched
-  xl.model.init = 'random'
-  capped = sample.effective_config(xl).sample
-  assert (capped.steps, capped.num_samples, capped.sampler) == (5, 2, 'ddpm')
-  assert (xl.sample.steps, xl.sample.num_samples) == (250, 8)  # the caller's config is not modified
-  local = sample.effective_config(dit_xl_1bit.get_config('runlocal=1')).sample
-  assert (local.steps, local.num_samples) == (3, 4)
-  config = _config(steps=7, num_samples=6, batch_size=2, smoke_steps=2, smoke_num_samples=3)
+  assert (xl.model.init, xl.sample.steps, xl.sample.num_samples) == ('checkpoint', 250, 8)
+  smoke = dit_xl_1bit.get_config('smoke')
+  assert smoke.model.init == 'random' and smoke.model.name == 'DiT-XL/2'
+  assert (smoke.sample.steps, smoke.sample.num_samples, smoke.sample.sampler) == (5, 2, 'ddpm')
+  assert (smoke.calibrate.steps, smoke.calibrate.batch_size) == (3, 2)
+  assert (smoke.data.source, smoke.data.num_samples, smoke.data.sample_steps) == ('data_free', 2, 2)
+  local = dit_xl_1bit.get_config('runlocal=1')
+  assert (local.sample.steps, local.sample.num_samples, local.calibrate.batch_size) == (3, 4, 2)
+  config = _config(steps=3, num_samples=3, batch_size=2)
   pipeline.run(config, str(tmp_path))
   with np.load(tmp_path / sample.LATENTS_FILE) as f:
     assert f['arr_0'].shape[0] == 3
   report = json.loads((tmp_path / 'report.json').read_text())
-  assert report['samples']['steps'] == 2
-  assert 'random-init smoke run: 2 of 7 steps, 3 of 6 images' in (tmp_path / 'report.md').read_text()
+  assert report['samples']['steps'] == 3
+  written = json.loads((tmp_path / 'config.json').read_text())
+  assert (written['sample']['steps'], written['sample']['num_samples']) == (3, 3)
 
 
 def test_random_vae_is_the_sd_architecture():
@@ -299,4 +304,4 @@ def test_random_vae_is_the_sd_architecture():
   images = vae_lib.decode_latents(vae_lib.AutoencoderKL(config), params, jnp.ones((1, 2, 2, 4)))
   assert images.shape == (1, 16, 16, 3) and bool(jnp.all(jnp.isfinite(images)))
   cfg = _config(convert.RANDOM_VAE)
-  assert not [line for line in sample.check_config(cfg.sample, 10, cfg.vae) if 'vae' in line]
+  assert not [line for line in sample_stage.check(cfg) if 'vae' in line]

@@ -18,7 +18,7 @@ import numpy as np
 from dpq_jax import diffusion
 from dpq_jax.demo import classifier
 from dpq_jax.evaluate import metrics as metrics_lib
-from dpq_jax.evaluate import sample as sample_lib
+from dpq_jax.evaluate import sample_batch as sample_lib
 
 
 def fixed_noisy_inputs(images: np.ndarray, labels: np.ndarray, seed: int) -> tuple[jax.Array, ...]:

@@ -18,6 +18,7 @@ import numpy as np
 from dpq_jax import tree_utils
 from dpq_jax.quant import codebook_values, compress, packing, pq
 
+
 @dataclasses.dataclass
 class Layer:
   """One PQ/VQ layer to compress."""
@@ -197,7 +198,6 @@ def target_bytes(cfg: ml_collections.ConfigDict, fp32_bytes: int, quantized_weig
   return int(fp32_bytes // cfg.budget)
 
 
-
 def modules(params: dict) -> list[tuple[str, ...]]:
   """Module paths of the PQ/VQ layers of a params tree."""
   flat = jax.tree_util.tree_leaves_with_path(params)
@@ -212,4 +212,3 @@ def set_compressed(params: dict, quant: dict, modules: list[tuple[str, ...]], co
     tree_utils.set_path(quant, m + ('alive',), np.asarray(c.alive))
     if scale is not None:
       tree_utils.set_path(params, m + ('scale',), np.asarray(scale))
-

@@ -76,12 +76,6 @@ def upto(chain: list[dict[str, str]], stage: str) -> list[dict[str, str]]:
   return chain[: names.index(stage) + 1]
 
 
-def of_state(state: dict, stage: str) -> list[dict[str, str]] | None:
-  """The pipeline's planned links up to `stage` (what its artifact records), or None outside a planned chain
-  (e.g. the demo's rows)."""
-  return upto(state['plan'], stage) if state.get('plan') else None
-
-
 def fingerprint(chain: list[dict[str, str]] | None) -> str | None:
   """The last link's fingerprint: it decides everything up to that stage."""
   return chain[-1]['fingerprint'] if chain else None

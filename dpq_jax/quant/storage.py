@@ -36,6 +36,7 @@ from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
 
 FILES = {'codes': 'codes.bin', 'codebooks': 'codebooks.bin', 'full_precision': 'full_precision.bin'}
 INDEX = 'index.json'
+ARTIFACT_DIR = 'quantized'  # DIR/quantized/: the run's quantized model
 
 
 class _Writer:

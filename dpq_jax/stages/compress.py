@@ -16,19 +16,20 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils, tree_utils
-from dpq_jax.quant import allocation, compress, lineage, pq, statistics, storage, surgery
+from dpq_jax.models import load as load_lib
+from dpq_jax.quant import allocation, compress, pq, statistics, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
-from dpq_jax.quant import stage as quantize_stage
+from dpq_jax.stages.job import Job, QuantizedModel
 
 IMPORTANCE = ('usage', 'sensitivity')
 DISTORTION = ('absolute', 'relative')
 REFERENCES = ('original', 'decoded')
 
 
-def check_config(cfg: ml_collections.ConfigDict, quant_method: str) -> list[str]:
+def check(config: ml_collections.ConfigDict) -> list[str]:
   """Problems with config.compress, each naming the value and what was expected."""
-  problems = []
+  cfg, quant_method, problems = config.compress, config.quant.method, []
   if quant_method not in ('pq', 'vq'):
     problems.append(f"config.quant.method={quant_method!r}: stage 'compress' needs 'pq' or 'vq' codebooks")
   for key in ('budget_bytes', 'budget_bits'):
@@ -51,38 +52,35 @@ def check_config(cfg: ml_collections.ConfigDict, quant_method: str) -> list[str]
   return problems
 
 
-
-def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   cfg = config.compress
   qcfg = config.quant
   start = time.perf_counter()
-  artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
-  q = state.get('quantized')  # quantize and calibrate both leave the current model here
-  fp_params = state.get('fp_params')
-  if q is None:  # stages ('load', 'compress', ...): compress the artifact already on disk
+  artifact = os.path.join(workdir, storage.ARTIFACT_DIR)
+  fp_params = job.fp_params
+  if job.quantized is None:  # stages ('load', 'compress', ...): compress the artifact already on disk
     if not io_utils.isdir(artifact):
       raise errors.ConfigError(
-        f"stage 'compress': no quantized model in the state or at {artifact}; run 'quantize' first"
+        f"stage 'compress': no quantized model in the job or at {artifact}; run 'quantize' first"
       )
-    fp_params = fp_params or state['variables']['params']
-    _, q = storage.load(artifact)
-  if 'rules' not in state:
-    state['rules'] = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
+    meta, q = storage.load(artifact)
+    rules = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
+    job.quantized = QuantizedModel(q, rules, meta)
+  q = job.quantized.weights
   live_params, live_quant = q.params, q.quant
   modules = allocation.modules(live_params)
   get = tree_utils.get_path
   needs_original = any(get(live_quant, m + ('latent',)) is None and get(live_params, m + ('latent',)) is None
                        for m in modules)  # fmt: skip
   if cfg.reference == 'original' and fp_params is None and needs_original:
-    from dpq_jax.models import load as load_stage
-
-    fp_params = load_stage.load_model(config.model, config.seed)[2]
+    fp_params = load_lib.load_model(config.model, config.seed)[2]
   energy = {}
   if cfg.importance == 'sensitivity':
     # PQ modules decoding on the fly, whatever the runtime: the interceptor records PQDense inputs.
-    model = state['spec'].create(dtype=state['model'].dtype, dense=layers_lib.dense_factory(state['rules']))
+    dtype = load_lib.DTYPES[config.model.dtype]
+    model = job.spec.create(dtype=dtype, dense=layers_lib.dense_factory(job.quantized.rules))
     variables = {'params': live_params, 'quant': live_quant}
-    energy = statistics.activation_energy(model, variables, state['spec'], cfg.sensitivity_batches, config.seed)
+    energy = statistics.activation_energy(model, variables, job.spec, cfg.sensitivity_batches, config.seed)
   layers = []
   for m in modules:
     name = '/'.join(m)
@@ -129,19 +127,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
       raise RuntimeError(f'compressed artifact holds {scope} bytes in the budget scope: predicted '
                          f"{info['predicted_bytes']}, budget {target}")  # fmt: skip
 
-  if io_utils.exists(os.path.join(artifact, storage.INDEX)):
-    meta = storage.load_meta(artifact)
-  else:
-    spec = state['spec']
-    meta = {'name': spec.name, 'input_size': spec.input_size, 'num_classes': spec.num_classes,
-            'learn_sigma': spec.learn_sigma, 'in_channels': spec.in_channels, 'method': qcfg.method}  # fmt: skip
+  meta = dict(job.quantized.meta)
   meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'importance': cfg.importance}
-  meta['lineage'] = lineage.of_state(state, 'compress')
+  meta['lineage'] = job.links('compress')
   sizes = storage.save(artifact, new_q, meta, qcfg.codebook_dtype, check=check)
   seconds = time.perf_counter() - start
   rows = info['rows']
   entropy = sum(r['code_entropy_bits'] for r in rows)
-  report = state['report']
+  report = job.report
   report.update(sizes_lib.summary(rows, sizes, report['num_params']))
   report['method'] = f'{qcfg.method}-k{qcfg.k}-d{qcfg.d}-compressed'
   report['compress'] = {
@@ -161,9 +154,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     'reference': cfg.reference,
     'seconds': round(seconds, 2),
   }
-  state['quantized'] = new_q
-  state['variables'], state['model'] = surgery.runtime_model(
-    state['spec'], new_q, state['rules'], qcfg, state['model'].dtype
-  )
-  return state
-
+  job.quantized = QuantizedModel(new_q, job.quantized.rules, meta)
+  return job

@@ -1,4 +1,4 @@
-"""Stage `sample`: class-conditional samples with DDPM/DDIM and classifier-free guidance.
+"""The sample batch of a run: labels, starting noise, resumable chunks and their assembly into npz files.
 
 Every sample's noise comes from (seed, sample index) (see sampler.py), so a sample depends
 neither on the batch it was drawn in nor on the device count. The run is chunked: chunk c holds
@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import convert, errors, io_utils
 from dpq_jax import diffusion as diffusion_lib
+from dpq_jax import errors, io_utils
 from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz, grid, sampler
-from dpq_jax.models import vae as vae_lib
 from dpq_jax.quant import lineage
 
 SAMPLES_FILE = 'samples.npz'  # DIR/samples.npz: the ADM batch
@@ -39,42 +36,6 @@ LATENTS_FILE = os.path.join('samples', 'latents.npz')
 CHUNK_DIR = os.path.join('samples', 'chunks')
 GRID_FILE = 'samples_grid.png'
 GRID_IMAGES = 64
-
-
-def check_config(cfg: ml_collections.ConfigDict, num_classes: int, vae: ml_collections.ConfigDict | None = None):
-  """Problems with config.sample (and config.vae), each a line naming the value and what was expected."""
-  errors = []
-  if cfg.sampler not in sampler.KINDS:
-    errors.append(f"config.sample.sampler={cfg.sampler!r}: expected 'ddpm' or 'ddim'")
-  if not 1 <= cfg.steps <= 1000:
-    errors.append(f'config.sample.steps={cfg.steps}: expected 1..1000 sampling steps')
-  if cfg.cfg_scale < 1.0:
-    errors.append(f'config.sample.cfg_scale={cfg.cfg_scale}: expected >= 1.0 (1.0 disables guidance)')
-  if cfg.num_samples <= 0 or cfg.batch_size <= 0:
-    errors.append(f'config.sample.num_samples={cfg.num_samples}, batch_size={cfg.batch_size}: expected positive')
-  elif cfg.batch_size % jax.device_count():
-    errors.append(
-      f'config.sample.batch_size={cfg.batch_size}: expected a multiple of the {jax.device_count()} devices '
-      '(the batch is split evenly over them)'
-    )
-  if not 0.0 <= cfg.get('eta', 0.0) <= 1.0:
-    errors.append(f'config.sample.eta={cfg.eta}: expected 0..1 (DDIM noise scale)')
-  try:
-    sample_labels(cfg.labels, 1, num_classes, 0)
-  except ValueError as e:
-    errors.append(str(e))
-  if vae is not None and vae.checkpoint:
-    if vae.checkpoint != convert.RANDOM_VAE and not io_utils.isdir(vae.checkpoint):
-      errors.append(
-        f'config.vae.checkpoint={vae.checkpoint!r}: expected a converted VAE or diffusers AutoencoderKL '
-        "directory, or 'random' (smoke runs)"
-      )
-    if vae.batch_size < 0 or (vae.batch_size and vae.batch_size % jax.device_count()):
-      errors.append(
-        f'config.vae.batch_size={vae.batch_size}: expected 0 (the sample batch) or a multiple of '
-        f'the {jax.device_count()} devices'
-      )
-  return errors
 
 
 def sample_labels(spec: str, n: int, num_classes: int, seed: int) -> np.ndarray:
@@ -109,12 +70,12 @@ def _diffusion(respacing: str) -> diffusion_lib.GaussianDiffusion:
 
 def generate(model, variables, cfg: ml_collections.ConfigDict, progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
   """Draws cfg.num_samples latents in memory: (N, H, W, C) float32 and their (N,) labels."""
-  run = _Run(model, variables, cfg, None, None)
+  run = Run(model, variables, cfg, None, None)
   out = [distributed.to_host(run.latents(start, progress)) for start in range(0, cfg.num_samples, cfg.batch_size)]
   return np.concatenate(out)[: cfg.num_samples], run.labels
 
 
-class _Run:
+class Run:
   """One sampling job: its chunks, labels, sampler and (optional) decoder."""
 
   def __init__(self, model, variables, cfg, vae_cfg, vae):
@@ -179,7 +140,7 @@ def _check_chunks(chunk_dir: str, meta: dict) -> None:
     io_utils.write_json(path, meta)
 
 
-def _chunks_done(chunk_dir: str, meta: dict, paths: list[str]) -> list[bool]:
+def chunks_done(chunk_dir: str, meta: dict, paths: list[str]) -> list[bool]:
   """Which chunks an earlier run left (checking they are this run's): process 0 looks, everyone gets its answer."""
   status = np.zeros(len(paths) + 1, np.int32)  # [refused, done per chunk]
   refused = None
@@ -195,93 +156,7 @@ def _chunks_done(chunk_dir: str, meta: dict, paths: list[str]) -> list[bool]:
   return [bool(x) for x in status[1:]]
 
 
-def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with the smoke caps applied when the model is untrained (model.init='random' and no 'train'
-  stage): sampling it checks the pipeline on the real shapes, so a few steps and images are enough
-  (DDPM 250 steps of DiT-XL/2 take hours on a CPU). config.sample.smoke_steps / smoke_num_samples = 0
-  turns a cap off."""
-  if config.model.init != 'random' or 'train' in config.stages:
-    return config
-  config = config.copy_and_resolve_references()
-  s = config.sample
-  if s.get('smoke_steps', 0) > 0:
-    s.steps = min(s.steps, s.smoke_steps)
-  if s.get('smoke_num_samples', 0) > 0:
-    s.num_samples = min(s.num_samples, s.smoke_num_samples)
-    s.batch_size = min(s.batch_size, max(s.num_samples, jax.device_count()))
-  return config
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
-  """Samples from state['model'] / state['variables'] in resumable chunks; writes the ADM batch and a grid."""
-  from tqdm.auto import tqdm
-
-  capped = effective_config(config)
-  if capped is not config and (capped.sample.steps, capped.sample.num_samples) != (
-    config.sample.steps, config.sample.num_samples,
-  ):  # fmt: skip
-    state['report_notes'].append(
-      f'sample: random-init smoke run: {capped.sample.steps} of {config.sample.steps} steps, '
-      f'{capped.sample.num_samples} of {config.sample.num_samples} images (config.sample.smoke_steps / '
-      'smoke_num_samples; 0 turns a cap off)'
-    )
-  config = capped
-  cfg = config.sample
-  vae_cfg = config.get('vae')
-  vae = None
-  if vae_cfg is not None and vae_cfg.checkpoint:
-    vae_config, vae_params = convert.load_vae(vae_cfg.checkpoint)
-    if vae_config.latent_channels != state['model'].in_channels:
-      raise errors.ConfigError(
-        f'config.vae.checkpoint={vae_cfg.checkpoint!r} has {vae_config.latent_channels} latent channels; '
-        f'the model samples {state["model"].in_channels}'
-      )
-    vae = (vae_lib.AutoencoderKL(vae_config), jax.tree.map(jnp.asarray, vae_params))
-  job = _Run(state['model'], state['variables'], cfg, vae_cfg, vae)
-  chunk_dir = os.path.join(workdir, CHUNK_DIR)
-  starts = list(range(0, cfg.num_samples, cfg.batch_size))
-  paths = [os.path.join(chunk_dir, f'{s:08d}.npz') for s in starts]
-  finished = _chunks_done(chunk_dir, fingerprint(config, state['variables'], vae and vae[1]), paths)
-  todo = [(s, p) for s, p, f in zip(starts, paths, finished) if not f]
-  writer = distributed.is_writer()
-  sampling_s, done = 0.0, 0
-  with tqdm(total=cfg.num_samples, initial=cfg.num_samples - sum(min(cfg.batch_size, cfg.num_samples - s) for s, _ in todo),
-            desc='sampling', unit='img', disable=not writer) as bar:  # fmt: skip
-    for start, path in todo:
-      t0 = time.perf_counter()
-      latents = job.latents(start, progress=writer)  # sharded over every process's devices
-      arrays = {'latents': distributed.to_host(latents)}
-      if vae is not None:
-        arrays['images'] = job.decode(latents)
-      sampling_s += time.perf_counter() - t0
-      if writer:
-        io_utils.write_npz(path, labels=job.chunk_indices(start)[1], **arrays)
-      n = min(cfg.batch_size, cfg.num_samples - start)
-      done += n
-      bar.update(n)
-
-  report = {}
-  if writer:  # the others hold no chunks (they may not even see process 0's files)
-    report = _assemble(workdir, cfg, job.labels, paths, vae is not None)
-    io_utils.rmtree(chunk_dir)  # the npz files now hold everything
-  report.update(
-    sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, labels=str(cfg.labels), seed=cfg.seed,
-    devices=jax.device_count(), resumed_chunks=len(paths) - len(todo),
-    images_per_s=round(done / sampling_s, 4) if done else None,
-    vae=vae_cfg.checkpoint if vae is not None else '',
-  )  # fmt: skip
-  state['report'].setdefault('samples', {}).update(report)
-  if vae is not None:
-    state['samples_npz'] = os.path.join(workdir, SAMPLES_FILE)
-  else:
-    state['report_notes'].append(
-      'No VAE (config.vae.checkpoint is empty): no ADM samples.npz was written and the grid shows latent '
-      'channels 0-2 as RGB.'
-    )
-  return state
-
-
-def _assemble(workdir: str, cfg, labels: np.ndarray, paths: list[str], with_images: bool) -> dict:
+def assemble(workdir: str, cfg, labels: np.ndarray, paths: list[str], with_images: bool) -> dict:
   """Streams the chunks into the final npz files and draws the grid; returns the report entries."""
   n = cfg.num_samples
 

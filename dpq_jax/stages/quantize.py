@@ -1,4 +1,4 @@
-"""Stage `quantize`: PQ / VQ / RTN of the config's layers, artifact in DIR/quantized/."""
+"""Stage `quantize`: PQ / VQ / RTN of the config's layers of the full-precision model, artifact in DIR/quantized/."""
 
 from __future__ import annotations
 
@@ -8,17 +8,17 @@ import time
 import jax
 import ml_collections
 
-from dpq_jax import errors, io_utils
-from dpq_jax.quant import codebook_values, layers, lineage, storage, surgery
+from dpq_jax import errors
+from dpq_jax.quant import codebook_values, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
+from dpq_jax.stages.job import Job, QuantizedModel
 
-ARTIFACT_DIR = 'quantized'
 DEQUANTIZE = ('on_the_fly', 'load')
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
+def check(config: ml_collections.ConfigDict) -> list[str]:
   """Problems with config.quant, each naming the value and what was expected."""
-  errors = []
+  cfg, errors = config.quant, []
   if cfg.method not in surgery.METHODS:
     errors.append(f'config.quant.method={cfg.method!r}: expected one of {", ".join(surgery.METHODS)}')
   elif cfg.method == 'rtn':
@@ -69,9 +69,9 @@ def _check_shapes(cfg: ml_collections.ConfigDict, params: dict) -> None:
     raise ValueError(f'config.quant.pattern={cfg.pattern!r} matches no linear layer of the model')
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   cfg = config.quant
-  params = state['variables']['params']
+  params = job.fp_params
   check_shapes(cfg, params)
   rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
   start = time.perf_counter()
@@ -87,7 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     channel_scale=bool(cfg.channel_scale),
   )
   seconds = time.perf_counter() - start
-  spec = state['spec']
+  spec = job.spec
   meta = {
     'name': spec.name,
     'input_size': spec.input_size,
@@ -96,41 +96,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     'in_channels': spec.in_channels,
     'method': cfg.method,
     'rules': [[p, s.codebook_size, s.subvector_dim, s.shared] for p, s in rules.rules],
-    'lineage': lineage.of_state(state, 'quantize'),
+    'lineage': job.links('quantize'),
   }
-  sizes = storage.save(os.path.join(workdir, ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
-  num_params = state['report']['num_params']
+  sizes = storage.save(os.path.join(workdir, storage.ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
+  num_params = job.report['num_params']
   summary = sizes_lib.summary(q.layers, sizes, num_params)
   if cfg.method == 'rtn':
     method = f'rtn-{cfg.bits}bit'
   else:
     method = f'{cfg.method}-k{cfg.k}-d{cfg.d}'
-  state['report'].update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))
-  state['quantized'] = q
-  state['rules'] = rules
-  state['variables'], state['model'] = surgery.runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
-  return state
-
-
-def resume_chain(config: ml_collections.ConfigDict, workdir: str, state: dict) -> bool:
-  """Loads DIR/quantized/ as the output of the planned chain (quantize, compress, calibrate) when its lineage
-  and DIR/lineage.json equal state['plan'] (see quant/lineage.py); the report gets those stages' sections
-  back. Returns whether it did (the caller then skips the chain)."""
-  artifact = os.path.join(workdir, ARTIFACT_DIR)
-  meta = storage.load_meta(artifact) if io_utils.exists(os.path.join(artifact, storage.INDEX)) else None
-  saved = lineage.finished(workdir, meta, state['plan'])
-  if saved is None:
-    return False
-  cfg = config.quant
-  _, q = storage.load(artifact)
-  rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
-  state['quantized'], state['rules'] = q, rules
-  state['variables'], state['model'] = surgery.runtime_model(state['spec'], q, rules, cfg, state['model'].dtype)
-  state['report'].update(saved)
-  stages = ', '.join(link['stage'] for link in state['plan'])
-  state.setdefault('report_notes', []).append(
-    f"{stages}: {artifact} is the output of this job's {stages} (same config and weights; {lineage.FILE}): "
-    'loaded, not recomputed'
-  )
-  return True
-
+  job.report.update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))
+  job.quantized = QuantizedModel(q, rules, meta)
+  return job

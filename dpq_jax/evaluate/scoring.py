@@ -1,4 +1,4 @@
-"""Stage `evaluate`: FID, sFID, Inception Score, precision and recall of ADM-format samples, as ADM's evaluator.
+"""FID, sFID, Inception Score, precision and recall of ADM-format samples, as ADM's evaluator.
 
 Inputs (config.evaluate):
   samples     ADM sample batch npz: arr_0 uint8 [N, H, W, 3]; '' = DIR/samples.npz from the sample stage.
@@ -27,7 +27,6 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils
-from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz
 from dpq_jax.evaluate import inception as inception_lib
 from dpq_jax.evaluate import metrics as metrics_lib
@@ -260,7 +259,7 @@ def load_classifier(path: str) -> tuple[Classifier, bool]:
   return logits, True
 
 
-# ---------------------------------------------------------------------------------------------- stage
+# ---------------------------------------------------------------------------------------------- metrics
 
 
 def evaluate(
@@ -348,30 +347,3 @@ def evaluate(
     'is_network': cfg.is_network or None,
   }
   return out, details, notes
-
-
-def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
-  """Scores the samples. In a multi-process run process 0 evaluates alone, on its own devices (it reads the
-  files it wrote and writes the feature cache); the others wait for its metrics, so every report agrees."""
-  import jax
-
-  cfg = config.evaluate
-  samples_path = cfg.samples or os.path.join(workdir, 'samples.npz')
-  cache_dir = cfg.cache_dir or os.path.join(workdir, 'eval_cache')
-  values = np.zeros(len(METRICS) + 1)  # [failed, metrics (nan = None)]
-  failure = None
-  if distributed.is_writer():
-    try:
-      out, details, notes = evaluate(cfg, samples_path, cache_dir, jax.local_devices())
-      values[1:] = [np.nan if out[k] is None else out[k] for k in METRICS]
-    except Exception as e:  # re-raised below, after the others learned of it (they must not wait forever)
-      failure, values[0] = e, 1
-  values = distributed.broadcast(values)
-  if values[0]:
-    raise failure or RuntimeError('the evaluate stage failed on process 0')
-  if not distributed.is_writer():
-    out, details, notes = {k: None if np.isnan(v) else float(v) for k, v in zip(METRICS, values[1:])}, {}, []
-  state['report']['metrics'].update(out)
-  state['report']['evaluate'] = details
-  state['report_notes'] += notes
-  return state

@@ -1,6 +1,6 @@
 """Stage `calibrate`: end-to-end calibration of the quantized DiT's codebooks on the DDPM loss.
 
-Reads what `load` and `quantize` (and `compress`) left in the pipeline state, trains the
+Reads what `load` and `quantize` (and `compress`) left in the job, trains the
 config's trainable set (codebooks by default) with dynamic assignments, rewrites DIR/quantized
 with the calibrated codebooks and codes, and adds `calibrate` to report.json. Checkpoints go
 to DIR/checkpoints; metrics (one JSON line per step) to DIR/metrics.jsonl.
@@ -22,41 +22,30 @@ from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import loop as loop_lib
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
-from dpq_jax.models import load as load_stage
-from dpq_jax.quant import layers, lineage, storage, surgery
+from dpq_jax.models import load as load_lib
+from dpq_jax.quant import lineage, storage, surgery
 from dpq_jax.quant import pq as pq_lib
 from dpq_jax.quant import sizes as sizes_lib
-from dpq_jax.quant import stage as quantize_stage
+from dpq_jax.stages.job import Job, QuantizedModel
 
 ASSIGNMENTS = ('dynamic', 'ste')
 DATA_FREE_FILE = 'data_free_latents.npz'
 
 
 def effective_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config with data.source 'auto' resolved and, for a random-init smoke run, the smoke caps applied.
-
-  'auto' is imagenet for a checkpoint, else data_free. An untrained model (model.init='random' and no
-  'train' stage) has nothing to calibrate towards: its run is a smoke test on the real shapes.
-  """
+  """config with data.source 'auto' resolved: imagenet for a checkpoint, the `train` stage's data for a job
+  that trains its model (the demo), else data_free."""
   config = config.copy_and_resolve_references()
-  cfg, data = config.calibrate, config.data
-  random_init = config.model.init == 'random' and 'train' not in config.stages  # untrained weights
-  if data.source == 'auto':  # a model trained by this job (the demo) calibrates on its training data
+  data = config.data
+  if data.source == 'auto':
     if config.model.init == 'checkpoint':
       data.source = 'imagenet'
     else:
       data.source = 'train' if 'train' in config.stages else 'data_free'
-  if random_init and cfg.smoke_steps > 0:
-    cfg.steps = min(cfg.steps, cfg.smoke_steps)
-    if cfg.smoke_batch_size > 0:
-      cfg.batch_size = min(cfg.batch_size, cfg.smoke_batch_size)
-    if data.source == 'data_free':
-      data.num_samples = min(data.num_samples, cfg.batch_size)
-      data.sample_steps = min(data.sample_steps, 2)
   return config
 
 
-def check_config(config: ml_collections.ConfigDict) -> list[str]:
+def check(config: ml_collections.ConfigDict) -> list[str]:
   """Problems with config.calibrate / config.data, each naming the value and what was expected."""
   config = effective_config(config)
   cfg, data = config.calibrate, config.data
@@ -141,14 +130,14 @@ def _vae_checkpoint(config: ml_collections.ConfigDict) -> str:
   return str(vae.get('checkpoint', '')) if vae is not None else ''
 
 
-def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> data_lib.ArraySource:
+def _source(config: ml_collections.ConfigDict, workdir: str, job: Job) -> data_lib.ArraySource:
   data = config.data
   if data.source == 'npz':
     latents, labels = data_lib.load_npz(data.path)
   elif data.source == 'train':
-    if 'data' not in state:
+    if job.data is None:
       raise errors.ConfigError("config.data.source='train': expected a 'train' stage before 'calibrate'")
-    latents, labels = state['data']['train_images'], state['data']['train_labels']
+    latents, labels = job.data['train_images'], job.data['train_labels']
   elif data.source == 'data_free':
     path = os.path.join(workdir, DATA_FREE_FILE)
     meta = np.asarray([data.num_samples, data.sample_steps, data.seed])
@@ -158,9 +147,9 @@ def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dat
         if np.array_equal(f['meta'], meta):
           latents, labels = f['latents'], f['labels']
     if latents is None:
-      fp = state['spec'].create(dtype=load_stage.DTYPES[config.model.dtype])
+      fp = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype])
       latents, labels = data_lib.sample_data_free(
-        fp, state['fp_params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
+        fp, job.fp_params, data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
       )
       if distributed.is_writer():
         io_utils.write_npz(path, latents=latents, labels=labels, meta=meta)
@@ -183,7 +172,7 @@ def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dat
         max_examples=data.max_examples,
       )
     latents, labels = data_lib.load_cache(cache)
-  size, channels = config.model.input_size, state['spec'].in_channels
+  size, channels = config.model.input_size, job.spec.in_channels
   if latents.shape[1:] != (size, size, channels):
     raise errors.ConfigError(
       f'calibration latents have shape {latents.shape[1:]}; the model expects ({size}, {size}, {channels})'
@@ -191,20 +180,14 @@ def _source(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dat
   return data_lib.ArraySource(latents, labels)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   config = effective_config(config)
   cfg = config.calibrate
-  if 'quantized' not in state or 'fp_params' not in state:
+  if job.quantized is None or job.fp_params is None:
     raise errors.ConfigError("config.stages: 'calibrate' runs after 'load' and 'quantize'")
-  q: surgery.QuantizedParams = state['quantized']
-  rules: layers.QuantRules = state['rules']
-  spec = state['spec']
-  dtype = load_stage.DTYPES[config.model.dtype]
-  variables = state['variables']
-  if 'quant' in variables:  # PQDense runtime (after quantize/compress): carry its `quant` collection whole
-    params, quant = variables['params'], variables['quant']
-  else:
-    params, quant = q.params, q.quant
+  q, rules, spec = job.quantized.weights, job.quantized.rules, job.spec
+  dtype = load_lib.DTYPES[config.model.dtype]
+  params, quant = q.params, q.quant
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
   dynamic_model, frozen_model = step_lib.calibration_models(spec.create(dtype=dtype), rules, assignment, cfg.remat)
   try:
@@ -212,13 +195,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   except ValueError as e:
     if cfg.assignment != 'ste':
       raise errors.ConfigError(str(e)) from None
-  source = _source(config, workdir, state)
+  source = _source(config, workdir, job)
   out = loop_lib.calibrate(
     dynamic_model=dynamic_model,
     frozen_model=frozen_model,
     params=params,
     quant=quant,
-    fp_params=state['fp_params'],
+    fp_params=job.fp_params,
     source=source,
     cfg=cfg,
     num_classes=spec.num_classes,
@@ -226,27 +209,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     seed=cfg.seed,
     fp_model=spec.create(dtype=dtype),
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
-    fingerprint=lineage.fingerprint(lineage.of_state(state, 'calibrate')),
+    fingerprint=lineage.fingerprint(job.links('calibrate')),
   )
-  q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, state['fp_params']))
-  artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
-  # Only the writer needs the stored meta: the others build the artifact just to measure it (and
-  # may not see the writer's files at all, e.g. a workdir on each host's own disk).
-  meta = storage.load_meta(artifact) if distributed.is_writer() else {}
-  meta['lineage'] = lineage.of_state(state, 'calibrate')
-  sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
-  state['report'].update(sizes_lib.summary(q.layers, sizes, state['report']['num_params']))
+  q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, job.fp_params))
+  meta = dict(job.quantized.meta, lineage=job.links('calibrate'))
+  sizes = storage.save(os.path.join(workdir, storage.ARTIFACT_DIR), q, meta, config.quant.codebook_dtype)
+  job.report.update(sizes_lib.summary(q.layers, sizes, job.report['num_params']))
   summary = _summary(out, cfg, source)
-  state['report']['calibrate'] = summary
-  state.setdefault('report_notes', []).append(
+  job.report['calibrate'] = summary
+  job.notes.append(
     f'calibrate: {summary["steps"]} steps of batch {cfg.batch_size} on {len(source)} {config.data.source} latents '
     f'(trainable {cfg.trainable}: {summary["num_trainable_params"]:,} params); DDPM loss '
     f'{_fmt(summary["loss_first"])} -> {_fmt(summary["loss_last"])} (first/last logged steps), '
     f'{_fmt(summary["step_time_s"])} s/step; per-step metrics in metrics.jsonl'
   )
-  state['quantized'] = q
-  state['variables'], state['model'] = surgery.runtime_model(spec, q, rules, config.quant, dtype)
-  return state
+  job.quantized = QuantizedModel(q, rules, meta)
+  return job
 
 
 def _layer_rows(rows: list[dict], out: dict, fp_params: dict) -> list[dict]:

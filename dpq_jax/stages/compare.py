@@ -1,0 +1,109 @@
+"""Stage `compare`: every method of config.compare.rows on the same trained model, measured alike.
+
+Each row is the full-precision model as stage `train` (or `load`) left it, run through the row's own
+stages (quantize, compress, calibrate, taken from the stage registry, with the row's config overrides,
+into DIR/rows/<name>/), then scored with the demo metrics on the same labels and starting noise.
+report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
+`timings_s`); DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the
+metrics against effective bits per weight.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import resource
+import time
+
+import ml_collections
+
+from dpq_jax.demo import figures
+from dpq_jax.demo import metrics as demo_metrics
+from dpq_jax.demo import rows as rows_lib
+from dpq_jax.stages.job import Job
+
+
+def _registry():
+  # The stage table; imported when used, as it lists this module too.
+  from dpq_jax import stages
+
+  return stages.REGISTRY
+
+
+def check(config: ml_collections.ConfigDict) -> list[str]:
+  """Problems with config.compare and with each row's config for the stages it runs."""
+  cfg, errors = config.compare, []
+  rows = list(cfg.rows)
+  if not rows:
+    errors.append('config.compare.rows is empty: expected row names from config.compare.row_defs')
+  for name in rows:
+    if name not in cfg.row_defs:
+      errors.append(f'config.compare.rows: unknown row {name!r}; expected one of {", ".join(cfg.row_defs)}')
+      continue
+    try:
+      row_cfg, stages = rows_lib.row_config(config, name)
+    except (KeyError, AttributeError) as e:
+      errors.append(f'config.compare.row_defs[{name!r}]: bad override {e}')
+      continue
+    for stage in stages:
+      if stage not in rows_lib.ROW_STAGES:
+        errors.append(
+          f'config.compare.row_defs[{name!r}].stages: {stage!r}; expected a subset of {rows_lib.ROW_STAGES}'
+        )
+      else:
+        errors += [f'row {name}: {e}' for e in _registry()[stage].check(row_cfg)]
+  if cfg.num_samples < 2:
+    errors.append(
+      f'config.compare.num_samples={cfg.num_samples}: expected >= 2 (the Frechet distance needs a covariance)'
+    )
+  return errors
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
+  data = job.data
+  model, variables = job.runtime(config)
+  inputs = demo_metrics.fixed_noisy_inputs(data['heldout_images'], data['heldout_labels'], config.seed)
+  reference_eps = demo_metrics.eps_prediction(model, variables, inputs)
+  sample_cfg = copy.deepcopy(config.sample)
+  sample_cfg.num_samples = config.compare.num_samples
+  sample_cfg.batch_size = min(config.compare.num_samples, config.compare.batch_size)
+  sample_cfg.labels = 'balanced'
+
+  from tqdm.auto import tqdm
+
+  registry = _registry()
+  rows, images = [], {}
+  for name in tqdm(config.compare.rows, desc='compare', unit='row'):
+    cfg, stages = rows_lib.row_config(config, name)
+    row = dataclasses.replace(job, report=copy.deepcopy(job.report), notes=[], chain=None)
+    row.report['timings_s'] = {}
+    row_dir = os.path.join(workdir, 'rows', name)
+    for stage in stages:
+      start = time.perf_counter()
+      row = registry[stage].run(cfg, row_dir, row)
+      row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
+    start = time.perf_counter()
+    row_model, row_variables = row.runtime(cfg)
+    metrics, images[name] = demo_metrics.evaluate(
+      row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs
+    )
+    row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
+    rep = row.report
+    rows.append({'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics,
+                 'timings_s': rep['timings_s']})  # fmt: skip
+    job.notes += [f'{name}: {n}' for n in row.notes]
+  job.report['rows'] = rows
+  peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+  job.report['compare'] = {
+    'num_samples': sample_cfg.num_samples,
+    'sampler': f'{sample_cfg.sampler} {sample_cfg.steps} steps, cfg {sample_cfg.cfg_scale}',
+    'grid': 'compare_grid.png',
+    'plot': 'compare_plot.png',
+    'reading': rows_lib.reading(config, rows),
+    'peak_rss_mib': round(peak_mib, 1),
+  }
+  print(f'compare: {len(rows)} rows; peak memory (RSS) of the run so far {peak_mib:.0f} MiB')
+  figures.save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
+  figures.save_plot(os.path.join(workdir, 'compare_plot.png'), rows, rows_lib.budget_bits(config))
+  return job

@@ -1,0 +1,157 @@
+"""The stage layer: every shipped config passes the registry's checks without writing anything, and each
+stage's `run` needs nothing but its inputs in a Job built by hand (sample: tests/test_sampler.py, calibrate
+on a hand-made quantized model: tests/test_calibrate.py)."""
+
+import builtins
+import importlib
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import digits as digits_config
+from dpq_jax import pipeline
+from dpq_jax.demo import classifier, digits
+from dpq_jax.demo import train as train_lib
+from dpq_jax.models import dit
+from dpq_jax.models import load as load_lib
+from dpq_jax.quant import storage, surgery
+from dpq_jax.stages import REGISTRY, Job, QuantizedModel
+
+# (config file, argument, problems expected because the job needs files only its user has)
+SHIPPED = [
+  ('digits', None, ()),
+  ('digits', 'full', ()),
+  ('digits', 'tiny', ()),
+  ('smoke', None, ()),
+  ('dit_xl_1bit', 'runlocal', ()),
+  ('dit_xl_1bit', 'smoke', ()),
+  ('dit_xl_1bit', 'method=rtn,smoke', ()),
+  ('dit_xl_2bit', 'method=vq,smoke', ()),
+  ('dit_xl_1bit', None, ('config.model.checkpoint is empty', "config.data.data_dir=''", "config.vae.checkpoint=''")),
+  ('dit_xl_2bit', None, ('config.model.checkpoint is empty', "config.data.data_dir=''", "config.vae.checkpoint=''")),
+  ('dit_xl_eval', None, ('config.model.checkpoint is empty', 'config.evaluate')),
+  ('dit_xl_eval', 'evaluate_only', ('config.evaluate',)),
+]
+
+
+@pytest.mark.parametrize('name,arg,needs', SHIPPED)
+def test_every_shipped_config_passes_the_checks_without_writing(name, arg, needs, monkeypatch, tmp_path):
+  config = importlib.import_module(f'configs.{name}').get_config(arg)
+  assert set(config.stages) <= set(REGISTRY)
+  real_open, writes = builtins.open, []
+
+  def read_only_open(file, mode='r', *args, **kwargs):
+    if any(c in mode for c in 'wax+'):
+      writes.append(file)
+      raise AssertionError(f'check wrote {file}')
+    return real_open(file, mode, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, 'open', read_only_open)
+  for fn in ('makedirs', 'mkdir', 'replace', 'rename', 'remove'):
+    monkeypatch.setattr(os, fn, lambda *a, _fn=fn, **k: writes.append((_fn, a)))
+  monkeypatch.chdir(tmp_path)
+  problems = []
+  try:
+    pipeline.check_config(config)
+  except pipeline.ConfigError as e:
+    problems = str(e).splitlines()
+  assert writes == []
+  unexpected = [p for p in problems if not any(p.startswith(n) or n in p for n in needs)]
+  assert unexpected == [], unexpected
+  if not needs:
+    assert problems == []
+  for stage in config.stages:  # each stage checks alone what the pipeline gathered
+    assert all(p in problems for p in REGISTRY[stage].check(config))
+
+
+def _tiny(**quant):
+  config = digits_config.get_config('tiny')
+  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2)
+  config.quant.update(quant)
+  spec = train_lib.spec_of(config)
+  params = dit.init_params(spec.create(), jax.random.key(0))
+  params = load_lib.randomize_zero_init(params, jax.random.key(1))
+  return config, spec, params
+
+
+def _report(params):
+  return Job.start(_tiny()[0]).report | {'num_params': load_lib.param_count(params)}
+
+
+def test_load_makes_the_fp_model():
+  config = digits_config.get_config('tiny')
+  config.stages = ('load',)
+  job = REGISTRY['load'].run(config, '', Job.start(config))
+  assert job.spec.name == config.model.name and job.quantized is None
+  assert job.report['num_params'] == load_lib.param_count(job.fp_params) and job.report['method'] == 'fp'
+  module, variables = job.runtime(config)
+  assert variables == {'params': job.fp_params} and module.depth == 1
+
+
+def test_train_makes_model_data_and_classifier(tmp_path):
+  config = digits_config.get_config('tiny')
+  config.train.update(steps=2, warmup_steps=1, classifier_steps=2)
+  job = REGISTRY['train'].run(config, str(tmp_path), Job.start(config))
+  assert job.spec.in_channels == 1 and job.data['train_images'].shape[1:] == (8, 8, 1)
+  assert set(job.classifier) and job.report['train']['cached'] is False
+  again = REGISTRY['train'].run(config, str(tmp_path), Job.start(config))
+  assert again.report['train']['cached'] is True
+  jax.tree.map(np.testing.assert_array_equal, again.fp_params, jax.tree.map(np.asarray, job.fp_params))
+
+
+def test_quantize_needs_only_the_fp_model(tmp_path):
+  config, spec, params = _tiny()
+  job = REGISTRY['quantize'].run(config, str(tmp_path), Job(report=_report(params), spec=spec, fp_params=params))
+  q = job.quantized
+  assert q.meta['name'] == spec.name and q.meta['lineage'] is None and job.report['method'] == 'pq-k16-d4'
+  meta, back = storage.load(str(tmp_path / storage.ARTIFACT_DIR))
+  assert meta == q.meta  # the job holds what index.json holds: nothing re-reads it
+  jax.tree.map(np.testing.assert_array_equal, back.quant, jax.tree.map(np.asarray, q.weights.quant))
+  assert 'kernel' not in q.weights.params['blocks_0']['mlp']['fc1']  # no float kernel beside its codes
+  _, variables = job.runtime(config)  # dequantize='load' (the demo's setting): kernels decoded once
+  assert set(variables) == {'params'} and 'kernel' in variables['params']['blocks_0']['mlp']['fc1']
+  config.quant.dequantize = 'on_the_fly'
+  _, variables = job.runtime(config)  # PQDense: codebooks in params, codes in their own collection
+  assert set(variables) == {'params', 'quant'} and variables['quant'] is q.weights.quant
+
+
+def test_compress_needs_only_the_quantized_model(tmp_path):
+  config, spec, params = _tiny(k=64, d=4)
+  config.compress.budget = 12.0
+  rules = surgery.default_rules('pq', 64, 4, pattern=config.quant.pattern)
+  q = surgery.quantize_params(params, rules, jax.random.key(0), iters=2, progress=False)
+  job = Job(report=_report(params), spec=spec, fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'x'}))
+  job = REGISTRY['compress'].run(config, str(tmp_path), job)
+  assert job.quantized.meta['name'] == 'x' and 'compress' in job.quantized.meta
+  assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
+  assert storage.load_meta(str(tmp_path / storage.ARTIFACT_DIR)) == job.quantized.meta
+
+
+def test_evaluate_scores_the_batch_the_job_names(tmp_path, monkeypatch):
+  from dpq_jax.evaluate import scoring
+
+  seen = []
+  metrics = {k: 1.0 for k in scoring.METRICS}
+  monkeypatch.setattr(scoring, 'evaluate', lambda cfg, path, cache, devices: seen.append(path) or (metrics, {}, []))
+  config = digits_config.get_config('tiny')
+  job = REGISTRY['evaluate'].run(config, str(tmp_path), Job(report={'metrics': {}}, samples='/x/samples.npz'))
+  assert seen == ['/x/samples.npz'] and job.report['metrics'] == metrics
+  REGISTRY['evaluate'].run(config, str(tmp_path), Job(report={'metrics': {}}))  # an earlier run's batch
+  assert seen[-1] == os.path.join(str(tmp_path), 'samples.npz')
+
+
+def test_compare_needs_only_model_data_and_classifier(tmp_path):
+  config, spec, params = _tiny()
+  config.compare.rows = ('fp', 'rtn-1bit')
+  config.compare.num_samples = 4
+  data = digits.load(config.train.heldout_per_class, config.seed)
+  clf = classifier.train(data['train_images'], data['train_labels'], 2, 0)
+  job = Job(report=_report(params), spec=spec, fp_params=params, data=data, classifier=clf)
+  job = REGISTRY['compare'].run(config, str(tmp_path), job)
+  rows = {r['name']: r for r in job.report['rows']}
+  assert list(rows) == ['fp', 'rtn-1bit'] and rows['rtn-1bit']['method'] == 'rtn-1bit'
+  assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['rtn-1bit']['metrics']['eps_rel_error'] > 0
+  assert job.quantized is None  # rows never hand their models back to the job
+  assert (tmp_path / 'compare_grid.png').exists() and (tmp_path / 'rows' / 'rtn-1bit' / 'quantized').is_dir()
