@@ -57,7 +57,7 @@ def random_pq(params: dict, rules: layers.QuantRules, seed: int = 0) -> tuple[di
   rng = np.random.default_rng(seed)
   qparams = jax.tree.map(lambda x: x, params)
   quant: dict = {}
-  for path, kernel in surgery._module_kernels(params):
+  for path, kernel in surgery.module_kernels(params):
     spec = rules.spec_for('/'.join(path))
     if spec is None:
       continue

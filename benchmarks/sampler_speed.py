@@ -43,7 +43,7 @@ def _peak_bytes(s: sampler_lib.Sampler, indices, labels) -> int:
   y = jax.device_put(jnp.asarray(labels, jnp.int32), s.batch_sharding)
   x = jax.device_put(sampler_lib.initial_noise(keys, s.shape), s.batch_sharding)
   steps = jnp.arange(min(sampler_lib.STEPS_PER_CALL, s.diffusion.num_timesteps), dtype=jnp.int32)[::-1]
-  lowered = sampler_lib._run_steps.lower(
+  lowered = sampler_lib.run_steps.lower(
     s.diffusion, s.apply_fn, s.kind, s.variables, x, keys, y, steps, jnp.float32(s.eta)
   )
   m = lowered.compile().memory_analysis()
