@@ -2,9 +2,9 @@ r"""Calibration step cost: quantized DiT-S/2 calibration step vs a plain fp DiT-
 the remat modes of the step (config.calibrate.remat), and the peak memory of one DiT-XL/2
 calibration step at batch 1.
 
-  .venv/bin/python benchmarks/calibrate_step.py                     # all three tables
-  .venv/bin/python benchmarks/calibrate_step.py --skip-xl --skip-remat --batch 8 --repeats 5
-  .venv/bin/python benchmarks/calibrate_step.py --skip-s --skip-xl --remat-models DiT-4x1152x16/2:2
+  .venv/bin/python -m benchmarks.calibrate_step                     # all three tables
+  .venv/bin/python -m benchmarks.calibrate_step --skip-xl --skip-remat --batch 8 --repeats 5
+  .venv/bin/python -m benchmarks.calibrate_step --skip-s --skip-xl --remat-models DiT-4x1152x16/2:2
 
 Step time: the same jitted train step (dpq_jax.calibrate.train_step, DDPM loss mse + vb, Adam,
 global-norm clip, label dropout), the same batch of 32x32x4 latents, in this process:
@@ -27,157 +27,51 @@ process's peak RSS (ru_maxrss) before and after the step. The latent weights of 
 assignment are the fp kernels themselves (no copy).
 """
 
-import argparse
 import os
-import statistics
-import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from configs import common  # noqa: E402
-from dpq_jax import diffusion as diffusion_lib  # noqa: E402
-from dpq_jax import tree_utils  # noqa: E402
-from dpq_jax.calibrate import sharding  # noqa: E402
-from dpq_jax.calibrate import train_step as step_lib  # noqa: E402
-from dpq_jax.calibrate import trainable as trainable_lib  # noqa: E402
-from dpq_jax.models import dit  # noqa: E402
-from dpq_jax.models.load import randomize_zero_init  # noqa: E402
-from dpq_jax.quant import layers, pq, surgery  # noqa: E402
-
-
-def random_pq(params: dict, rules: layers.QuantRules, seed: int = 0) -> tuple[dict, dict]:
-  """(params with codebooks [M, K, d] instead of kernels, quant with codes [M, out]) of random sub-vectors."""
-  rng = np.random.default_rng(seed)
-  qparams = jax.tree.map(lambda x: x, params)
-  quant: dict = {}
-  for path, kernel in surgery._module_kernels(params):
-    spec = rules.spec_for('/'.join(path))
-    if spec is None:
-      continue
-    sub = pq.to_subvectors(jnp.asarray(kernel), spec.subvector_dim)  # [M, out, d]
-    pick = rng.choice(sub.shape[1], spec.codebook_size, replace=False)
-    codebooks = sub[:, pick]  # [M, K, d]
-    node = qparams
-    for p in path:
-      node = node[p]
-    del node['kernel']
-    node['codebooks'] = codebooks
-    tree_utils.set_path(quant, path + ('codes',), pq.encode(jnp.asarray(kernel), codebooks, spec).astype(jnp.uint8))
-  return qparams, quant
-
-
-def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 'none'):
-  """(jitted step, state, frozen) for 'fp', 'pq dynamic' or 'pq frozen' with a config.calibrate.remat mode."""
-  cfg = common.base_config().calibrate
-  cfg.update(dict(warmup=0, schedule='constant', lr=1e-4, clip=1.0))
-  diffusion = diffusion_lib.create_diffusion()
-  if variant == 'fp':
-    cfg.trainable = 'all'
-    trainable, frozen_params = trainable_lib.split_trainable(params, ['.*'])
-    mutable, constant, every = {}, {}, 0
-    dyn = frz = model.clone(remat=remat == 'blocks')
-  else:
-    qparams, quant = random_pq(params, rules)
-    p, qn = step_lib.attach_latent(qparams, quant, params, 'dynamic')
-    mutable, constant = step_lib.split_quant(qn)
-    trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns('codebooks'))
-    dyn, frz = step_lib.calibration_models(model, rules, 'dynamic', remat)
-    every = 1 if variant == 'pq dynamic' else 0
-  tx = trainable_lib.optimizer(cfg)
-  fn = step_lib.make_train_step(dyn, frz, diffusion, tx, step_lib.LossConfig(model.num_classes, 0.1, every))
-  state = step_lib.init_state(trainable, mutable, tx, 0)
-  frozen = {'params': frozen_params, 'quant': constant, 'fp': {}}
-  mesh = sharding.make_mesh((('data', 1), ('fsdp', 1)), jax.devices()[:1])
-  jstep, state_sh, frozen_sh = step_lib.jit_step(fn, mesh, state, frozen)
-  return jstep, jax.device_put(state, state_sh, may_alias=False), jax.device_put(frozen, frozen_sh)
+from benchmarks import _calibration, _common
+from dpq_jax.calibrate import train_step as step_lib
+from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import dit
+from dpq_jax.quant import surgery
 
 
 def step_times(args) -> None:
   model = dit.create_model('DiT-S/2', input_size=32)
-  params = randomize_zero_init(jax.jit(lambda k: dit.init_params(model, k))(jax.random.key(0)), jax.random.key(1))
+  params = _common.random_dit_params(model)
   rules = surgery.default_rules('pq', 256, 8)
-  rng = np.random.default_rng(0)
-  batch = {'latents': rng.standard_normal((args.batch, 32, 32, 4)).astype(np.float32),
-           'labels': rng.integers(0, 1000, args.batch).astype(np.int32)}  # fmt: skip
+  batch = _common.latent_batch(args.batch)
   variants = ['fp', 'pq dynamic', 'pq frozen']
-  runs, compile_s, times = {}, {}, {v: [] for v in variants}
+  runs, compile_s = [], {}
   for v in variants:
-    jstep, state, frozen = make_step(model, rules, params, v, args.batch)
+    jstep, state, frozen = _calibration.make_step(model, rules, params, v, args.batch)
     t0 = time.perf_counter()
     state, m = jstep(state, frozen, batch)
     jax.block_until_ready(m)
     compile_s[v] = time.perf_counter() - t0
-    runs[v] = [jstep, state, frozen]
-  for _ in range(args.repeats):
-    for v in variants:
-      jstep, state, frozen = runs[v]
-      t0 = time.perf_counter()
-      state, m = jstep(state, frozen, batch)
-      jax.block_until_ready((state, m))
-      times[v].append(time.perf_counter() - t0)
-      runs[v][1] = state
-  base = statistics.median(times['fp'])
+    runs.append([jstep, state, frozen])
+  medians = dict(zip(variants, _calibration.median_step_times(runs, batch, args.repeats)))
   print(f'\nDiT-S/2, 32x32x4 latents, batch {args.batch}, {jax.devices()[0].platform} '
         f'({os.cpu_count()} cores), median of {args.repeats} steps\n')  # fmt: skip
-  print('| step | trained params | first call (compile) s | step s | vs fp |')
-  print('|---|---|---|---|---|')
-  for v in variants:
-    n = trainable_lib.count(runs[v][1]['params'])
-    med = statistics.median(times[v])
-    print(f'| {v} | {n:,} | {compile_s[v]:.1f} | {med:.3f} | {med / base:.2f}x |')
-
-
-def measure_remat(model_name: str, batch_size: int, repeats: int, modes=step_lib.REMAT_MODES) -> list[dict]:
-  """One row per remat mode of the 'pq dynamic' step: compile s, XLA memory analysis (bytes), median step s."""
-  model = dit.create_model(model_name, input_size=32)
-  params = randomize_zero_init(jax.jit(lambda k: dit.init_params(model, k))(jax.random.key(0)), jax.random.key(1))
-  rules = surgery.default_rules('pq', 256, 8)
-  rng = np.random.default_rng(0)
-  batch = {'latents': rng.standard_normal((batch_size, 32, 32, 4)).astype(np.float32),
-           'labels': rng.integers(0, 1000, batch_size).astype(np.int32)}  # fmt: skip
-  rows, runs = [], []
-  for mode in tqdm(modes, desc=f'compile {model_name} batch {batch_size}', leave=False):
-    jstep, state, frozen = make_step(model, rules, params, 'pq dynamic', batch_size, remat=mode)
-    t0 = time.perf_counter()
-    compiled = jstep.lower(state, frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
-    state, m = compiled(state, frozen, batch)  # warm-up
-    rows.append(dict(model=model_name, batch=batch_size, remat=mode, compile_s=compile_s, loss=float(m['loss']),
-                     temp=mem.temp_size_in_bytes, args=mem.argument_size_in_bytes, out=mem.output_size_in_bytes,
-                     times=[]))  # fmt: skip
-    runs.append([compiled, state, frozen])
-  for _ in tqdm(range(repeats), desc='steps', leave=False):
-    for row, run in zip(rows, runs):
-      compiled, state, frozen = run
-      t0 = time.perf_counter()
-      state, m = compiled(state, frozen, batch)
-      jax.block_until_ready((state, m))
-      row['times'].append(time.perf_counter() - t0)
-      run[1] = state
-  for row in rows:
-    row['step_s'] = statistics.median(row['times'])
-  return rows
+  _common.print_header(['step', 'trained params', 'first call (compile) s', 'step s', 'vs fp'])
+  for v, run in zip(variants, runs):
+    n = trainable_lib.count(run[1]['params'])
+    print(f'| {v} | {n:,} | {compile_s[v]:.1f} | {medians[v]:.3f} | {medians[v] / medians["fp"]:.2f}x |')
 
 
 def remat_table(args) -> None:
   rows = []
-  for item in args.remat_models.split(','):
-    name, _, batch = item.rpartition(':')
-    rows += measure_remat(name, int(batch), args.repeats)
+  for name, batch in args.remat_models:
+    rows += _calibration.measure_remat(name, batch, args.repeats)
   gib = 2**30
   print(f'\nRemat modes of the PQ K=256 d=8 dynamic calibration step, {jax.devices()[0].platform} '
         f'({os.cpu_count()} cores), one device, median of {args.repeats} steps\n')  # fmt: skip
-  print('| model | batch | remat | XLA temporaries GiB | vs none | XLA arguments GiB | compile s | step s | vs none '
-        '| loss |')  # fmt: skip
-  print('|---|---|---|---|---|---|---|---|---|---|')
+  _common.print_header(['model', 'batch', 'remat', 'XLA temporaries GiB', 'vs none', 'XLA arguments GiB', 'compile s',
+                        'step s', 'vs none', 'loss'])  # fmt: skip
   base = {}
   for r in rows:
     key = (r['model'], r['batch'])
@@ -188,50 +82,38 @@ def remat_table(args) -> None:
           f'| {r["loss"]:.6f} |')  # fmt: skip
 
 
-XL_CHILD = r"""
-import json, resource, sys, time
-sys.path.insert(0, {root!r})
-sys.path.insert(0, {root!r} + '/benchmarks')
-import jax, numpy as np
-import calibrate_step as b
-from dpq_jax.models import dit
-from dpq_jax.models.load import randomize_zero_init
-from dpq_jax.quant import surgery
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
-model = dit.create_model('DiT-XL/2', input_size=32)
-params = randomize_zero_init(jax.jit(lambda k: dit.init_params(model, k))(jax.random.key(0)), jax.random.key(1))
-n = sum(x.size for x in jax.tree.leaves(params))
-jstep, state, frozen = b.make_step(model, surgery.default_rules('pq', 256, 8), params, 'pq dynamic', 1, {remat!r})
-rng = np.random.default_rng(0)
-batch = {{'latents': rng.standard_normal((1, 32, 32, 4)).astype(np.float32), 'labels': np.zeros((1,), np.int32)}}
-before = rss()
-t0 = time.perf_counter()
-compiled = jstep.lower(state, frozen, batch).compile()
-compile_s = time.perf_counter() - t0
-mem = compiled.memory_analysis()
-t0 = time.perf_counter()
-state, m = compiled(state, frozen, batch)
-jax.block_until_ready(m)
-step_s = time.perf_counter() - t0
-print(json.dumps(dict(params=int(n), fp32_gib=4 * n / 2**30, rss_before=before, rss_after=rss(), compile_s=compile_s,
-  step_s=step_s, loss=float(m['loss']), args=mem.argument_size_in_bytes / 2**30, temp=mem.temp_size_in_bytes / 2**30,
-  out=mem.output_size_in_bytes / 2**30, alias=mem.alias_size_in_bytes / 2**30)))
-"""
+def xl_step(remat: str) -> dict:
+  """One DiT-XL/2 'pq dynamic' step at batch 1 (run in a child process): memory analysis in GiB, peak RSS, times."""
+  rss = lambda: _common.peak_rss_bytes() / 2**30
+  model = dit.create_model('DiT-XL/2', input_size=32)
+  params = _common.random_dit_params(model)
+  n = sum(x.size for x in jax.tree.leaves(params))
+  rules = surgery.default_rules('pq', 256, 8)
+  jstep, state, frozen = _calibration.make_step(model, rules, params, 'pq dynamic', 1, remat)
+  batch = dict(_common.latent_batch(1), labels=np.zeros((1,), np.int32))
+  before = rss()
+  t0 = time.perf_counter()
+  compiled = jstep.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  t0 = time.perf_counter()
+  state, m = compiled(state, frozen, batch)
+  jax.block_until_ready(m)
+  step_s = time.perf_counter() - t0
+  return dict(params=int(n), fp32_gib=4 * n / 2**30, rss_before=before, rss_after=rss(), compile_s=compile_s,
+              step_s=step_s, loss=float(m['loss']), args=mem.argument_size_in_bytes / 2**30,
+              temp=mem.temp_size_in_bytes / 2**30, out=mem.output_size_in_bytes / 2**30,
+              alias=mem.alias_size_in_bytes / 2**30)  # fmt: skip
 
 
 def xl_memory(remat: str = 'none') -> None:
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  child = XL_CHILD.format(root=root, remat=remat)
-  r = subprocess.run([sys.executable, '-c', child], capture_output=True, text=True, cwd=root)
-  if r.returncode:
-    print(f'XL memory run failed:\n{r.stderr[-3000:]}')
+  try:
+    d = _common.in_child(xl_step, remat)
+  except Exception as e:  # the child's own traceback is the cause; the other tables still print
+    print(f'XL memory run failed:\n{e.__cause__ or repr(e)}')
     return
-  import json
-
-  d = json.loads(r.stdout.strip().splitlines()[-1])
   print(f'\nDiT-XL/2 calibration step, PQ K=256 d=8 on the 140 block layers, batch 1, remat={remat}, one CPU device\n')
-  print('| quantity | GiB |')
-  print('|---|---|')
+  _common.print_header(['quantity', 'GiB'])
   print(f'| fp32 weights of the model ({d["params"]:,} params) | {d["fp32_gib"]:.2f} |')
   print(f'| XLA: step arguments (state + frozen + batch) | {d["args"]:.2f} |')
   print(f'| XLA: step temporaries (activations, gradients, assignment) | {d["temp"]:.2f} |')
@@ -241,28 +123,21 @@ def xl_memory(remat: str = 'none') -> None:
   print(f'\ncompile {d["compile_s"]:.1f} s, step {d["step_s"]:.1f} s, loss {d["loss"]:.4f}')
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--repeats', type=int, default=5)
+def main(argv=None) -> None:
+  parser = _common.parser(__doc__)
+  parser.add_argument('--batch', type=_common.integer(1), default=8)
+  parser.add_argument('--repeats', type=_common.integer(1), default=5)
   parser.add_argument('--skip-xl', action='store_true')
   parser.add_argument('--skip-s', action='store_true')
   parser.add_argument('--skip-remat', action='store_true')
   parser.add_argument(
     '--remat-models',
+    type=_common.model_batches,
     default='DiT-S/2:8,DiT-4x1152x16/2:2',
     help='MODEL:BATCH,... for the remat table (custom names DiT-<depth>x<hidden>x<heads>/<patch>)',
   )
   parser.add_argument('--xl-remat', default='none', choices=step_lib.REMAT_MODES)
-  args = parser.parse_args()
-  for item in args.remat_models.split(','):
-    name, _, batch = item.rpartition(':')
-    try:
-      dit.parse_name(name)
-      if int(batch) < 1:
-        raise ValueError
-    except ValueError:
-      parser.error(f'--remat-models entry {item!r}: expected MODEL:BATCH with a DiT name and a batch >= 1')
+  args = parser.parse_args(argv)
   if not args.skip_s:
     step_times(args)
   if not args.skip_remat:

@@ -1,6 +1,6 @@
 r"""Why a per-output-channel scale: the denoiser error of 1-bit PQ/VQ with each rescaling variant.
 
-  .venv/bin/python benchmarks/channel_scale.py --model runs/digits/train/model
+  .venv/bin/python -m benchmarks.channel_scale --model runs/digits/train/model
 
 On the demo's trained DiT (a converted model dir from stage `train`), quantize the block layers with
 1-bit PQ (K=16, d=4) and VQ (K=256, d=8) without a scale, then rescale the reconstruction W_hat:
@@ -15,22 +15,14 @@ demo's eps_rel_error), and the mean over layers of <X W_hat, X W> / ||X W||^2 (1
 each layer's fp inputs.
 """
 
-import argparse
-import os
-import sys
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpq_jax import convert  # noqa: E402
-from dpq_jax.demo import digits, metrics  # noqa: E402
-from dpq_jax.quant import pq, surgery  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from compress_budget import layer_inputs  # noqa: E402
+from benchmarks import _common
+from dpq_jax import convert, tree_utils
+from dpq_jax.demo import digits, metrics
+from dpq_jax.quant import pq, surgery
 
 VARIANTS = ('none', 'codebook', 'norm', 'mean+norm', 'lsq')
 
@@ -60,9 +52,14 @@ def rescaled(w: np.ndarray, codebooks: np.ndarray, codes: np.ndarray, variant: s
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', required=True, help="the demo's converted model dir (runs/digits/train/model)")
-  parser.add_argument('--iters', type=int, default=25)
+  parser = _common.parser(__doc__)
+  parser.add_argument(
+    '--model',
+    required=True,
+    type=_common.converted_dir,
+    help="the demo's converted model dir (runs/digits/train/model)",
+  )
+  parser.add_argument('--iters', type=_common.integer(0), default=25)
   args = parser.parse_args(argv)
   spec, params = convert.load_converted(args.model)
   if (spec.in_channels, spec.input_size) != (1, 8):
@@ -75,10 +72,9 @@ def main(argv=None) -> None:
   x_t, t, y = metrics.fixed_noisy_inputs(data['heldout_images'], data['heldout_labels'], 0)
   eps = jax.jit(lambda p: model.apply({'params': p}, x_t, t, y)[..., :1])
   reference = eps(params)
-  inputs = layer_inputs(args.model, params, 0)
+  inputs = _common.layer_inputs(args.model, params, 0)
   print(f'jax {jax.__version__}, model {spec.name} from {args.model}\n')
-  print('| quantizer | ' + ' | '.join(f'{v}: eps err (shrink)' for v in VARIANTS) + ' |')
-  print('|---|' + '---|' * len(VARIANTS))
+  _common.print_header(['quantizer', *(f'{v}: eps err (shrink)' for v in VARIANTS)])
   for label, method, k, d in (('PQ K=16, d=4', 'pq', 16, 4), ('VQ K=256, d=8', 'vq', 256, 8)):
     rules = surgery.default_rules(method, k, d)
     q = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=args.iters, progress=False)
@@ -88,9 +84,7 @@ def main(argv=None) -> None:
       shrink = []
       for row in q.layers:
         path = row['name'].split('/')
-        node, ref_node, qp, qq = dense, params, q.params, q.quant
-        for part in path:
-          node, ref_node, qp, qq = node[part], ref_node[part], qp[part], qq[part]
+        node, ref_node, qp, qq = (tree_utils.get_path(tree, path) for tree in (dense, params, q.params, q.quant))
         w = np.asarray(ref_node['kernel'], np.float32)
         node['kernel'] = rescaled(w, np.asarray(qp['codebooks']), np.asarray(qq['codes']), variant)
         x = inputs[row['name']]

@@ -1,7 +1,7 @@
 r"""Forward of a quantized DiT vs the full-precision forward, same batch: dequantize on the fly or once.
 
-  .venv/bin/python benchmarks/dequant_forward.py                     # DiT-S/2, batch 8, PQ K=256 d=8
-  .venv/bin/python benchmarks/dequant_forward.py --model DiT-B/4 --batch 16 --k 16 --d 4
+  .venv/bin/python -m benchmarks.dequant_forward                     # DiT-S/2, batch 8, PQ K=256 d=8
+  .venv/bin/python -m benchmarks.dequant_forward --model DiT-B/4 --batch 16 --k 16 --d 4
 
 Three jitted forwards of the same DiT module code on the same inputs (latents 32x32, t and y varied):
   fp          the full-precision model (nn.Dense),
@@ -12,38 +12,30 @@ ratio to fp is what matters (target for on the fly: <= 1.15x). Also the max rela
 between the on-the-fly and at-load outputs (they compute the same function).
 """
 
-import argparse
-import os
-import sys
-import time
+import jax
+import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpq_jax.models import dit  # noqa: E402
-from dpq_jax.models import load as load_lib  # noqa: E402
-from dpq_jax.quant import layers, surgery  # noqa: E402
+from benchmarks import _common
+from dpq_jax.models import dit
+from dpq_jax.quant import layers, surgery
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', default='DiT-S/2')
-  parser.add_argument('--input-size', type=int, default=32)
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--k', type=int, default=256)
-  parser.add_argument('--d', type=int, default=8)
+  parser = _common.parser(__doc__)
+  parser.add_argument('--model', type=_common.dit_name, default='DiT-S/2')
+  parser.add_argument('--input-size', type=_common.integer(1), default=32)
+  parser.add_argument('--batch', type=_common.integer(1), default=8)
+  parser.add_argument('--k', type=_common.integer(1), default=256)
+  parser.add_argument('--d', type=_common.integer(1), default=8)
   parser.add_argument('--method', default='pq', choices=('pq', 'vq'))
-  parser.add_argument('--iters', type=int, default=5, help='k-means iterations (speed does not depend on them)')
-  parser.add_argument('--repeats', type=int, default=10)
+  parser.add_argument(
+    '--iters', type=_common.integer(0), default=5, help='k-means iterations (speed does not depend on them)'
+  )
+  parser.add_argument('--repeats', type=_common.integer(1), default=10)
   args = parser.parse_args(argv)
-  if args.batch < 1 or args.repeats < 1:
-    parser.error(f'--batch={args.batch} --repeats={args.repeats}: expected >= 1')
 
   fp_model = dit.create_model(args.model, input_size=args.input_size)
-  params = jax.jit(lambda k: dit.init_params(fp_model, k))(jax.random.key(0))
-  params = load_lib.randomize_zero_init(params, jax.random.key(1))
+  params = _common.random_dit_params(fp_model)
   rules = surgery.default_rules(args.method, args.k, args.d)
   q = surgery.quantize_params(params, rules, jax.random.key(2), method=args.method, iters=args.iters)
   q_model = dit.create_model(args.model, input_size=args.input_size, dense=layers.dense_factory(rules))
@@ -61,18 +53,13 @@ def main(argv=None) -> None:
     'at load': (fwd_fp, {'params': loaded}),
   }
   outs = {name: np.asarray(fn(v, x, t, y)) for name, (fn, v) in cases.items()}  # compile + warm up
-  best = dict.fromkeys(cases, float('inf'))
-  for _ in range(args.repeats):
-    for name, (fn, v) in cases.items():
-      start = time.perf_counter()
-      fn(v, x, t, y).block_until_ready()
-      best[name] = min(best[name], time.perf_counter() - start)
+  calls = {name: lambda fn=fn, v=v: fn(v, x, t, y).block_until_ready() for name, (fn, v) in cases.items()}
+  best = _common.interleaved_best(calls, args.repeats)
   diff = np.abs(outs['on the fly'] - outs['at load']).max() / np.abs(outs['at load']).max()
 
-  print(f'\njax {jax.__version__} ({jax.devices()[0].platform}), {os.cpu_count()} CPUs, {args.model}, '
-        f'latent {args.input_size}, batch {args.batch}, {args.method} K={args.k} d={args.d}, best of {args.repeats}')  # fmt: skip
-  print('| forward | seconds | ratio to fp |')
-  print('|---|---|---|')
+  print(f'\n{_common.platform()}, {args.model}, latent {args.input_size}, batch {args.batch}, '
+        f'{args.method} K={args.k} d={args.d}, best of {args.repeats}')  # fmt: skip
+  _common.print_header(['forward', 'seconds', 'ratio to fp'])
   for name in cases:
     print(f'| {name} | {best[name]:.4f} | {best[name] / best["fp"]:.3f} |')
   print(f'\nmax relative difference on the fly vs at load: {diff:.2e}')

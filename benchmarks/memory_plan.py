@@ -1,9 +1,9 @@
 r"""Per-device memory of a DiT-XL/2 calibration step for a mesh and batch, computed from the real shapes,
 for each config.calibrate.remat mode, and checked against XLA's memory analysis of the real step.
 
-  .venv/bin/python benchmarks/memory_plan.py                        # v5e-8 and 8x A100-40GB plans
-  .venv/bin/python benchmarks/memory_plan.py --data 2 --fsdp 4 --batch 32 --hbm-gib 16
-  .venv/bin/python benchmarks/memory_plan.py --check DiT-4x1152x16/2:2  # + the model vs XLA, compiled here
+  .venv/bin/python -m benchmarks.memory_plan                        # v5e-8 and 8x A100-40GB plans
+  .venv/bin/python -m benchmarks.memory_plan --data 2 --fsdp 4 --batch 32 --hbm-gib 16
+  .venv/bin/python -m benchmarks.memory_plan --check DiT-4x1152x16/2:2  # + the model vs XLA, compiled here
 
 Counted per device, float32 as the calibration step keeps them (`dpq_jax/calibrate/`):
   latent     the full-precision block kernels the assignments are computed from (frozen), FSDP-sharded
@@ -18,21 +18,18 @@ Counted per device, float32 as the calibration step keeps them (`dpq_jax/calibra
   acts       activations kept for the backward pass: per sample and block ~17 T*h + heads*T^2 floats
              (T = 256 tokens, h = 1152), times the per-device batch (the global batch is split over data x fsdp);
              'blocks' keeps only each block's input (T*h) plus one block's activations while it is recomputed.
---check compiles the real step (benchmarks/calibrate_step.py) on one CPU device for a smaller model of the
+--check compiles the real step (python -m benchmarks.calibrate_step) on one CPU device for a smaller model of the
 same width and compares this model's temporaries with XLA's.
 """
 
-import argparse
-import os
-import sys
+import re
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpq_jax.models import dit  # noqa: E402
-from dpq_jax.quant import layers  # noqa: E402
+from benchmarks import _common
+from dpq_jax.models import dit
+from dpq_jax.quant import layers
 
 GIB = 2**30
 PLANS = {  # name -> (data, fsdp, global batch, HBM GiB per device)
@@ -44,8 +41,6 @@ PLANS = {  # name -> (data, fsdp, global batch, HBM GiB per device)
 
 
 def shapes(model_name: str, k: int, d: int) -> dict:
-  import re
-
   model = dit.create_model(model_name, input_size=32)
   tree = jax.eval_shape(lambda key: dit.init_params(model, key), jax.random.key(0))
   out = {'latent': 0, 'other': 0, 'codebooks': 0, 'codes': 0, 'largest_layer_kernel': 0, 'gather_indices': 0}
@@ -104,61 +99,52 @@ def temporaries(s: dict, batch: int, remat: str) -> float:
   return p['decoded'] + p['acts'] + s['codebooks']
 
 
-def check(spec: str, k: int, d: int, repeats: int) -> None:
+def check(name: str, batch: int, k: int, d: int, repeats: int) -> None:
   """This model's temporaries vs XLA's memory analysis of the real step, per remat mode."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  import calibrate_step
+  from benchmarks import _calibration
 
-  name, _, batch = spec.rpartition(':')
   s = shapes(name, k, d)
-  rows = calibrate_step.measure_remat(name, int(batch), repeats)
-  print(f'| check: {name}, batch {batch}, one CPU device | this model: temporaries GiB | XLA temporaries GiB '
-        '| model / XLA | XLA arguments GiB | step s |')  # fmt: skip
-  print('|---|---|---|---|---|---|')
+  rows = _calibration.measure_remat(name, batch, repeats)
+  _common.print_header([f'check: {name}, batch {batch}, one CPU device', 'this model: temporaries GiB',
+                        'XLA temporaries GiB', 'model / XLA', 'XLA arguments GiB', 'step s'])  # fmt: skip
   for r in rows:
-    mine = temporaries(s, int(batch), r['remat'])
+    mine = temporaries(s, batch, r['remat'])
     print(f'| remat={r["remat"]} | {mine / GIB:.3f} | {r["temp"] / GIB:.3f} | {mine / r["temp"]:.2f} '
           f'| {r["args"] / GIB:.3f} | {r["step_s"]:.2f} |')  # fmt: skip
   print()
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', default='DiT-XL/2')
-  parser.add_argument('--k', type=int, default=256)
-  parser.add_argument('--d', type=int, default=8)
-  parser.add_argument('--data', type=int, default=0, help='a custom plan: data-parallel size')
-  parser.add_argument('--fsdp', type=int, default=1)
-  parser.add_argument('--batch', type=int, default=32, help='global batch')
+  parser = _common.parser(__doc__)
+  parser.add_argument('--model', type=_common.dit_name, default='DiT-XL/2')
+  parser.add_argument('--k', type=_common.integer(1), default=256)
+  parser.add_argument('--d', type=_common.integer(1), default=8)
+  parser.add_argument('--data', type=_common.integer(0), default=0, help='a custom plan: data-parallel size')
+  parser.add_argument('--fsdp', type=_common.integer(1), default=1)
+  parser.add_argument('--batch', type=_common.integer(1), default=32, help='global batch')
   parser.add_argument('--hbm-gib', type=float, default=16.0)
   parser.add_argument(
     '--check',
-    default='',
+    type=_common.model_batches,
+    default=[],
     metavar='MODEL:BATCH',
     help='compile the real step of this model per remat mode and compare (e.g. DiT-4x1152x16/2:2)',
   )
-  parser.add_argument('--repeats', type=int, default=2, help='--check: timed steps per mode')
+  parser.add_argument('--repeats', type=_common.integer(1), default=2, help='--check: timed steps per mode')
   args = parser.parse_args(argv)
-  for flag, v in (('--fsdp', args.fsdp), ('--batch', args.batch), ('--k', args.k), ('--d', args.d)):
-    if v < 1:
-      parser.error(f'{flag}={v}: expected >= 1')
-  if args.check:
-    name, _, batch = args.check.rpartition(':')
-    try:
-      dit.parse_name(name)
-      if int(batch) < 1:
-        raise ValueError
-    except ValueError:
-      parser.error(f'--check={args.check!r}: expected MODEL:BATCH with a DiT name and a batch >= 1')
+  if args.hbm_gib <= 0:
+    parser.error(f'argument --hbm-gib: expected > 0, got {args.hbm_gib}')
   if args.data and args.batch % (args.data * args.fsdp):
-    parser.error(f'--batch={args.batch}: expected a multiple of --data x --fsdp = {args.data * args.fsdp}')
+    parser.error(
+      f'argument --batch: expected a multiple of --data x --fsdp = {args.data * args.fsdp}, got {args.batch}'
+    )
   s = shapes(args.model, args.k, args.d)
   cols = ['latent', 'other fp', 'codebooks + Adam + grad', 'codes', 'decoded', 'acts', 'total']
 
   print(f'{args.model}, PQ K={args.k} d={args.d}: block kernels {s["latent"] / GIB:.2f} GiB fp32, codebooks '
         f'{s["codebooks"] / GIB:.3f} GiB, activations {s["acts_per_sample"] / GIB:.3f} GiB per sample\n')  # fmt: skip
-  if args.check:
-    check(args.check, args.k, args.d, args.repeats)
+  for name, batch in args.check:
+    check(name, batch, args.k, args.d, args.repeats)
 
   plans = dict(PLANS)
   if args.data:
@@ -169,8 +155,7 @@ def main(argv=None) -> None:
       args.hbm_gib,
     )
   modes = {'none': 'kept (none)', 'decoded': 're-gathered (decoded)', 'blocks': 'block remat (blocks)'}
-  print('| plan | batch (per device) | remat | ' + ' | '.join(cols) + ' | saved vs none | HBM | fits |')
-  print('|---|---|---|' + '---|' * len(cols) + '---|---|---|')
+  _common.print_header(['plan', 'batch (per device)', 'remat', *cols, 'saved vs none', 'HBM', 'fits'])
   for name, (data, fsdp, batch, hbm) in plans.items():
     base = plan(s, data, fsdp, batch, 'none')['total']
     for remat, label in modes.items():

@@ -1,36 +1,28 @@
 r"""Flax DiT vs diffusers' DiT (set up as the original) on random weights: error and speed.
 
-  .venv/bin/python benchmarks/parity.py                  # DiT-S/2, DiT-B/4, DiT-XL/2 at 256px
-  .venv/bin/python benchmarks/parity.py --models DiT-S/2 --batch 4
+  .venv/bin/python -m benchmarks.parity                  # DiT-S/2, DiT-B/4, DiT-XL/2 at 256px
+  .venv/bin/python -m benchmarks.parity --models DiT-S/2 --batch 4
 
 Weights are random (nothing trivially zero), converted with dpq_jax.convert; inputs cover
 t in {0, 1, 500, 999} and the null label. Prints max relative error (max |diff| / max |ref|)
 for forward and forward_with_cfg, and forward time of each framework in the same process.
 """
 
-import argparse
 import os
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from dpq_jax import convert  # noqa: E402
-from tests import torch_refs  # noqa: E402
+from benchmarks import _common
+from benchmarks import _torch_reference as torch_refs
+from dpq_jax import convert
+from dpq_jax.models import dit
 
 
 def _time(fn, repeats):
   fn()  # warm-up / compile
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
+  return _common.best_of(fn, repeats)[1]
 
 
 def run(name, input_size, batch, repeats):
@@ -63,18 +55,20 @@ def run(name, input_size, batch, repeats):
   return err, err_c, t_jax, t_torch
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  parser.add_argument('--models', default='DiT-S/2,DiT-B/4,DiT-XL/2')
-  parser.add_argument('--input-size', type=int, default=32)
-  parser.add_argument('--batch', type=int, default=4)
-  parser.add_argument('--repeats', type=int, default=3)
-  args = parser.parse_args()
+def main(argv=None) -> None:
+  parser = _common.parser(__doc__)
+  parser.add_argument('--models', type=_common.subset(dit.MODEL_NAMES), default='DiT-S/2,DiT-B/4,DiT-XL/2')
+  parser.add_argument('--input-size', type=_common.integer(1), default=32)
+  parser.add_argument('--batch', type=_common.integer(2), default=4, help='even: half conditional, half null for cfg')
+  parser.add_argument('--repeats', type=_common.integer(1), default=3)
+  args = parser.parse_args(argv)
+  if args.batch % 2:
+    parser.error(f'argument --batch: expected an even number, got {args.batch}')
   torch.set_num_threads(os.cpu_count())
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__}, batch {args.batch}')
-  print('| model | latent | fwd max rel err | cfg max rel err | Flax fwd (s) | PyTorch fwd (s) | Flax/PyTorch time |')
-  print('|---|---|---|---|---|---|---|')
-  for name in args.models.split(','):
+  _common.print_header(['model', 'latent', 'fwd max rel err', 'cfg max rel err', 'Flax fwd (s)', 'PyTorch fwd (s)',
+                        'Flax/PyTorch time'])  # fmt: skip
+  for name in args.models:
     err, err_c, tj, tt = run(name, args.input_size, args.batch, args.repeats)
     print(f'| {name} | {args.input_size} | {err:.2e} | {err_c:.2e} | {tj:.3f} | {tt:.3f} | {tj / tt:.2f} |', flush=True)
 

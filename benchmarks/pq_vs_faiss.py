@@ -1,7 +1,7 @@
 r"""Our k-means (dpq_jax.quant.kmeans) vs faiss-cpu on DiT-XL/2 layer shapes: relative MSE and wall time.
 
-  .venv/bin/python benchmarks/pq_vs_faiss.py                                  # full table
-  .venv/bin/python benchmarks/pq_vs_faiss.py --layers qkv,proj --settings pq256x8 --iters 10
+  .venv/bin/python -m benchmarks.pq_vs_faiss                                  # full table
+  .venv/bin/python -m benchmarks.pq_vs_faiss --layers qkv,proj --settings pq256x8 --iters 10
 
 Weights are random with realistic heavy tails (student-t df=4 x 0.02), PyTorch layout
 C_out x C_in; sub-vectors are cut along C_in. Settings (equal K, d and iterations on both sides):
@@ -16,35 +16,24 @@ decode). Both run in this process on all CPU cores; times are the best
 of --repeats runs (the pipeline compiles a shape once and runs it for all 28 blocks).
 """
 
-import argparse
 import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from benchmarks import _common
+from dpq_jax.quant import kmeans as kmeans_lib
 
-from dpq_jax.quant import kmeans as kmeans_lib  # noqa: E402
-
-LAYERS = {  # DiT-XL/2 block linear layers, (C_out, C_in) as in PyTorch
-  'qkv': (3456, 1152),
-  'proj': (1152, 1152),
-  'fc1': (4608, 1152),
-  'fc2': (1152, 4608),
-  'adaLN': (6912, 1152),
-}
+# Short names for --layers: 'qkv', 'proj', 'fc1', 'fc2', 'adaLN' -> (C_out, C_in).
+LAYERS = {path.split('/')[-1].removesuffix('_modulation'): shape for path, shape in _common.DIT_XL_BLOCK_LAYERS.items()}
 SETTINGS = {  # name -> (label, codebook_size, subvector_dim, shared codebook)
   'pq16x4': ('PQ K=16 d=4', 16, 4, False),
   'pq256x8': ('PQ K=256 d=8', 256, 8, False),
   'vq256x4': ('VQ K=256 d=4', 256, 4, True),
 }
-
-
-def heavy_tailed_weight(shape: tuple[int, int], seed: int) -> np.ndarray:
-  return (np.random.default_rng(seed).standard_t(4, shape) * 0.02).astype(np.float32)
 
 
 def rel_mse(w: np.ndarray, approx: np.ndarray) -> float:
@@ -66,23 +55,14 @@ def ours(w: np.ndarray, codebook_size: int, subvector_dim: int, shared: bool, it
   start = time.perf_counter()
   compiled = jax.jit(fit_and_decode).lower(x, key).compile()
   compile_s = time.perf_counter() - start
-  run_s = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    decoded = np.asarray(compiled(x, key))
-    run_s = min(run_s, time.perf_counter() - start)
+  decoded, run_s = _common.best_of(lambda: np.asarray(compiled(x, key)), repeats)
   decoded = decoded.reshape(c_out, c_in) if shared else decoded.transpose(1, 0, 2).reshape(c_out, c_in)
   return decoded, compile_s, run_s
 
 
 def theirs(w: np.ndarray, codebook_size: int, subvector_dim: int, shared: bool, iters: int, seed: int, repeats: int):
   """Returns (W_hat, best seconds) with faiss-cpu."""
-  best = float('inf')
-  for _ in range(repeats):
-    start = time.perf_counter()
-    decoded = _faiss_fit_decode(w, codebook_size, subvector_dim, shared, iters, seed)
-    best = min(best, time.perf_counter() - start)
-  return decoded, best
+  return _common.best_of(lambda: _faiss_fit_decode(w, codebook_size, subvector_dim, shared, iters, seed), repeats)
 
 
 def _faiss_fit_decode(w: np.ndarray, codebook_size: int, subvector_dim: int, shared: bool, iters: int, seed: int):
@@ -108,23 +88,21 @@ def _faiss_fit_decode(w: np.ndarray, codebook_size: int, subvector_dim: int, sha
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--layers', default=','.join(LAYERS), help=f'comma-separated subset of {list(LAYERS)}')
-  parser.add_argument('--settings', default=','.join(SETTINGS), help=f'comma-separated subset of {list(SETTINGS)}')
-  parser.add_argument('--iters', type=int, default=25, help='Lloyd iterations for both')
+  parser = _common.parser(__doc__)
+  parser.add_argument(
+    '--layers', type=_common.subset(LAYERS), default=','.join(LAYERS), help=f'comma-separated subset of {list(LAYERS)}'
+  )
+  parser.add_argument(
+    '--settings',
+    type=_common.subset(SETTINGS),
+    default=','.join(SETTINGS),
+    help=f'comma-separated subset of {list(SETTINGS)}',
+  )
+  parser.add_argument('--iters', type=_common.integer(0), default=25, help='Lloyd iterations for both')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--repeats', type=int, default=3, help='runs per side; the best time is reported')
+  parser.add_argument('--repeats', type=_common.integer(1), default=3, help='runs per side; the best time is reported')
   args = parser.parse_args(argv)
-  layers = [s for s in args.layers.split(',') if s]
-  settings = [s for s in args.settings.split(',') if s]
-  for flag, chosen, known in (('--layers', layers, LAYERS), ('--settings', settings, SETTINGS)):
-    unknown = [name for name in chosen if name not in known]
-    if unknown or not chosen:
-      parser.error(f'{flag}={",".join(chosen)}: unknown {unknown}; expected a subset of {list(known)}')
-  if args.iters < 0:
-    parser.error(f'--iters={args.iters}: expected >= 0')
-  if args.repeats < 1:
-    parser.error(f'--repeats={args.repeats}: expected >= 1')
+  layers, settings = args.layers, args.settings
   try:
     import faiss
   except ImportError:
@@ -132,15 +110,14 @@ def main(argv=None) -> None:
 
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), '
         f'{os.cpu_count()} CPUs, {args.iters} iterations, all points used on both sides, best of {args.repeats} runs\n')  # fmt: skip
-  print('| layer | C_out x C_in | setting | problems x points | rel MSE ours | rel MSE faiss | MSE ratio | '
-        'ours compile s | ours run s | faiss s | time ratio |')  # fmt: skip
-  print('|---|---|---|---|---|---|---|---|---|---|---|')
+  _common.print_header(['layer', 'C_out x C_in', 'setting', 'problems x points', 'rel MSE ours', 'rel MSE faiss',
+                        'MSE ratio', 'ours compile s', 'ours run s', 'faiss s', 'time ratio'])  # fmt: skip
   totals = {}
   for setting in settings:
     label, codebook_size, subvector_dim, shared = SETTINGS[setting]
     for layer in layers:
       c_out, c_in = LAYERS[layer]
-      w = heavy_tailed_weight((c_out, c_in), seed=args.seed + list(LAYERS).index(layer))
+      w = _common.heavy_tailed(np.random.default_rng(args.seed + list(LAYERS).index(layer)), (c_out, c_in))
       mine, compile_s, run_s = ours(w, codebook_size, subvector_dim, shared, args.iters, args.seed, args.repeats)
       ref, faiss_s = theirs(w, codebook_size, subvector_dim, shared, args.iters, args.seed, args.repeats)
       err, err_ref = rel_mse(w, mine), rel_mse(w, ref)

@@ -1,7 +1,7 @@
 r"""Sampler throughput and memory: full-precision vs quantized DiT, same batch, steps and guidance.
 
-  .venv/bin/python benchmarks/sampler_speed.py                       # DiT-S/2 256px, batch 8, DDPM 10 steps, cfg 1.5
-  .venv/bin/python benchmarks/sampler_speed.py --steps 25 --batch 16 --k 16 --d 4
+  .venv/bin/python -m benchmarks.sampler_speed                       # DiT-S/2 256px, batch 8, DDPM 10 steps, cfg 1.5
+  .venv/bin/python -m benchmarks.sampler_speed --steps 25 --batch 16 --k 16 --d 4
 
 Three models run through the project's sampler (dpq_jax.evaluate.sampler.Sampler, sharded over
 all devices) on the same sample indices and labels:
@@ -14,23 +14,16 @@ compiled sampling call (arguments + outputs + temporaries, aliasing subtracted),
 device must hold while sampling; weights are the model variables' bytes among the arguments.
 """
 
-import argparse
-import os
-import sys
-import time
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-import numpy as np  # noqa: E402
-
-from dpq_jax import convert  # noqa: E402
-from dpq_jax import diffusion as diffusion_lib  # noqa: E402
-from dpq_jax.evaluate import sampler as sampler_lib  # noqa: E402
-from dpq_jax.models import load as load_lib  # noqa: E402
-from dpq_jax.quant import surgery  # noqa: E402
+from benchmarks import _common
+from dpq_jax import convert
+from dpq_jax import diffusion as diffusion_lib
+from dpq_jax.evaluate import sampler as sampler_lib
+from dpq_jax.quant import surgery
 
 
 def _nbytes(tree) -> int:
@@ -43,7 +36,7 @@ def _peak_bytes(s: sampler_lib.Sampler, indices, labels) -> int:
   y = jax.device_put(jnp.asarray(labels, jnp.int32), s.batch_sharding)
   x = jax.device_put(sampler_lib.initial_noise(keys, s.shape), s.batch_sharding)
   steps = jnp.arange(min(sampler_lib.STEPS_PER_CALL, s.diffusion.num_timesteps), dtype=jnp.int32)[::-1]
-  lowered = sampler_lib._run_steps.lower(
+  lowered = sampler_lib.run_steps.lower(
     s.diffusion, s.apply_fn, s.kind, s.variables, x, keys, y, steps, jnp.float32(s.eta)
   )
   m = lowered.compile().memory_analysis()
@@ -53,29 +46,26 @@ def _peak_bytes(s: sampler_lib.Sampler, indices, labels) -> int:
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--model', default='DiT-S/2')
-  parser.add_argument('--input-size', type=int, default=32, help='latent size (32 = 256px images)')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--steps', type=int, default=10)
+  parser = _common.parser(__doc__)
+  parser.add_argument('--model', type=_common.dit_name, default='DiT-S/2')
+  parser.add_argument('--input-size', type=_common.integer(1), default=32, help='latent size (32 = 256px images)')
+  parser.add_argument('--batch', type=_common.integer(1), default=8)
+  parser.add_argument('--steps', type=_common.integer(1), default=10)
   parser.add_argument('--sampler', default='ddpm', choices=sampler_lib.KINDS)
   parser.add_argument('--cfg-scale', type=float, default=1.5)
-  parser.add_argument('--k', type=int, default=256)
-  parser.add_argument('--d', type=int, default=8)
-  parser.add_argument('--iters', type=int, default=5, help='k-means iterations (speed does not depend on them)')
-  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--k', type=_common.integer(1), default=256)
+  parser.add_argument('--d', type=_common.integer(1), default=8)
+  parser.add_argument(
+    '--iters', type=_common.integer(0), default=5, help='k-means iterations (speed does not depend on them)'
+  )
+  parser.add_argument('--repeats', type=_common.integer(1), default=3)
   args = parser.parse_args(argv)
-  if args.batch < 1 or args.steps < 1 or args.repeats < 1 or args.batch % jax.device_count():
-    parser.error(
-      f'--batch={args.batch} (a multiple of {jax.device_count()} devices), --steps, --repeats: expected >= 1'
-    )
+  if args.batch % jax.device_count():
+    parser.error(f'argument --batch: expected a multiple of the {jax.device_count()} devices, got {args.batch}')
 
   spec = convert.ModelSpec(args.model, input_size=args.input_size)
   fp_model = spec.create()
-  from dpq_jax.models import dit
-
-  params = jax.jit(lambda k: dit.init_params(fp_model, k))(jax.random.key(0))
-  params = load_lib.randomize_zero_init(params, jax.random.key(1))
+  params = _common.random_dit_params(fp_model)
   rules = surgery.default_rules('pq', args.k, args.d)
   q = surgery.quantize_params(params, rules, jax.random.key(2), method='pq', iters=args.iters)
   variants = {'fp': ({'params': params}, fp_model)}
@@ -88,17 +78,13 @@ def main(argv=None) -> None:
   mesh = sampler_lib.data_mesh()
   indices = np.arange(args.batch)
   labels = np.random.RandomState(0).randint(0, 1000, args.batch)
-  samplers, outputs, best = {}, {}, {}
+  samplers, outputs = {}, {}
   for name, (variables, model) in variants.items():
     s = sampler_lib.Sampler(model, variables, diffusion, args.sampler, args.cfg_scale, 0, mesh)
     samplers[name] = s
     outputs[name] = np.asarray(s(indices, labels))  # compile + warm-up
-    best[name] = float('inf')
-  for _ in range(args.repeats):
-    for name, s in samplers.items():
-      start = time.perf_counter()
-      s(indices, labels).block_until_ready()
-      best[name] = min(best[name], time.perf_counter() - start)
+  calls = {name: lambda s=s: s(indices, labels).block_until_ready() for name, s in samplers.items()}
+  best = _common.interleaved_best(calls, args.repeats)
 
   print(
     f'{args.model} {args.input_size * 8}px, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, batch {args.batch}, '
@@ -106,10 +92,8 @@ def main(argv=None) -> None:
     f'{jax.devices()[0].platform} device(s), best of {args.repeats}'
   )
   print()
-  print(
-    '| model | images/s | s/image | speed vs fp | weights MiB | peak MiB (XLA) | peak vs fp | max diff vs pq load |'
-  )
-  print('|---|---|---|---|---|---|---|---|')
+  _common.print_header(['model', 'images/s', 's/image', 'speed vs fp', 'weights MiB', 'peak MiB (XLA)', 'peak vs fp',
+                        'max diff vs pq load'])  # fmt: skip
   fp_peak = None
   for name, s in samplers.items():
     ips = args.batch / best[name]

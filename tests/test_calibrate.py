@@ -46,7 +46,7 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
   rng = np.random.default_rng(seed)
   qparams = jax.tree.map(lambda x: x, params)
   quant, rows = {}, []
-  for path, kernel in surgery._module_kernels(params):
+  for path, kernel in surgery.module_kernels(params):
     name = '/'.join(path)
     if rules.spec_for(name) is None:
       continue

@@ -104,7 +104,7 @@ class GuidedApply:
 
 
 @functools.partial(jax.jit, static_argnames=('diffusion', 'apply_fn', 'kind'))
-def _run_steps(diffusion, apply_fn, kind, variables, x, keys, y, indices, eta):
+def run_steps(diffusion, apply_fn, kind, variables, x, keys, y, indices, eta):
   """Runs the (descending) step indices; -1 marks padding that leaves x unchanged."""
   shape = x.shape[1:]
 
@@ -164,7 +164,7 @@ class Sampler:
       bar = tqdm(total=num_steps, desc=f'{self.kind} steps', unit='step', leave=False)
     for start in range(0, len(order), per_call):
       chunk = order[start : start + per_call]
-      x = _run_steps(
+      x = run_steps(
         self.diffusion, self.apply_fn, self.kind, self.variables, x, keys, y, jnp.asarray(chunk),
         jnp.float32(self.eta),
       )  # fmt: skip

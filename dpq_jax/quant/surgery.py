@@ -37,7 +37,8 @@ class QuantizedParams:
   layers: list[dict[str, Any]]  # per-layer report rows
 
 
-def _module_kernels(params: dict) -> list[tuple[tuple[str, ...], np.ndarray]]:
+def module_kernels(params: dict) -> list[tuple[tuple[str, ...], np.ndarray]]:
+  """(module path, kernel) of every 2-D 'kernel' leaf of the param tree (the Dense layers)."""
   flat = jax.tree_util.tree_leaves_with_path(params)
   return [(tuple(k.key for k in path[:-1]), leaf) for path, leaf in flat if path[-1].key == 'kernel' and leaf.ndim == 2]
 
@@ -68,7 +69,7 @@ def quantize_params(
   codebook_dtype = codebook_values.dtype_name(codebook_dtype)
   side_dtype = codebook_values.side_dtype(codebook_dtype)  # channel / RTN scales: never int8
   side_bytes = np.dtype(side_dtype).itemsize
-  targets = [(p, k) for p, k in _module_kernels(params) if rules.spec_for('/'.join(p)) is not None]
+  targets = [(p, k) for p, k in module_kernels(params) if rules.spec_for('/'.join(p)) is not None]
   for path, kernel in targets:  # every spec is checked before any k-means runs
     name = '/'.join(path)
     if method == 'rtn':

@@ -59,7 +59,7 @@ def _check_shapes(cfg: ml_collections.ConfigDict, params: dict) -> None:
     return
   rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
   matched = 0
-  for path, kernel in surgery._module_kernels(params):
+  for path, kernel in surgery.module_kernels(params):
     name = '/'.join(path)
     spec = rules.spec_for(name)
     if spec is not None:
