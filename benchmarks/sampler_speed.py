@@ -26,10 +26,10 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dpq_jax import convert  # noqa: E402
 from dpq_jax import diffusion as diffusion_lib  # noqa: E402
 from dpq_jax.evaluate import sampler as sampler_lib  # noqa: E402
 from dpq_jax.models import load as load_lib  # noqa: E402
+from dpq_jax.models.spec import ModelSpec  # noqa: E402
 from dpq_jax.quant import stage as quant_stage  # noqa: E402
 from dpq_jax.quant import surgery  # noqa: E402
 
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
       f'--batch={args.batch} (a multiple of {jax.device_count()} devices), --steps, --repeats: expected >= 1'
     )
 
-  spec = convert.ModelSpec(args.model, input_size=args.input_size)
+  spec = ModelSpec(args.model, input_size=args.input_size)
   fp_model = spec.create()
   from dpq_jax.models import dit
 

@@ -20,6 +20,7 @@ from dpq_jax import convert, diffusion, io_utils, tree_utils
 from dpq_jax.demo import classifier, digits
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.models import dit
+from dpq_jax.models.spec import ModelSpec
 
 TRAIN_DIR = 'train'
 
@@ -43,9 +44,9 @@ def check_config(config: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
-def spec_of(config: ml_collections.ConfigDict) -> convert.ModelSpec:
+def spec_of(config: ml_collections.ConfigDict) -> ModelSpec:
   m = config.model
-  return convert.ModelSpec(m.name, m.input_size, m.num_classes, m.learn_sigma, in_channels=1)
+  return ModelSpec(m.name, m.input_size, m.num_classes, m.learn_sigma, in_channels=1)
 
 
 def _fingerprint(config: ml_collections.ConfigDict) -> dict:
