@@ -15,8 +15,7 @@ from typing import Callable
 
 import ml_collections
 
-from dpq_jax import errors, io_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import loop as calibrate_loop
 from dpq_jax.calibrate import stage as calibrate_stage
 from dpq_jax.demo import compare as compare_stage

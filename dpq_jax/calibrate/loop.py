@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import errors, io_utils, tree_utils
+from dpq_jax import distributed, errors, io_utils, tree_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
-from dpq_jax.calibrate import distributed, sharding
+from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.quant import codebook_values

@@ -26,8 +26,7 @@ from typing import Callable, Iterator
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, io_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.evaluate import adm_npz
 from dpq_jax.evaluate import inception as inception_lib
 from dpq_jax.evaluate import metrics as metrics_lib

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import convert, errors, io_utils
+from dpq_jax import convert, distributed, errors, io_utils
 from dpq_jax import diffusion as diffusion_lib
-from dpq_jax.calibrate import distributed
 from dpq_jax.evaluate import adm_npz, grid, sampler
 from dpq_jax.models import vae as vae_lib
 from dpq_jax.quant import lineage
