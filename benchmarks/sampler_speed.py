@@ -27,6 +27,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dpq_jax import diffusion as diffusion_lib  # noqa: E402
+from dpq_jax.diffusion import sampling  # noqa: E402
 from dpq_jax.evaluate import sampler as sampler_lib  # noqa: E402
 from dpq_jax.models import load as load_lib  # noqa: E402
 from dpq_jax.models.spec import ModelSpec  # noqa: E402
@@ -44,9 +45,10 @@ def _peak_bytes(s: sampler_lib.Sampler, indices, labels) -> int:
   y = jax.device_put(jnp.asarray(labels, jnp.int32), s.batch_sharding)
   x = jax.device_put(sampler_lib.initial_noise(keys, s.shape), s.batch_sharding)
   steps = jnp.arange(min(sampler_lib.STEPS_PER_CALL, s.diffusion.num_timesteps), dtype=jnp.int32)[::-1]
-  lowered = sampler_lib._run_steps.lower(
-    s.diffusion, s.apply_fn, s.kind, s.variables, x, keys, y, steps, jnp.float32(s.eta)
-  )
+  lowered = sampling._scan_steps.lower(  # the call Sampler.__call__ makes through sampling.run_steps
+    s.diffusion, s.apply_fn, s.kind, False, True, sampler_lib._own_step_noise, s.variables, x, keys, steps,
+    {'y': y}, jnp.float32(s.eta),
+  )  # fmt: skip
   m = lowered.compile().memory_analysis()
   if m is None:
     return -1
