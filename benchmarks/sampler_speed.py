@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 
 from benchmarks import _common
-from dpq_jax import convert
 from dpq_jax import diffusion as diffusion_lib
+from dpq_jax.diffusion import sampling
 from dpq_jax.evaluate import sampler as sampler_lib
+from dpq_jax.models.spec import ModelSpec
 from dpq_jax.quant import surgery
 
 
@@ -36,9 +37,10 @@ def _peak_bytes(s: sampler_lib.Sampler, indices, labels) -> int:
   y = jax.device_put(jnp.asarray(labels, jnp.int32), s.batch_sharding)
   x = jax.device_put(sampler_lib.initial_noise(keys, s.shape), s.batch_sharding)
   steps = jnp.arange(min(sampler_lib.STEPS_PER_CALL, s.diffusion.num_timesteps), dtype=jnp.int32)[::-1]
-  lowered = sampler_lib.run_steps.lower(
-    s.diffusion, s.apply_fn, s.kind, s.variables, x, keys, y, steps, jnp.float32(s.eta)
-  )
+  lowered = sampling.scan_steps.lower(  # the call Sampler.__call__ makes through sampling.run_steps
+    s.diffusion, s.apply_fn, s.kind, False, True, sampler_lib.own_step_noise, s.variables, x, keys, steps,
+    {'y': y}, jnp.float32(s.eta),
+  )  # fmt: skip
   m = lowered.compile().memory_analysis()
   if m is None:
     return -1
@@ -63,7 +65,7 @@ def main(argv=None) -> None:
   if args.batch % jax.device_count():
     parser.error(f'argument --batch: expected a multiple of the {jax.device_count()} devices, got {args.batch}')
 
-  spec = convert.ModelSpec(args.model, input_size=args.input_size)
+  spec = ModelSpec(args.model, input_size=args.input_size)
   fp_model = spec.create()
   params = _common.random_dit_params(fp_model)
   rules = surgery.default_rules('pq', args.k, args.d)

@@ -23,13 +23,13 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
-  from dpq_jax import convert, pipeline  # Imports jax: after flag parsing, so --help stays fast.
+  from dpq_jax import errors, pipeline  # Imports jax: after flag parsing, so --help stays fast.
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or os.path.join('runs', config.name)
   try:
     report = pipeline.run(config, workdir)
-  except (pipeline.ConfigError, convert.CheckpointError) as e:
+  except (errors.ConfigError, errors.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(

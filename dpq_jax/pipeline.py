@@ -16,8 +16,7 @@ import time
 
 import ml_collections
 
-from dpq_jax import errors, io_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import loop as calibrate_loop
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.quant import lineage, storage, surgery

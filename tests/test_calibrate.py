@@ -304,7 +304,7 @@ def test_distillation_term_is_zero_against_itself():
 
 
 class _TinySpec:
-  """Stands in for convert.ModelSpec: the stage builds its modules with spec.create(...)."""
+  """Stands in for models.spec.ModelSpec: the stage builds its modules with spec.create(...)."""
 
   name = 'tiny'
   num_classes = NUM_CLASSES

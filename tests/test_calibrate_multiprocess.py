@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = r"""
 import json, os, sys
 import numpy as np
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed
 assert distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID
 import jax
 from dpq_jax.calibrate import data as data_lib, loop, sharding

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from dpq_jax import errors
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -144,14 +145,14 @@ def test_incompatible_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
   good = jax.ShapeDtypeStruct((3,), np.float32)
   state, data, step = ckpt.restore({'w': good})
   assert step == 1 and data == {'iterator': '{}'} and state['w'].shape == (3,)
-  with pytest.raises(ckpt_lib.CheckpointError, match='different config'):
+  with pytest.raises(errors.CheckpointError, match='different config'):
     ckpt.restore({'w': jax.ShapeDtypeStruct((4,), np.float32)})
-  with pytest.raises(ckpt_lib.CheckpointError, match='different'):
+  with pytest.raises(errors.CheckpointError, match='different'):
     ckpt.restore({'v': good})
   for root, _, files in os.walk(tmp_path / 'c' / '1' / 'state'):
     for name in files:
       with open(os.path.join(root, name), 'wb') as f:
         f.write(b'garbage')
-  with pytest.raises(ckpt_lib.CheckpointError, match=r'c/1 cannot be restored'):
+  with pytest.raises(errors.CheckpointError, match=r'c/1 cannot be restored'):
     ckpt.restore({'w': good})
   ckpt.close()

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from dpq_jax import convert
+from dpq_jax import convert, errors
+from dpq_jax.models.spec import ModelSpec
 from tests import torch_refs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,7 +46,7 @@ def test_plain_state_dict(reference, tmp_path):
   path = tmp_path / 'DiT-S-2.pt'
   torch.save(_original_state_dict(state), path)
   spec, params = convert.load_torch_checkpoint(str(path))
-  assert spec == convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10)
+  assert spec == ModelSpec('DiT-S/2', input_size=8, num_classes=10)
   _check_forward(ref, spec, params)
 
 
@@ -65,7 +66,7 @@ def test_training_checkpoint_takes_ema_and_allows_namespace(reference, tmp_path)
   )
   name, params = convert.load_torch_dit(str(path))
   assert name == 'DiT-S/2'
-  _check_forward(ref, convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
+  _check_forward(ref, ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
 
 
 def test_diffusers_folder(reference, tmp_path):
@@ -73,7 +74,7 @@ def test_diffusers_folder(reference, tmp_path):
   ref.save_pretrained(tmp_path / 'transformer', safe_serialization=True)
   name, params = convert.load_torch_dit(str(tmp_path / 'transformer'))
   assert name == 'DiT-S/2'
-  _check_forward(ref, convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
+  _check_forward(ref, ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
   # A whole pipeline folder (transformer/ inside) works as well.
   name2, _ = convert.load_torch_dit(str(tmp_path))
   assert name2 == 'DiT-S/2'
@@ -83,7 +84,7 @@ def test_diffusers_untied_embedders_refused(reference, tmp_path):
   ref, _ = reference
   sd = torch_refs.state_dict_numpy(ref)
   sd['transformer_blocks.3.norm1.emb.timestep_embedder.linear_1.bias'] += 1.0
-  with pytest.raises(convert.CheckpointError, match='block 3'):
+  with pytest.raises(errors.CheckpointError, match='block 3'):
     convert.diffusers_to_original(sd)
 
 
@@ -91,7 +92,7 @@ def test_wrong_model_name(reference, tmp_path):
   _, state = reference
   with pytest.raises(ValueError, match='unknown DiT model'):
     convert.infer_spec(state, 'DiT-Q/3', 8)
-  with pytest.raises(convert.CheckpointError, match='does not match the checkpoint'):
+  with pytest.raises(errors.CheckpointError, match='does not match the checkpoint'):
     convert.infer_spec(state, 'DiT-B/2', 8)
 
 
@@ -100,13 +101,13 @@ def test_missing_and_extra_keys(reference):
   spec = convert.infer_spec(state, None, 8)
   missing = dict(state)
   del missing['blocks.4.mlp.fc2.weight']
-  with pytest.raises(convert.CheckpointError, match=r'missing for DiT-S/2: blocks_4/mlp/fc2/kernel'):
+  with pytest.raises(errors.CheckpointError, match=r'missing for DiT-S/2: blocks_4/mlp/fc2/kernel'):
     convert.original_to_flax(missing, spec)
   extra = dict(state, **{'blocks.4.mlp.fc3.weight': np.zeros(3, np.float32), 'foo': np.zeros(1, np.float32)})
-  with pytest.raises(convert.CheckpointError, match=r'unconsumed source keys: blocks.4.mlp.fc3.weight, foo'):
+  with pytest.raises(errors.CheckpointError, match=r'unconsumed source keys: blocks.4.mlp.fc3.weight, foo'):
     convert.original_to_flax(extra, spec)
   wrong = dict(state, **{'blocks.0.attn.proj.bias': np.zeros(5, np.float32)})
-  with pytest.raises(convert.CheckpointError, match=r'blocks_0/attn/proj/bias has shape \(5,\)'):
+  with pytest.raises(errors.CheckpointError, match=r'blocks_0/attn/proj/bias has shape \(5,\)'):
     convert.original_to_flax(wrong, spec)
 
 
@@ -117,9 +118,9 @@ def test_truncated_file(reference, tmp_path):
   data = path.read_bytes()
   cut = tmp_path / 'cut.pt'
   cut.write_bytes(data[: len(data) // 2])
-  with pytest.raises(convert.CheckpointError, match='truncated'):
+  with pytest.raises(errors.CheckpointError, match='truncated'):
     convert.load_torch_checkpoint(str(cut))
-  with pytest.raises(convert.CheckpointError, match='does not exist'):
+  with pytest.raises(errors.CheckpointError, match='does not exist'):
     convert.load_torch_checkpoint(str(tmp_path / 'nope.pt'))
 
 
@@ -139,7 +140,7 @@ def test_pickled_code_is_refused_not_run(reference, tmp_path):
   sd = _original_state_dict(state)
   path = tmp_path / 'evil.pt'
   torch.save({'ema': sd, 'args': _Payload(str(marker))}, path)
-  with pytest.raises(convert.CheckpointError, match='refusing to load'):
+  with pytest.raises(errors.CheckpointError, match='refusing to load'):
     convert.load_torch_checkpoint(str(path))
   assert not marker.exists()
 
@@ -198,5 +199,5 @@ def test_safetensors_only_in_diffusers_folder(reference, tmp_path):
   for f in folder.glob('*.safetensors'):
     f.unlink()
   torch.save(ref.state_dict(), folder / 'diffusion_pytorch_model.bin')
-  with pytest.raises(convert.CheckpointError, match='no .safetensors'):
+  with pytest.raises(errors.CheckpointError, match='no .safetensors'):
     convert.load_torch_dit(str(folder))

@@ -10,6 +10,7 @@ import torch
 
 from dpq_jax import convert
 from dpq_jax.models import dit
+from dpq_jax.models.spec import ModelSpec
 from tests import torch_refs
 
 T_VALUES = np.array([0, 1, 250, 999])
@@ -35,7 +36,7 @@ def _inputs(n=4, size=8, seed=0):
 
 def test_spec_inferred_from_shapes(converted):
   _, spec, _ = converted
-  assert spec == convert.ModelSpec('DiT-S/2', input_size=8, num_classes=10, learn_sigma=True, in_channels=4)
+  assert spec == ModelSpec('DiT-S/2', input_size=8, num_classes=10, learn_sigma=True, in_channels=4)
 
 
 def test_forward_matches_diffusers(converted):

@@ -188,8 +188,9 @@ def test_converted_checkpoint_written_to_gs(tmp_path):
   import orbax.checkpoint as ocp
 
   from dpq_jax import convert
+  from dpq_jax.models.spec import ModelSpec
 
-  spec = convert.ModelSpec(name='DiT-2x32x2/4', input_size=8, num_classes=10, learn_sigma=True)
+  spec = ModelSpec(name='DiT-2x32x2/4', input_size=8, num_classes=10, learn_sigma=True)
   params = {'a': {'kernel': np.arange(6, dtype=np.float32).reshape(2, 3)}, 'b': np.ones(4, np.float32)}
   store = tmp_path / 'store'
   with fake_gcs(store):

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from configs import dit_xl_1bit
-from dpq_jax import pipeline
-from dpq_jax.calibrate import checkpoint as ckpt_lib
+from dpq_jax import errors, pipeline
 from dpq_jax.quant import lineage
 
 
@@ -63,7 +62,7 @@ def test_rerun_loads_the_chain_and_a_change_recomputes_it(tmp_path):
   np.testing.assert_array_equal(np.load(os.path.join(workdir, 'samples', 'latents.npz'))['arr_0'], latents)
 
   # Another budget: calibration's checkpoints belong to the old chain, refused before anything is rewritten.
-  with pytest.raises(ckpt_lib.CheckpointError, match='holds checkpoints of another calibration'):
+  with pytest.raises(errors.CheckpointError, match='holds checkpoints of another calibration'):
     pipeline.run(_config(**{'compress.budget': 34.0}), workdir)
   assert _artifact_state(workdir) == files
   shutil.rmtree(os.path.join(workdir, 'checkpoints'))

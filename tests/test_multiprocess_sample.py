@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = r"""
 import json, os, sys
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed
 distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, if set
 import jax
 from dpq_jax import pipeline

@@ -206,7 +206,7 @@ def test_bad_configs_fail_before_writing(tmp_path):
   with pytest.raises(errors.ConfigError) as e:
     pipeline.check_config(config)
   assert 'config.vae.checkpoint=' in str(e.value) and 'config.sample.eta=2.0' in str(e.value)
-  with pytest.raises(convert.CheckpointError, match='not a directory'):
+  with pytest.raises(errors.CheckpointError, match='not a directory'):
     convert.load_vae(str(tmp_path / 'no_vae'))
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from dpq_jax import convert
+from dpq_jax import convert, errors
 from dpq_jax.models import vae as vae_lib
+from dpq_jax.models.spec import ModelSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {'block_out_channels': (32, 64), 'layers_per_block': 1, 'norm_num_groups': 8}
@@ -148,22 +149,22 @@ def test_bad_inputs_fail_clearly(small, tmp_path):
   ref, _, _ = small
   state = dict(ref.state_dict())
   config = dict(ref.config)
-  with pytest.raises(convert.CheckpointError, match='no config.json'):
+  with pytest.raises(errors.CheckpointError, match='no config.json'):
     convert.load_torch_vae(_folder(tmp_path / 'a', None, state))
-  with pytest.raises(convert.CheckpointError, match='unconsumed source keys: extra/kernel'):
+  with pytest.raises(errors.CheckpointError, match='unconsumed source keys: extra/kernel'):
     convert.load_torch_vae(_folder(tmp_path / 'b', config, {**state, 'extra.weight': torch.zeros(2, 2)}))
   missing = {k: v for k, v in state.items() if not k.startswith('post_quant_conv')}
-  with pytest.raises(convert.CheckpointError, match='missing for the config: post_quant_conv/bias'):
+  with pytest.raises(errors.CheckpointError, match='missing for the config: post_quant_conv/bias'):
     convert.load_torch_vae(_folder(tmp_path / 'c', config, missing))
   wider = {**config, 'latent_channels': 8}
   with pytest.raises(
-    convert.CheckpointError,
+    errors.CheckpointError,
     match=r'conv_in/kernel has shape \(3, 3, 4, 64\); the config.json architecture expects \(3, 3, 8, 64\)',
   ):
     convert.load_torch_vae(_folder(tmp_path / 'd', wider, state))
-  with pytest.raises(convert.CheckpointError, match="act_fn='gelu'"):
+  with pytest.raises(errors.CheckpointError, match="act_fn='gelu'"):
     convert.load_torch_vae(_folder(tmp_path / 'e', {**config, 'act_fn': 'gelu'}, state))
-  with pytest.raises(convert.CheckpointError, match='not a directory'):
+  with pytest.raises(errors.CheckpointError, match='not a directory'):
     convert.load_vae(str(tmp_path / 'nope'))
 
 
@@ -182,9 +183,9 @@ def test_cli_failure_keeps_previous_output(tmp_path):
 def test_converted_dit_and_vae_are_not_confused(small, tmp_path):
   _, cfg, params = small
   convert.save_converted_vae(str(tmp_path / 'vae'), cfg, params)
-  with pytest.raises(convert.CheckpointError, match='is a converted VAE, not a DiT'):
+  with pytest.raises(errors.CheckpointError, match='is a converted VAE, not a DiT'):
     convert.load_converted(str(tmp_path / 'vae'))
-  spec = convert.ModelSpec('DiT-S/8', input_size=8, num_classes=10)
+  spec = ModelSpec('DiT-S/8', input_size=8, num_classes=10)
   convert.save_converted(str(tmp_path / 'dit'), spec, {'x_embedder': {'bias': np.zeros(3, np.float32)}})
-  with pytest.raises(convert.CheckpointError, match='is a converted DiT, not a VAE'):
+  with pytest.raises(errors.CheckpointError, match='is a converted DiT, not a VAE'):
     convert.load_vae(str(tmp_path / 'dit'))

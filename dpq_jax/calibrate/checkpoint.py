@@ -21,11 +21,6 @@ import orbax.checkpoint as ocp
 from dpq_jax import errors, io_utils
 
 
-class CheckpointError(errors.ConfigError):
-  """A checkpoint that cannot be restored into this run (corrupt, or from another config): the
-  user fixes it by deleting it or choosing another workdir, so main prints one line for it."""
-
-
 class Checkpointer:
   """CheckpointManager over DIR with items 'state' (StandardSave) and 'data' (JSON)."""
 
@@ -60,17 +55,19 @@ class Checkpointer:
       restored = self.manager.restore(step, args=args)
     except Exception as e:  # orbax raises many types; all mean the same thing here
       first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
-      raise CheckpointError(
+      raise errors.CheckpointError(
         f'checkpoint {where} cannot be restored into this run ({type(e).__name__}: {first}); '
         'it is corrupt or was written by a different config: delete it or use another --workdir'
       ) from None
     state = restored['state']
     want = jax.tree_util.tree_structure(abstract_state)
     if jax.tree_util.tree_structure(state) != want:
-      raise CheckpointError(f'checkpoint {where} holds a different tree than this run expects; use another --workdir')
+      raise errors.CheckpointError(
+        f'checkpoint {where} holds a different tree than this run expects; use another --workdir'
+      )
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(abstract_state), jax.tree.leaves(state)):
       if tuple(a.shape) != tuple(np.shape(b)) or np.dtype(a.dtype) != np.dtype(b.dtype):
-        raise CheckpointError(
+        raise errors.CheckpointError(
           f'checkpoint {where}: {jax.tree_util.keystr(path)} is {np.dtype(b.dtype).name}{list(np.shape(b))}, '
           f'this run expects {np.dtype(a.dtype).name}{list(a.shape)}; it was written by a different config'
         )

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import io_utils, tree_utils
+from dpq_jax import distributed, errors, io_utils, tree_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
-from dpq_jax.calibrate import distributed, sharding
+from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.quant import codebook_values
@@ -107,7 +107,7 @@ def calibrate(
     try:
       iterator.set_state(data_state['iterator'].encode())
     except ValueError as e:
-      raise ckpt_lib.CheckpointError(
+      raise errors.CheckpointError(
         f'checkpoint {start} in {checkpointer.directory} was written with other calibration data: {e}'
       ) from None
     if writer:
@@ -227,7 +227,7 @@ def _check_fingerprint(directory: str, fingerprint: str | None, resuming: bool, 
   if resuming and io_utils.exists(path):
     old = io_utils.read_json(path).get('fingerprint')
     if old != fingerprint:
-      raise ckpt_lib.CheckpointError(
+      raise errors.CheckpointError(
         f'{directory} holds checkpoints of another calibration (fingerprint {old}, this job {fingerprint}: the '
         'weights or the quant/compress/calibrate/data config differ); delete it to start over, or rerun with '
         "that job's config to resume it"

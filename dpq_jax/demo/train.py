@@ -8,13 +8,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from dpq_jax import convert, diffusion, tree_utils
+from dpq_jax import diffusion, tree_utils
 from dpq_jax.models import dit
+from dpq_jax.models.spec import ModelSpec
 
 
-def spec_of(config: ml_collections.ConfigDict) -> convert.ModelSpec:
+def spec_of(config: ml_collections.ConfigDict) -> ModelSpec:
   m = config.model
-  return convert.ModelSpec(m.name, m.input_size, m.num_classes, m.learn_sigma, in_channels=1)
+  return ModelSpec(m.name, m.input_size, m.num_classes, m.learn_sigma, in_channels=1)
 
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:

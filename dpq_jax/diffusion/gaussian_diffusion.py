@@ -217,9 +217,12 @@ class GaussianDiffusion:
     Returns {'sample', 'pred_xstart'}; the step noise is drawn from `key`.
     """
     out = self.p_mean_variance(apply_fn, variables, x, t, clip_denoised, model_kwargs)
-    noise = jax.random.normal(key, x.shape, x.dtype)
-    sample = out['mean'] + _nonzero_mask(t, x) * jnp.exp(0.5 * out['log_variance']) * noise
+    sample = self.ddpm_update(out, x, t, jax.random.normal(key, x.shape, x.dtype))
     return {'sample': sample, 'pred_xstart': out['pred_xstart']}
+
+  def ddpm_update(self, out: dict[str, Array], x: Array, t: Array, noise: Array) -> Array:
+    """x_{t-1} of an ancestral step from p_mean_variance's `out` and the step's noise (unused at t == 0)."""
+    return out['mean'] + _nonzero_mask(t, x) * jnp.exp(0.5 * out['log_variance']) * noise
 
   def ddim_sample(self, apply_fn, variables, x, t, key, clip_denoised=False, model_kwargs=None, eta=0.0):
     """One DDIM step x_t -> x_{t-1} (eq. 12 of Song et al.); eta=0 is deterministic.
@@ -227,14 +230,18 @@ class GaussianDiffusion:
     Returns {'sample', 'pred_xstart'}; the step noise (scaled by eta) is drawn from `key`.
     """
     out = self.p_mean_variance(apply_fn, variables, x, t, clip_denoised, model_kwargs)
+    sample = self.ddim_update(out, x, t, jax.random.normal(key, x.shape, x.dtype), eta)
+    return {'sample': sample, 'pred_xstart': out['pred_xstart']}
+
+  def ddim_update(self, out: dict[str, Array], x: Array, t: Array, noise: Array, eta: float | Array = 0.0) -> Array:
+    """x_{t-1} of a DDIM step from p_mean_variance's `out` and the step's noise (scaled by eta)."""
     # Re-derived from the (possibly clipped) x_0 prediction, as the original does.
     eps = self._predict_eps_from_xstart(x, t, out['pred_xstart'])
     alpha_bar = _extract(self.alphas_cumprod, t, x.ndim)
     alpha_bar_prev = _extract(self.alphas_cumprod_prev, t, x.ndim)
     sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
     mean = out['pred_xstart'] * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-    sample = mean + _nonzero_mask(t, x) * sigma * jax.random.normal(key, x.shape, x.dtype)
-    return {'sample': sample, 'pred_xstart': out['pred_xstart']}
+    return mean + _nonzero_mask(t, x) * sigma * noise
 
   def ddim_reverse_sample(self, apply_fn, variables, x, t, clip_denoised=False, model_kwargs=None):
     """One deterministic DDIM inversion step x_t -> x_{t+1}; returns {'sample', 'pred_xstart'}."""

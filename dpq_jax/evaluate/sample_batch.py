@@ -26,8 +26,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import diffusion as diffusion_lib
-from dpq_jax import errors, io_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.evaluate import adm_npz, grid, sampler
 from dpq_jax.quant import lineage
 

@@ -4,7 +4,9 @@ Sample i draws its starting noise from `fold_in(key(seed), i)` and its step-t no
 `fold_in(fold_in(key(seed), i), t + 1)`, each of one sample's shape. No draw spans the batch,
 so a sample's trajectory does not depend on the batch it is in, the number of devices the
 batch is split over, or where an interrupted run was resumed. The batch is sharded along a
-1-D 'data' mesh over all devices (jit follows the input shardings; never pmap).
+1-D 'data' mesh over all devices (jit follows the input shardings; never pmap). The steps are
+diffusion/sampling.py's loop (`run_steps`), the one `p_sample_loop`/`ddim_sample_loop` run, with
+this per-sample noise.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dpq_jax.diffusion import gaussian_diffusion
+from dpq_jax.diffusion import sampling
+from dpq_jax.diffusion.sampling import KINDS as KINDS
+from dpq_jax.diffusion.sampling import denoise_step as denoise_step  # x_{t-1} from explicit noise
 
 Array = jax.Array
-KINDS = ('ddpm', 'ddim')
 STEPS_PER_CALL = 25  # denoising steps per compiled call, so a progress bar can advance
 
 
@@ -43,34 +46,6 @@ def initial_noise(keys: Array, shape: tuple[int, ...]) -> Array:
 def step_noise(keys: Array, t: Array, shape: tuple[int, ...]) -> Array:
   """Noise of step t: (B, *shape), row b drawn from fold_in(keys[b], t + 1)."""
   return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, t + 1), shape, jnp.float32))(keys)
-
-
-def _at(table: np.ndarray, t: Array, x: Array) -> Array:
-  return jnp.asarray(table, jnp.float32)[t].reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def denoise_step(
-  diffusion: gaussian_diffusion.GaussianDiffusion,
-  kind: str,
-  out: dict[str, Array],
-  x: Array,
-  t: Array,
-  noise: Array,
-  eta: float | Array = 0.0,
-) -> Array:
-  """x_{t-1} from p_mean_variance's `out` and explicit noise: the same update as the process's
-  p_sample (DDPM) / ddim_sample (DDIM), which draw their noise from one key for the batch."""
-  nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))  # no noise at t == 0
-  if kind == 'ddpm':
-    return out['mean'] + nonzero * jnp.exp(0.5 * out['log_variance']) * noise
-  eps = (_at(diffusion.sqrt_recip_alphas_cumprod, t, x) * x - out['pred_xstart']) / _at(
-    diffusion.sqrt_recipm1_alphas_cumprod, t, x
-  )
-  alpha_bar = _at(diffusion.alphas_cumprod, t, x)
-  alpha_bar_prev = _at(diffusion.alphas_cumprod_prev, t, x)
-  sigma = eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * jnp.sqrt(1 - alpha_bar / alpha_bar_prev)
-  mean = out['pred_xstart'] * jnp.sqrt(alpha_bar_prev) + jnp.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-  return mean + nonzero * sigma * noise
 
 
 class GuidedApply:
@@ -103,20 +78,9 @@ class GuidedApply:
     return self.model.apply(variables, xx, tt, yy, self.cfg_scale, method='forward_with_cfg')[:b]
 
 
-@functools.partial(jax.jit, static_argnames=('diffusion', 'apply_fn', 'kind'))
-def run_steps(diffusion, apply_fn, kind, variables, x, keys, y, indices, eta):
-  """Runs the (descending) step indices; -1 marks padding that leaves x unchanged."""
-  shape = x.shape[1:]
-
-  def step(x, i):
-    t = jnp.full((x.shape[0],), i, jnp.int32)
-    out = diffusion.p_mean_variance(apply_fn, variables, x, t, False, {'y': y})
-    return denoise_step(diffusion, kind, out, x, t, step_noise(keys, i, shape), eta).astype(x.dtype)
-
-  def body(x, i):
-    return jax.lax.cond(i >= 0, step, lambda x, i: x, x, i), None
-
-  return jax.lax.scan(body, x, indices)[0]
+def own_step_noise(keys: Array, t: Array, x_shape: tuple[int, ...]) -> Array:
+  """sampling.run_steps' noise_fn: step t's noise drawn per sample (step_noise)."""
+  return step_noise(keys, t, x_shape[1:])
 
 
 class Sampler:
@@ -153,27 +117,11 @@ class Sampler:
     keys = _keys(self.seed, put(np.asarray(indices, np.uint32)))
     y = put(np.asarray(labels, np.int32))
     x = _noise(keys, self.shape)
-    num_steps = self.diffusion.num_timesteps
-    per_call = min(STEPS_PER_CALL, num_steps)
-    order = np.arange(num_steps)[::-1]
-    order = np.concatenate([order, np.full(-num_steps % per_call, -1)]).astype(np.int32)
-    bar = None
-    if progress:
-      from tqdm.auto import tqdm
-
-      bar = tqdm(total=num_steps, desc=f'{self.kind} steps', unit='step', leave=False)
-    for start in range(0, len(order), per_call):
-      chunk = order[start : start + per_call]
-      x = run_steps(
-        self.diffusion, self.apply_fn, self.kind, self.variables, x, keys, y, jnp.asarray(chunk),
-        jnp.float32(self.eta),
-      )  # fmt: skip
-      if bar is not None:
-        x.block_until_ready()
-        bar.update(int((chunk >= 0).sum()))
-    if bar is not None:
-      bar.close()
-    return x
+    # masked=True: every step under lax.cond, as this sampler has always compiled it (same bits).
+    return sampling.run_steps(
+      self.diffusion, self.kind, self.apply_fn, self.variables, x, own_step_noise, keys, {'y': y},
+      eta=self.eta, chunk=STEPS_PER_CALL, masked=True, progress=progress, desc=f'{self.kind} steps',
+    )  # fmt: skip
 
 
 def _global(sharding: NamedSharding, host: np.ndarray) -> Array:

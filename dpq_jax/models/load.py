@@ -9,6 +9,7 @@ import numpy as np
 
 from dpq_jax import convert, io_utils
 from dpq_jax.models import dit
+from dpq_jax.models.spec import ModelSpec
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -35,12 +36,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
-def load_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[convert.ModelSpec, dit.DiT, dict]:
+def load_model(cfg: ml_collections.ConfigDict, seed: int = 0) -> tuple[ModelSpec, dit.DiT, dict]:
   """Builds the module and its params from config.model (random init or a checkpoint)."""
   if cfg.init == 'random':
-    spec = convert.ModelSpec(
-      name=cfg.name, input_size=cfg.input_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma
-    )
+    spec = ModelSpec(name=cfg.name, input_size=cfg.input_size, num_classes=cfg.num_classes, learn_sigma=cfg.learn_sigma)
     params = jax.jit(lambda key: dit.init_params(spec.create(), key))(jax.random.key(seed))
     params = randomize_zero_init(params, jax.random.key(seed + 1))
   else:

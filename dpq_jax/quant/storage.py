@@ -28,8 +28,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpq_jax import io_utils, tree_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed, io_utils, tree_utils
 from dpq_jax.quant import codebook_values, compress, packing
 from dpq_jax.quant import rtn as rtn_lib
 from dpq_jax.quant.surgery import QuantizedParams, RTNLayer

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, io_utils
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import data as data_lib
-from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import loop as loop_lib
+from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_lib

@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dpq_jax.calibrate import distributed
+from dpq_jax import distributed
 from dpq_jax.evaluate import sample_batch, scoring
 from dpq_jax.stages.job import Job
 

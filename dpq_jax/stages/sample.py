@@ -15,8 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import convert, errors, io_utils
-from dpq_jax.calibrate import distributed
+from dpq_jax import convert, distributed, errors, io_utils
 from dpq_jax.evaluate import sample_batch, sampler
 from dpq_jax.models import vae as vae_lib
 from dpq_jax.stages.job import Job
