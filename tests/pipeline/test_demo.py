@@ -1,7 +1,6 @@
 """The digits demo: data split, classifier, stage `train` with its cache, stage `compare` end to end."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -9,8 +8,8 @@ import numpy as np
 import pytest
 
 from dpq_jax.demo import classifier, digits
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {
     'name', 'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
     'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'metrics', 'timings_s',

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 
 from dpq_jax import pipeline
-from tests import test_calibrate as tc
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.calibrate import test_calibrate as tc
+from tests.helpers import ROOT
 
 
 def _rerun_with_8_devices(test_name: str) -> None:

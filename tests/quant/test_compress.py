@@ -14,8 +14,7 @@ import pytest
 
 from dpq_jax import tree_utils
 from dpq_jax.quant import compress, compress_stage, kmeans, layers, packing, pq, storage, surgery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _heavy(shape, seed=0):

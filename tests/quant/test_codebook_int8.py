@@ -12,8 +12,8 @@ import pytest
 
 from dpq_jax import tree_utils
 from dpq_jax.quant import codebook_values, compress_stage, packing, pq, storage, surgery
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATTERN = r'blocks_\d+/(attn/proj|mlp/fc1)'  # 4 layers of 2 shapes: quick to compile
 
 

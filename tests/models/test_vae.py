@@ -1,7 +1,6 @@
 """Flax SD-VAE against diffusers' AutoencoderKL (random weights), its converter, the CLI and refusals."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -12,8 +11,8 @@ import torch
 
 from dpq_jax import convert
 from dpq_jax.models import vae as vae_lib
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {'block_out_channels': (32, 64), 'layers_per_block': 1, 'norm_num_groups': 8}
 
 

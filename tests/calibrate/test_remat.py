@@ -25,7 +25,7 @@ from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import dit
 from dpq_jax.quant import layers, pq, surgery
-from tests import test_calibrate as tc
+from tests.calibrate import test_calibrate as tc
 
 B = 3  # batch: no activation shape equals a kernel shape of the tiny model (hidden 32)
 

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 WORKER = r"""
 import json, os, sys
@@ -20,7 +20,7 @@ assert distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_
 import jax
 from dpq_jax.calibrate import data as data_lib, loop, sharding
 from dpq_jax.quant import layers
-from tests import test_calibrate as tc
+from tests.calibrate import test_calibrate as tc
 
 pid, workdir = jax.process_index(), sys.argv[1]
 assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1

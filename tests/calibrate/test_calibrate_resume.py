@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 
 from dpq_jax.calibrate import checkpoint as ckpt_lib
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 BATCH = 4
 
 DRIVER = r"""
 import os, signal, sys, time
 import grain, jax, numpy as np
-from tests import test_calibrate as tc
+from tests.calibrate import test_calibrate as tc
 from dpq_jax.calibrate import data as data_lib, loop
 from dpq_jax.quant import layers
 

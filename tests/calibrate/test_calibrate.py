@@ -6,7 +6,6 @@ the subprocess driver of test_calibrate_resume.py.
 
 import functools
 import json
-import os
 import re
 import subprocess
 import sys
@@ -27,8 +26,8 @@ from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import dit
 from dpq_jax.models.load import randomize_zero_init
 from dpq_jax.quant import layers, pq, surgery
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
 
 

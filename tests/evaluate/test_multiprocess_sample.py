@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 WORKER = r"""
 import json, os, sys
@@ -20,7 +20,7 @@ from dpq_jax.calibrate import distributed
 distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, if set
 import jax
 from dpq_jax import pipeline
-from tests import test_gcs_paths
+from tests.pipeline import test_gcs_paths
 
 config = test_gcs_paths._config()
 config.sample.num_samples, config.sample.batch_size, config.sample.labels = 6, 4, 'random'  # one padded chunk
@@ -49,7 +49,7 @@ def test_two_processes_sample_like_one_and_only_process_0_writes(tmp_path):
 
   from dpq_jax import convert
   from dpq_jax.models import vae as vae_lib
-  from tests import test_sampler
+  from tests.evaluate import test_sampler
 
   vae = str(tmp_path / 'vae')
   params = vae_lib.init_params(vae_lib.AutoencoderKL(test_sampler.TINY_VAE), jax.random.key(0))

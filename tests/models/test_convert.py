@@ -12,8 +12,7 @@ import torch
 
 from dpq_jax import convert
 from tests import torch_refs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
 
 
 @pytest.fixture(scope='module')

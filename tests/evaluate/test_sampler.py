@@ -17,8 +17,8 @@ from dpq_jax import convert, diffusion, errors, pipeline
 from dpq_jax.evaluate import adm_npz, sample, sampler
 from dpq_jax.models import load
 from dpq_jax.models import vae as vae_lib
+from tests.helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_VAE = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
 
 
