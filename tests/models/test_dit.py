@@ -20,9 +20,8 @@ def _rel_err(a, b):
 
 
 @pytest.fixture(scope='module')
-def converted():
-  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
-  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
+def converted(torch_dit):
+  ref, state = torch_dit
   spec = convert.infer_spec(state, None, input_size=8)
   return ref, spec, convert.original_to_flax(state, spec)
 
