@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from benchmarks import _common
-from benchmarks import _torch_reference as torch_refs
+from benchmarks import torch_reference as torch_refs
 from dpq_jax import convert
 from dpq_jax.models import dit
 

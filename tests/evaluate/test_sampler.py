@@ -4,8 +4,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,18 +18,7 @@ from dpq_jax.models import load
 from dpq_jax.models import vae as vae_lib
 from dpq_jax.stages import Job
 from dpq_jax.stages import sample as sample_stage
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_VAE = vae_lib.VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4)
-
-
-@pytest.fixture(scope='module')
-def vae_dir(tmp_path_factory):
-  """A converted tiny random VAE (downscale 2: 16x16 latents -> 32x32 images)."""
-  path = tmp_path_factory.mktemp('vae') / 'tiny'
-  params = vae_lib.init_params(vae_lib.AutoencoderKL(TINY_VAE), jax.random.key(0))
-  convert.save_converted_vae(str(path), TINY_VAE, jax.tree.map(np.asarray, params))
-  return str(path)
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
@@ -97,8 +84,8 @@ def test_noise_belongs_to_the_sample():
 
 def test_guidance_is_the_originals(dit):
   """eps[:3] = uncond + s (cond - uncond), the rest (4th eps channel, variance) from the conditional pass."""
-  model, variables = dit
-  params = variables['params']
+  spec, params = dit
+  model = spec.create()
   x = jax.random.normal(jax.random.key(2), (2, 16, 16, 4))
   t, y = jnp.array([10, 900]), jnp.array([3, 7])
   got = jax.jit(sampler.GuidedApply(model, 10, 4.0))({'params': params}, x, t, y)
@@ -117,8 +104,8 @@ def _run_stage(config, workdir, dit):
   return sample_stage.run(config, str(workdir), Job(report={}, spec=spec, fp_params=params))
 
 
-def test_resume_after_interruption_gives_the_same_files(dit, vae_dir, tmp_path, monkeypatch):
-  config = _config(vae_dir)
+def test_resume_after_interruption_gives_the_same_files(dit, tiny_vae_dir, tmp_path, monkeypatch):
+  config = _config(tiny_vae_dir)
   _run_stage(config, tmp_path / 'straight', dit)
 
   calls = []
@@ -144,8 +131,8 @@ def test_resume_after_interruption_gives_the_same_files(dit, vae_dir, tmp_path, 
   assert not (tmp_path / 'resumed' / sample.CHUNK_DIR).exists()
 
 
-def test_adm_npz_and_grid(dit, vae_dir, tmp_path):
-  config = _config(vae_dir, labels='balanced')
+def test_adm_npz_and_grid(dit, tiny_vae_dir, tmp_path):
+  config = _config(tiny_vae_dir, labels='balanced')
   job = _run_stage(config, tmp_path, dit)
   path = tmp_path / sample.SAMPLES_FILE
   with np.load(path) as f:
@@ -157,7 +144,7 @@ def test_adm_npz_and_grid(dit, vae_dir, tmp_path):
   # The images are the VAE's decoding of the saved latents, quantised as DiT's sample_ddp.py.
   with np.load(tmp_path / sample.LATENTS_FILE) as f:
     latents = f['arr_0']
-  vae_config, vae_params = convert.load_vae(vae_dir)
+  vae_config, vae_params = convert.load_vae(tiny_vae_dir)
   decoded = np.asarray(
     vae_lib.AutoencoderKL(vae_config).apply({'params': vae_params}, latents / 0.18215, method='decode')
   )
@@ -211,9 +198,8 @@ def test_bad_configs_fail_before_writing(tmp_path):
 
 
 def test_vae_must_match_the_model(dit, tmp_path):
-  three = dataclasses.replace(TINY_VAE, latent_channels=3)
-  params = vae_lib.init_params(vae_lib.AutoencoderKL(three), jax.random.key(0))
-  convert.save_converted_vae(str(tmp_path / 'vae3'), three, jax.tree.map(np.asarray, params))
+  three = dataclasses.replace(helpers.TINY_VAE, latent_channels=3)
+  helpers.save_random_vae(tmp_path / 'vae3', three)
   with pytest.raises(errors.ConfigError, match='has 3 latent channels; the model samples 4'):
     _run_stage(_config(str(tmp_path / 'vae3')), tmp_path / 'w', dit)
   assert not (tmp_path / 'w').exists()
@@ -228,21 +214,19 @@ def test_chunks_of_another_run_are_refused(dit, tmp_path, monkeypatch):
     _run_stage(config, tmp_path, dit)
 
 
-def test_one_vs_eight_devices(dit, vae_dir, tmp_path):
+def test_one_vs_eight_devices(dit, tiny_vae_dir, tmp_path):
   """The same samples on 1 device (here) and 8 (a subprocess running the CLI), up to float32 matmul
   blocking, which varies with the per-device batch."""
   assert jax.device_count() == 1
-  config = _config(vae_dir, num_samples=12, batch_size=8, steps=3)
+  config = _config(tiny_vae_dir, num_samples=12, batch_size=8, steps=3)
   _run_stage(config, tmp_path / '1', dit)
-  cmd = [
-    sys.executable, '-m', 'dpq_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path / "8"}',
+  r = helpers.run_main(
+    tmp_path / '8',
     '--config.model.name=DiT-S/8', '--config.model.input_size=16', '--config.model.num_classes=10',
     '--config.sample.sampler=ddpm', '--config.sample.steps=3', '--config.sample.num_samples=12',
     '--config.sample.batch_size=8', '--config.sample.cfg_scale=1.5', '--config.sample.labels=random',
-    f'--config.vae.checkpoint={vae_dir}',
-  ]  # fmt: skip
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    f'--config.vae.checkpoint={tiny_vae_dir}', env={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'},
+  )  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads((tmp_path / '8' / 'report.json').read_text())['samples']['devices'] == 8
   out = {}
@@ -257,12 +241,9 @@ def test_one_vs_eight_devices(dit, vae_dir, tmp_path):
 
 
 def test_batch_must_split_over_devices(tmp_path):
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path / "w"}',
-         '--config.sample.batch_size=6']  # fmt: skip
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-  assert r.returncode == 2 and 'config.sample.batch_size=6: expected a multiple of the 4 devices' in r.stderr
-  assert not (tmp_path / 'w').exists()
+  r = helpers.run_main(tmp_path / 'w', '--config.sample.batch_size=6',
+                       env={'XLA_FLAGS': '--xla_force_host_platform_device_count=4'})  # fmt: skip
+  helpers.assert_refused(r, tmp_path / 'w', 'config.sample.batch_size=6: expected a multiple of the 4 devices')
 
 
 def test_smoke_variant_of_the_xl_job_is_config_values(tmp_path):

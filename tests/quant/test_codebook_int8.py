@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,13 +10,9 @@ import pytest
 
 from dpq_jax import tree_utils
 from dpq_jax.quant import allocation, codebook_values, packing, pq, storage, surgery
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PATTERN = r'blocks_\d+/(attn/proj|mlp/fc1)'  # 4 layers of 2 shapes: quick to compile
-
-
-def _heavy(shape, seed=0, df=4):
-  return (np.random.default_rng(seed).standard_t(df, shape) * 0.02).astype(np.float32)
 
 
 def _np_int8(codebooks, alive=None):
@@ -39,7 +33,7 @@ def _on_grid(codebooks, alive=None):
 
 
 def test_int8_round_trip_matches_numpy_reference():
-  cb = _heavy((6, 32, 8), seed=1)
+  cb = helpers.heavy_tailed((6, 32, 8), seed=1, df=4)
   cb[2] = 0.0  # all-zero codebook: scale 1
   cb[4] *= 1e3  # large range
   alive = np.ones((6, 32), bool)
@@ -73,20 +67,6 @@ def test_int8_round_trip_matches_numpy_reference():
   )
   assert codebook_values.value_bytes('int8') == 1 and codebook_values.overhead_bytes('int8') == 2
   assert codebook_values.side_dtype('int8') == 'float16'
-
-
-def _tiny_dit():
-  from dpq_jax.models import dit
-  from dpq_jax.models.load import randomize_zero_init
-
-  name = 'DiT-2x64x2/4'  # depth 2, width 64
-  model = dit.create_model(name, input_size=8, num_classes=10)
-  return model, randomize_zero_init(dit.init_params(model, jax.random.key(0)), jax.random.key(1))
-
-
-@pytest.fixture(scope='module')
-def tiny_dit():
-  return _tiny_dit()
 
 
 def _get(tree, name):
@@ -164,7 +144,7 @@ def test_int8_rtn_keeps_float16_scalars(tiny_dit, tmp_path):
 def _layers(num=2, k=32, d=8, in_f=64, out_f=256):
   out = []
   for i in range(num):
-    kernel = _heavy((in_f, out_f), seed=10 + i)
+    kernel = helpers.heavy_tailed((in_f, out_f), seed=10 + i, df=4)
     cb, codes, _ = pq.fit(jnp.asarray(kernel), pq.CodebookSpec(k, d), jax.random.key(i), iters=4)
     scale = pq.channel_scale(kernel, pq.decode(cb, codes))
     out.append(allocation.Layer(f'blocks_{i}/mlp/fc1', np.asarray(cb), np.asarray(codes), kernel,
@@ -230,7 +210,7 @@ def _np_pq_error(w, codebooks, d):
 
 
 def test_int8_weight_error_is_close_to_float16():
-  w = _heavy((128, 1024), seed=3, df=3)  # trained-looking: heavy tails
+  w = helpers.heavy_tailed((128, 1024), seed=3, df=3)  # trained-looking: heavy tails
   spec = pq.CodebookSpec(64, 4)
   cb, codes, _ = pq.fit(jnp.asarray(w), spec, jax.random.key(0), iters=8)
   errors = {}
@@ -276,11 +256,10 @@ def test_bad_codebook_dtype_fails_with_one_line(tiny_dit, tmp_path):
 def test_quantize_compress_stages_with_int8_cli(tmp_path):
   """Stages quantize + compress through the CLI with int8 codebooks: the stage's own on-disk budget check
   passes and report.json's bytes are the artifact's."""
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={tmp_path}',
-         '--config.quant.kmeans_iters=2', '--config.quant.k=16', '--config.quant.d=4',
-         '--config.quant.codebook_dtype=int8', '--config.compress.budget=28',
-         "--config.stages=('load','quantize','compress')"]  # fmt: skip
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  args = ['--config.quant.kmeans_iters=2', '--config.quant.k=16', '--config.quant.d=4',
+          '--config.quant.codebook_dtype=int8', '--config.compress.budget=28']  # fmt: skip
+  r = helpers.run_main(tmp_path, *args, "--config.stages=('load','quantize','compress')", config=helpers.XL_RUNLOCAL,
+                       timeout=900)  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
   artifact = tmp_path / 'quantized'
@@ -298,9 +277,9 @@ def test_quantize_compress_stages_with_int8_cli(tmp_path):
   # Calibration on top (the same workdir: load, quantize and compress are reused): the trained codebooks are
   # written on the int8 grid (a float astype to int8 would zero them), close to the compressed ones.
   _, before = storage.load(str(artifact))
-  r = subprocess.run(cmd[:-1] + ["--config.stages=('load','quantize','compress','calibrate')",
-                                 '--config.calibrate.steps=2', '--config.calibrate.lr=1e-3'],
-                     capture_output=True, text=True, cwd=ROOT, timeout=900)  # fmt: skip
+  r = helpers.run_main(tmp_path, *args, "--config.stages=('load','quantize','compress','calibrate')",
+                       '--config.calibrate.steps=2', '--config.calibrate.lr=1e-3', config=helpers.XL_RUNLOCAL,
+                       timeout=900)  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   _, after = storage.load(str(artifact))
   leaves = jax.tree_util.tree_leaves_with_path(after.params)

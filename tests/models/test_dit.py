@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks import torch_reference as torch_refs
 from dpq_jax import convert
 from dpq_jax.models import dit
 from dpq_jax.models.spec import ModelSpec
-from tests import torch_refs
 
 T_VALUES = np.array([0, 1, 250, 999])
 
@@ -21,9 +21,8 @@ def _rel_err(a, b):
 
 
 @pytest.fixture(scope='module')
-def converted():
-  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
-  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
+def converted(torch_dit):
+  ref, state = torch_dit
   spec = convert.infer_spec(state, None, input_size=8)
   return ref, spec, convert.original_to_flax(state, spec)
 

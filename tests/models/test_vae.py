@@ -1,9 +1,6 @@
 """Flax SD-VAE against diffusers' AutoencoderKL (random weights), its converter, the CLI and refusals."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,8 +10,8 @@ import torch
 from dpq_jax import convert, errors
 from dpq_jax.models import vae as vae_lib
 from dpq_jax.models.spec import ModelSpec
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = {'block_out_channels': (32, 64), 'layers_per_block': 1, 'norm_num_groups': 8}
 
 
@@ -104,8 +101,7 @@ def test_cli_converts_safetensors_folder(small, tmp_path):
   ref, cfg, params = small
   ref.save_pretrained(tmp_path / 'vae')  # config.json + diffusion_pytorch_model.safetensors
   out = tmp_path / 'converted'
-  cmd = [sys.executable, 'convert_torch_checkpoint.py', '--vae', '--checkpoint', str(tmp_path / 'vae'), '--output', out]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  r = helpers.run_convert('--vae', '--checkpoint', str(tmp_path / 'vae'), '--output', out)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads((out / 'model.json').read_text())['kind'] == 'vae'
   got_cfg, got = convert.load_vae(str(out))
@@ -173,8 +169,7 @@ def test_cli_failure_keeps_previous_output(tmp_path):
   out.mkdir()
   (out / 'keep').write_text('x')
   (tmp_path / 'empty').mkdir()
-  cmd = [sys.executable, 'convert_torch_checkpoint.py', '--vae', '--checkpoint', tmp_path / 'empty', '--output', out]
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
+  r = helpers.run_convert('--vae', '--checkpoint', tmp_path / 'empty', '--output', out)
   errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
   assert r.returncode == 2 and len(errors) == 1 and 'no config.json' in errors[0], r.stderr
   assert [p.name for p in out.iterdir()] == ['keep']

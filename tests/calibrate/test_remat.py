@@ -18,14 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpq_jax import diffusion as diffusion_lib
 from dpq_jax import pipeline
-from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
-from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import dit
-from dpq_jax.quant import layers, pq, surgery
-from tests import test_calibrate as tc
+from dpq_jax.quant import layers, pq
+from tests.calibrate import tiny
 
 B = 3  # batch: no activation shape equals a kernel shape of the tiny model (hidden 32)
 
@@ -33,25 +30,11 @@ B = 3  # batch: no activation shape equals a kernel shape of the tiny model (hid
 def _step(remat: str, assignment: str):
   """(metrics, params before, params after, XLA temporaries bytes) of one SGD(lr=1) calibration step:
   after = before - grad."""
-  fp, rules, params, q = tc.tiny_setup()
   trainable = 'codebooks,latent' if assignment == 'ste' else 'codebooks'
-  cfg = tc.calib_config(optimizer='sgd', lr=1.0, b1=0.0, label_dropout=0.5, trainable=trainable)
-  dyn, frz = step_lib.calibration_models(fp, rules, assignment, remat)
-  p, qn = step_lib.attach_latent(q.params, q.quant, params, assignment)
-  mutable, constant = step_lib.split_quant(qn)
-  train, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
-  tx = trainable_lib.optimizer(cfg)
-  state = step_lib.init_state(train, mutable, tx, 0)
-  frozen = {'params': frozen_params, 'quant': constant, 'fp': {}}
-  fn = step_lib.make_train_step(
-    dyn, frz, diffusion_lib.create_diffusion(), tx, step_lib.LossConfig(tc.NUM_CLASSES, 0.5)
-  )
-  mesh = sharding.make_mesh((('data', 1), ('fsdp', 1)), jax.devices()[:1])
-  jstep, state_sh, frozen_sh = step_lib.jit_step(fn, mesh, state, frozen)
-  state = jax.device_put(state, state_sh, may_alias=False)
-  frozen = jax.device_put(frozen, frozen_sh)
+  cfg = tiny.calib_config(optimizer='sgd', lr=1.0, b1=0.0, label_dropout=0.5, trainable=trainable, remat=remat)
+  jstep, state, frozen, _ = tiny.build(cfg, assignment=assignment)
   before = jax.device_get(state)
-  x, y = tc.tiny_data(8)
+  x, y = tiny.tiny_data(8)
   batch = {'latents': x, 'labels': y}
   compiled = jstep.lower(state, frozen, batch).compile()
   after, metrics = compiled(state, frozen, batch)
@@ -61,21 +44,9 @@ def _step(remat: str, assignment: str):
 @functools.lru_cache(maxsize=None)
 def _dense_reference():
   """(loss, dL/dW of every kernel) of the plain DiT on the decoded kernels, with step 0's randomness."""
-  fp, _, params, q = tc.tiny_setup()
-  x, y = tc.tiny_data(8)
-  rng = jax.random.fold_in(jax.random.key(0), 0)  # init_state(seed=0), step 0
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  diffusion = diffusion_lib.create_diffusion()
-  t = jax.random.randint(k_t, (8,), 0, diffusion.num_timesteps)
-  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
-  y_in = jnp.where(jax.random.uniform(k_drop, (8,)) < 0.5, tc.NUM_CLASSES, y)
-
-  def loss(p):
-    terms = diffusion.training_losses(fp.apply, {'params': p}, jnp.asarray(x), t, noise=noise, model_kwargs={'y': y_in})
-    return jnp.mean(terms['loss'])
-
-  value, grads = jax.jit(jax.value_and_grad(loss))(surgery.dequantize_params(q.params, q.quant))
-  return float(value), jax.device_get(grads)
+  x, y = tiny.tiny_data(8)
+  value, grads = tiny.dense_step_reference(jax.random.fold_in(jax.random.key(0), 0), x, y)  # init_state(seed=0), step 0
+  return float(value), grads
 
 
 def _node(tree, keys):
@@ -88,7 +59,7 @@ def _node(tree, keys):
   'remat,assignment', [('none', 'dynamic'), ('decoded', 'dynamic'), ('blocks', 'dynamic'), ('decoded', 'ste')]
 )
 def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment):
-  _, _, _, q = tc.tiny_setup()
+  _, _, _, q = tiny.tiny_setup()
   cached = {('none', 'dynamic'): _step_none, ('decoded', 'dynamic'): _step_decoded}
   metrics, before, after, _ = cached[remat, assignment]() if (remat, assignment) in cached else _step(remat, assignment)
   ref_loss, ref_grads = _dense_reference()
@@ -130,7 +101,7 @@ def _step_decoded():
 
 def test_decoded_mode_needs_less_memory_in_xla_analysis():
   """XLA's buffer assignment of the compiled step: 'decoded' saves at least half the decoded kernels."""
-  _, _, params, q = tc.tiny_setup()
+  _, _, params, q = tiny.tiny_setup()
   kernel_bytes = sum(
     4 * np.size(_node(params, [p.key for p in path[:-1]])['kernel'])
     for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
@@ -142,10 +113,10 @@ def test_decoded_mode_needs_less_memory_in_xla_analysis():
 def _residuals(remat: str) -> list[tuple[str, str, tuple[int, ...]]]:
   """(source, dtype, shape) of every residual the calibration loss keeps for its backward pass, from
   jax.ad_checkpoint.print_saved_residuals; arguments (params, latents) cost nothing and are left out."""
-  fp, rules, params, q = tc.tiny_setup()
+  fp, rules, params, q = tiny.tiny_setup()
   dyn, _ = step_lib.calibration_models(fp, rules, 'dynamic', remat)
   _, qn = step_lib.attach_latent(q.params, q.quant, params, 'dynamic')
-  x, y = tc.tiny_data(B)
+  x, y = tiny.tiny_data(B)
   t = jnp.arange(B) * 300
 
   def loss(p):
@@ -174,7 +145,7 @@ def _count_dots(jaxpr) -> int:
 
 
 def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
-  _, _, params, q = tc.tiny_setup()
+  _, _, params, q = tiny.tiny_setup()
   kernel_shapes = {
     np.shape(_node(params, [p.key for p in path[:-1]])['kernel'])
     for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
@@ -189,8 +160,8 @@ def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
   assert len(decoded) < len(none)
 
   # The backward of 'decoded' computes dx and dW only: as many matmuls as 'none' (3 per layer).
-  fp, rules, _, _ = tc.tiny_setup()
-  x, y = tc.tiny_data(B)
+  fp, rules, _, _ = tiny.tiny_setup()
+  x, y = tiny.tiny_data(B)
   t = jnp.arange(B) * 300
   counts = {}
   for remat in ('none', 'decoded'):
@@ -225,8 +196,8 @@ def test_pqdense_decoded_residuals_are_its_inputs():
 
 
 def test_blocks_mode_keeps_the_param_tree_and_loads_converted_params():
-  fp, rules, params, q = tc.tiny_setup()
-  x, y = tc.tiny_data(B)
+  fp, rules, params, q = tiny.tiny_setup()
+  x, y = tiny.tiny_data(B)
   t = jnp.arange(B) * 300
   fp_remat = fp.clone(remat=True)
   a = dit.init_params(fp, jax.random.key(0))
@@ -251,12 +222,12 @@ def test_blocks_mode_keeps_the_param_tree_and_loads_converted_params():
 
 
 def test_bad_remat_value_fails_with_one_clear_line():
-  config = tc._runlocal(**{'calibrate.remat': 'layers'})
+  config = tiny.runlocal(**{'calibrate.remat': 'layers'})
   with pytest.raises(pipeline.ConfigError) as e:
     pipeline.check_config(config)
   assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks"
-  fp, rules, _, _ = tc.tiny_setup()
+  fp, rules, _, _ = tiny.tiny_setup()
   with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks"):
     step_lib.calibration_models(fp, rules, 'dynamic', 'all')
-  assert tc._runlocal(**{'calibrate.remat': 'blocks'}).calibrate.remat == 'blocks'
-  pipeline.check_config(tc._runlocal(**{'calibrate.remat': 'decoded'}))  # the good values pass
+  assert tiny.runlocal(**{'calibrate.remat': 'blocks'}).calibrate.remat == 'blocks'
+  pipeline.check_config(tiny.runlocal(**{'calibrate.remat': 'decoded'}))  # the good values pass

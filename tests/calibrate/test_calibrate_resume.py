@@ -1,6 +1,6 @@
 """Checkpoints: SIGKILL + rerun and SIGTERM + rerun end bitwise equal to an uninterrupted run.
 
-A subprocess driver runs the calibration loop on the tiny quantized DiT of test_calibrate.py;
+A subprocess driver runs the calibration loop on the tiny quantized DiT of tiny.py;
 its data source sleeps per example so that a run can be SIGKILLed mid-way, and can send the
 process a SIGTERM while it loads its n-th example (a preemption at a known step). The runs share
 a persistent compilation cache (the same executables, so results stay bitwise comparable).
@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -19,15 +18,15 @@ import pytest
 
 from dpq_jax import errors
 from dpq_jax.calibrate import checkpoint as ckpt_lib
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
 BATCH = 4
 
 DRIVER = r"""
 import os, signal, sys, time
 import grain, jax, numpy as np
-from tests import test_calibrate as tc
+from tests.calibrate import tiny
 from dpq_jax.calibrate import data as data_lib, loop
 from dpq_jax.quant import layers
 
@@ -47,13 +46,13 @@ class Slow(data_lib.ArraySource):
 orig_loader = data_lib.train_loader
 loop.data_lib.train_loader = lambda *a: orig_loader(*a, read_options=grain.ReadOptions(num_threads=1,
                                                                                       prefetch_buffer_size=1))
-fp, rules, params, q = tc.tiny_setup()
-x, y = tc.tiny_data(32)
-cfg = tc.calib_config(steps=%d, batch_size=%d, checkpoint_every=2, keep=2, lr=3e-2, log_every=1)
+fp, rules, params, q = tiny.tiny_setup()
+x, y = tiny.tiny_data(32)
+cfg = tiny.calib_config(steps=%d, batch_size=%d, checkpoint_every=2, keep=2, lr=3e-2, log_every=1)
 out = loop.calibrate(
   dynamic_model=fp.clone(dense=layers.dense_factory(rules, 'dynamic')),
   frozen_model=fp.clone(dense=layers.dense_factory(rules, 'frozen')),
-  params=q.params, quant=q.quant, fp_params=params, source=Slow(x, y), cfg=cfg, num_classes=tc.NUM_CLASSES,
+  params=q.params, quant=q.quant, fp_params=params, source=Slow(x, y), cfg=cfg, num_classes=tiny.NUM_CLASSES,
   workdir=workdir, progress=False,
 )
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(out)
@@ -62,16 +61,10 @@ np.savez(workdir + '/final.npz', **flat)
 """ % (STEPS, BATCH)
 
 
-def _env(cache: str) -> dict:
-  return dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', XLA_FLAGS='')  # fmt: skip
-
-
 def _start(workdir, delay: float, cache: str, sigterm_at: int = 0) -> subprocess.Popen:
-  return subprocess.Popen(
-    [sys.executable, '-c', DRIVER, str(workdir), str(delay), str(sigterm_at)],
-    cwd=ROOT, env=_env(cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-  )  # fmt: skip
+  env = dict(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0', XLA_FLAGS='')  # fmt: skip
+  return helpers.start_python('-c', DRIVER, workdir, delay, sigterm_at, env=env)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:

@@ -3,14 +3,10 @@ spans both (fsdp 2: params split across processes, batch split across processes)
 single-device step; then the full loop runs there, with one metrics writer and a shared checkpoint."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 WORKER = r"""
 import json, os, sys
@@ -20,14 +16,14 @@ assert distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_
 import jax
 from dpq_jax.calibrate import data as data_lib, loop, sharding
 from dpq_jax.quant import layers
-from tests import test_calibrate as tc
+from tests.calibrate import tiny
 
 pid, workdir = jax.process_index(), sys.argv[1]
 assert jax.process_count() == 2 and jax.device_count() == 2 and jax.local_device_count() == 1
-setup = tc.tiny_setup()
-x, y = tc.tiny_data(8)
-many, s2, f2, _ = tc.build(tc.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 2))), setup, devices=jax.devices())
-one, s1, f1, _ = tc.build(tc.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 1))), setup, devices=jax.local_devices())
+setup = tiny.tiny_setup()
+x, y = tiny.tiny_data(8)
+many, s2, f2, _ = tiny.build(tiny.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 2))), setup, devices=jax.devices())
+one, s1, f1, _ = tiny.build(tiny.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 1))), setup, devices=jax.local_devices())
 cb = s2['params']['blocks_0']['mlp']['fc1']['codebooks']
 assert not cb.is_fully_addressable and cb.addressable_shards[0].data.size == cb.size // 2
 rows = slice(4 * pid, 4 * pid + 4)  # this process's half of the global batch
@@ -42,45 +38,27 @@ p2 = multihost_utils.process_allgather(s2['params'], tiled=True)
 p1 = jax.device_get(s1['params'])
 err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(p2), jax.tree.leaves(p1)))
 fp, rules, params, q = setup
-xs, ys = tc.tiny_data(16)
+xs, ys = tiny.tiny_data(16)
 res = loop.calibrate(
   dynamic_model=fp.clone(dense=layers.dense_factory(rules, 'dynamic')),
   frozen_model=fp.clone(dense=layers.dense_factory(rules, 'frozen')),
   params=q.params, quant=q.quant, fp_params=params, source=data_lib.ArraySource(xs, ys),
-  cfg=tc.calib_config(steps=3, batch_size=4, checkpoint_every=2, log_every=1, mesh=(('data', 1), ('fsdp', 2))),
-  num_classes=tc.NUM_CLASSES, workdir=workdir, progress=False,
+  cfg=tiny.calib_config(steps=3, batch_size=4, checkpoint_every=2, log_every=1, mesh=(('data', 1), ('fsdp', 2))),
+  num_classes=tiny.NUM_CLASSES, workdir=workdir, progress=False,
 )
 print('RESULT ' + json.dumps({'pid': pid, 'losses': out, 'max_param_diff': err, 'loop_steps': res['steps']}))
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow  # three compilations in each of two processes
 def test_two_processes_match_one_device(tmp_path):
-  port = _free_port()
+  port = helpers.free_port()
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
-               JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(pid))  # fmt: skip
-    procs.append(subprocess.Popen([sys.executable, '-c', WORKER, str(tmp_path)], cwd=ROOT, env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
-  results = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=420)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('two-process run timed out')
-    if p.returncode and 'collectives' in err and 'not' in err and 'support' in err:
-      pytest.skip(f'this jax has no CPU multi-process collectives: {err.strip().splitlines()[-1]}')
-    assert p.returncode == 0, err[-4000:]
-    results.append(json.loads(out.split('RESULT ')[-1]))
+    env = dict(JAX_PLATFORMS='cpu', XLA_FLAGS='', JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+               JAX_PROCESS_ID=str(pid))  # fmt: skip
+    procs.append(helpers.start_python('-c', WORKER, tmp_path, env=env))
+  results = helpers.process_results(procs, timeout=420, what='two-process run')
   for r in results:
     for sharded, single in r['losses']:
       assert abs(sharded - single) <= 2e-5 * abs(single), r

@@ -5,19 +5,14 @@ import os
 import pytest
 
 from dpq_jax import io_utils
+from tests import helpers
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
   path = tmp_path / 'out.txt'
   io_utils.write_text(str(path), 'good')
-
-  def bad(tmp):
-    with open(tmp, 'w') as f:
-      f.write('half')
-    raise RuntimeError('interrupted')
-
   with pytest.raises(RuntimeError):
-    io_utils.atomic_write(str(path), bad)
+    io_utils.atomic_write(str(path), helpers.dies_half_written)
   assert path.read_text() == 'good'
   assert os.listdir(tmp_path) == ['out.txt']
 

@@ -15,6 +15,7 @@ import pytest
 from etils.epath import testing as epath_testing
 
 from dpq_jax import io_utils
+from tests import helpers
 
 
 @contextlib.contextmanager
@@ -66,14 +67,8 @@ def test_atomic_writes_and_reads_on_gs(tmp_path):
     url = 'gs://bkt/a/b/out.json'
     io_utils.write_json(url, {'x': 1})
     assert io_utils.read_json(url) == {'x': 1} and io_utils.isfile(url) and io_utils.isdir('gs://bkt/a')
-
-    def bad(tmp):
-      with open(tmp, 'w') as f:
-        f.write('half')
-      raise RuntimeError('interrupted')
-
     with pytest.raises(RuntimeError):
-      io_utils.atomic_write(url, bad)
+      io_utils.atomic_write(url, helpers.dies_half_written)
     assert io_utils.read_json(url) == {'x': 1}
     io_utils.write_npz('gs://bkt/a/arr.npz', a=np.arange(5))
     with io_utils.load_npz('gs://bkt/a/arr.npz') as f:
@@ -132,17 +127,15 @@ def test_replace_dir_on_gs_commits_last_and_keeps_the_old_copy_until_done(tmp_pa
 # ------------------------------------------------------------------------------------------- readers
 
 
-def test_readers_take_gs_paths(tmp_path):
+def test_readers_take_gs_paths(tmp_path, torch_dit):
   import torch
   from PIL import Image
 
   from dpq_jax import convert
   from dpq_jax.calibrate import data as data_lib
   from dpq_jax.evaluate import adm_npz, scoring
-  from tests import torch_refs
 
-  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
-  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
+  _, state = torch_dit
   images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
   latents, labels = np.random.default_rng(1).normal(size=(6, 4, 4, 4)).astype(np.float32), np.arange(6) % 3
   store = tmp_path / 'store'
@@ -214,29 +207,15 @@ def test_orbax_checkpoints_on_gs():
 # ------------------------------------------------------------------------------------------- pipeline
 
 
-def _config():
-  from configs import smoke
-
-  config = smoke.get_config()
-  config.model.name = 'DiT-2x32x2/4'
-  config.model.input_size = 8
-  config.model.num_classes = 10
-  config.stages = ('load', 'quantize', 'sample')
-  config.quant.k, config.quant.d, config.quant.kmeans_iters = 4, 4, 2
-  config.quant.pattern = r'blocks_\d+/mlp/fc1'
-  config.sample.steps, config.sample.num_samples, config.sample.batch_size = 2, 3, 2
-  return config
-
-
 def test_pipeline_with_gs_workdir_equals_local_run(tmp_path, monkeypatch):
   from dpq_jax import pipeline
 
   monkeypatch.chdir(tmp_path)  # a gs:// path misused as a local one would appear here as ./gs:/...
   local = tmp_path / 'local'
-  pipeline.run(_config(), str(local))
+  pipeline.run(helpers.tiny_pipeline_config(), str(local))
   store = tmp_path / 'store'
   with fake_gcs(store):
-    report = pipeline.run(_config(), 'gs://bkt/runs/smoke')
+    report = pipeline.run(helpers.tiny_pipeline_config(), 'gs://bkt/runs/smoke')
   remote = store / 'bkt/runs/smoke'
   assert sorted(os.listdir(tmp_path)) == ['local', 'store']
   assert _files(remote) == _files(local) and 'quantized/index.json' in _files(local), _files(remote)

@@ -5,14 +5,10 @@ absent, process 0's equals a single-process run's."""
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import helpers
 
 WORKER = r"""
 import json, os, sys
@@ -20,9 +16,9 @@ from dpq_jax import distributed
 distributed.maybe_initialize()  # from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, if set
 import jax
 from dpq_jax import pipeline
-from tests import test_gcs_paths
+from tests import helpers
 
-config = test_gcs_paths._config()
+config = helpers.tiny_pipeline_config()
 config.sample.num_samples, config.sample.batch_size, config.sample.labels = 6, 4, 'random'  # one padded chunk
 config.vae.checkpoint = os.environ['TINY_VAE']
 workdir = sys.argv[1 + jax.process_index()]
@@ -32,45 +28,17 @@ print('RESULT ' + json.dumps({'pid': jax.process_index(), 'processes': jax.proce
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
 def _start(args, vae, **env):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='', TINY_VAE=vae, **env)
-  return subprocess.Popen([sys.executable, '-c', WORKER, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)  # fmt: skip
+  return helpers.start_python('-c', WORKER, *args, env=dict(JAX_PLATFORMS='cpu', XLA_FLAGS='', TINY_VAE=vae, **env))
 
 
-def test_two_processes_sample_like_one_and_only_process_0_writes(tmp_path):
-  import jax
-
-  from dpq_jax import convert
-  from dpq_jax.models import vae as vae_lib
-  from tests import test_sampler
-
-  vae = str(tmp_path / 'vae')
-  params = vae_lib.init_params(vae_lib.AutoencoderKL(test_sampler.TINY_VAE), jax.random.key(0))
-  convert.save_converted_vae(vae, test_sampler.TINY_VAE, jax.tree.map(np.asarray, params))
-  port = _free_port()
+def test_two_processes_sample_like_one_and_only_process_0_writes(tmp_path, tiny_vae_dir):
+  port = helpers.free_port()
   w0, w1, single = tmp_path / 'p0', tmp_path / 'p1', tmp_path / 'single'
   env = {'JAX_COORDINATOR_ADDRESS': f'localhost:{port}', 'JAX_NUM_PROCESSES': '2'}
-  procs = [_start([str(w0), str(w1)], vae, JAX_PROCESS_ID=str(i), **env) for i in range(2)]
-  procs.append(_start([str(single)], vae))
-  results = []
-  for p in procs:
-    try:
-      out, err = p.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-      for q in procs:
-        q.kill()
-      pytest.fail('a sampling process timed out')
-    if p.returncode and 'collectives' in err and 'not' in err and 'support' in err:
-      pytest.skip(f'this jax has no CPU multi-process collectives: {err.strip().splitlines()[-1]}')
-    assert p.returncode == 0, err[-4000:]
-    results.append(json.loads(out.split('RESULT ')[-1]))
+  procs = [_start([str(w0), str(w1)], tiny_vae_dir, JAX_PROCESS_ID=str(i), **env) for i in range(2)]
+  procs.append(_start([str(single)], tiny_vae_dir))
+  results = helpers.process_results(procs, timeout=300, what='a sampling process')
   assert [(r['pid'], r['processes'], r['devices']) for r in results] == [(0, 2, 2), (1, 2, 2), (0, 1, 1)]
   assert results[0]['bytes'] == results[1]['bytes'] == results[2]['bytes']  # every process measured the artifact
 

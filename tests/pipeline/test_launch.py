@@ -6,7 +6,8 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT
+
 TPU = os.path.join(ROOT, 'launch', 'tpu_vm.sh')
 GPU = os.path.join(ROOT, 'launch', 'gpu_multinode.sh')
 

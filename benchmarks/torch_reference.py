@@ -1,5 +1,7 @@
 """Independent PyTorch references: diffusers' DiT with random weights, set up as the original.
 
+The one oracle of the parity checks: benchmarks/parity.py and the model tests (tests/models) import it.
+
 diffusers' DiT differs from the original in two constants: its timestep embedding divides
 the frequencies by (half - 1) instead of half (downscale_freq_shift=1) and its pre-MLP
 LayerNorm uses eps 1e-5. Both are set to the original's values here, which makes diffusers

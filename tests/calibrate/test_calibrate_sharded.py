@@ -1,41 +1,31 @@
 """The same train step on 8 CPU devices (data 4 x fsdp 2) equals the single-device step.
 
 Each test reruns itself in a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=8
-unless this process already has 8 devices. The flag is never set in this process's environment:
-every later subprocess of the suite (the CLI tests) would inherit 8 devices.
+(helpers.rerun_with_devices) unless this process already has 8 devices. The flag is never set in this
+process's environment: every later subprocess of the suite (the CLI tests) would inherit 8 devices.
 """
-
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from dpq_jax import pipeline
-from tests import test_calibrate as tc
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _rerun_with_8_devices(test_name: str) -> None:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  r = subprocess.run(
-    [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'{__file__}::{test_name}'],
-    capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
-  )  # fmt: skip
-  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+from tests import helpers
+from tests.calibrate import tiny
 
 
 def test_sharded_step_equals_single_device():
   if jax.device_count() < 8:
-    return _rerun_with_8_devices('test_sharded_step_equals_single_device')
-  setup = tc.tiny_setup()
-  x, y = tc.tiny_data(8)
+    return helpers.rerun_with_devices(__file__, 'test_sharded_step_equals_single_device')
+  setup = tiny.tiny_setup()
+  x, y = tiny.tiny_data(8)
   batch = {'latents': x, 'labels': y}
-  one, s1, f1, _ = tc.build(tc.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 1))), setup, devices=jax.devices()[:1])
-  many, s8, f8, _ = tc.build(tc.calib_config(lr=1e-2, mesh=(('data', 4), ('fsdp', 2))), setup, devices=jax.devices())
+  one, s1, f1, _ = tiny.build(
+    tiny.calib_config(lr=1e-2, mesh=(('data', 1), ('fsdp', 1))), setup, devices=jax.devices()[:1]
+  )
+  many, s8, f8, _ = tiny.build(
+    tiny.calib_config(lr=1e-2, mesh=(('data', 4), ('fsdp', 2))), setup, devices=jax.devices()
+  )
   cb = s8['params']['blocks_0']['mlp']['fc1']['codebooks']  # [num_codebooks=8, K=16, d=4]
   assert 'fsdp' in cb.sharding.spec and len(cb.sharding.device_set) == 8
   assert cb.addressable_shards[0].data.size == cb.size // 2  # split over fsdp: no full copy per device
@@ -54,8 +44,8 @@ def test_sharded_step_equals_single_device():
 
 def test_batch_not_divisible_by_the_mesh_fails_before_any_step():
   if jax.device_count() < 8:
-    return _rerun_with_8_devices('test_batch_not_divisible_by_the_mesh_fails_before_any_step')
-  config = tc._runlocal(**{'calibrate.batch_size': 6})
+    return helpers.rerun_with_devices(__file__, 'test_batch_not_divisible_by_the_mesh_fails_before_any_step')
+  config = tiny.runlocal(**{'calibrate.batch_size': 6})
   config.calibrate.mesh = (('data', -1), ('fsdp', 2))
   with pytest.raises(pipeline.ConfigError, match=r'batch_size=6 is not divisible by the data-parallel size 8'):
     pipeline.check_config(config)

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -14,16 +12,11 @@ import pytest
 
 from dpq_jax import tree_utils
 from dpq_jax.quant import allocation, compress, kmeans, layers, packing, pq, statistics, storage, surgery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _heavy(shape, seed=0):
-  return (np.random.default_rng(seed).standard_t(3, shape) * 0.02).astype(np.float32)
+from tests import helpers
 
 
 def _fit(in_f=64, out_f=96, k=16, d=4, seed=0):
-  kernel = _heavy((in_f, out_f), seed)
+  kernel = helpers.heavy_tailed((in_f, out_f), seed)
   cb, codes, _ = pq.fit(jnp.asarray(kernel), pq.CodebookSpec(k, d), jax.random.key(seed), iters=4)
   return kernel, np.asarray(cb), np.asarray(codes)
 
@@ -99,8 +92,8 @@ def test_reassignment_is_to_the_nearest_survivor_and_distinct_codewords_never_gr
 
 
 def test_masked_assign_matches_numpy_and_lloyd_keeps_dead_rows_dead():
-  x = _heavy((3, 200, 4), 2)
-  cb = _heavy((3, 8, 4), 3)
+  x = helpers.heavy_tailed((3, 200, 4), 2)
+  cb = helpers.heavy_tailed((3, 8, 4), 3)
   alive = np.random.default_rng(0).random((3, 8)) < 0.5
   alive[:, 2] = True
   np.testing.assert_array_equal(kmeans.assign(x, cb, alive=alive), _np_nearest(x, cb, alive))
@@ -118,10 +111,10 @@ def test_masked_assign_matches_numpy_and_lloyd_keeps_dead_rows_dead():
 
 def test_pqdense_dynamic_respects_alive_mask():
   spec = pq.CodebookSpec(8, 4)
-  kernel = jnp.asarray(_heavy((16, 12), 8))
+  kernel = jnp.asarray(helpers.heavy_tailed((16, 12), 8))
   cb, codes, _ = pq.fit(kernel, spec, jax.random.key(0), iters=3)
   layer = layers.PQDense(12, spec=spec, assignment='dynamic')
-  xin = jnp.asarray(_heavy((5, 16), 9))
+  xin = jnp.asarray(helpers.heavy_tailed((5, 16), 9))
   alive = np.arange(8)[None] < np.array([3, 8, 1, 5])[:, None]
   params = {'codebooks': cb, 'bias': jnp.zeros(12)}
   quant = {'codes': codes.astype(np.uint8), 'latent': kernel, 'alive': jnp.asarray(alive)}
@@ -222,10 +215,8 @@ def test_sensitivity_weights_move_bytes_to_sensitive_positions():
 
 
 def _main(workdir, *overrides, stages="('load','quantize','compress')"):
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={workdir}',
-         '--config.quant.kmeans_iters=2', '--config.quant.k=16', '--config.quant.d=4', f'--config.stages={stages}',
-         *overrides]  # fmt: skip
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  return helpers.run_main(workdir, '--config.quant.kmeans_iters=2', '--config.quant.k=16', '--config.quant.d=4',
+                          f'--config.stages={stages}', *overrides, config=helpers.XL_RUNLOCAL, timeout=900)  # fmt: skip
 
 
 def _scope_bytes(artifact):
@@ -273,17 +264,15 @@ def test_compress_bad_config_fails_before_work(tmp_path):
   assert not workdir.exists()
 
 
-def test_activation_energy_is_the_mean_squared_layer_input():
+def test_activation_energy_is_the_mean_squared_layer_input(tiny_dit):
   import types
 
   from dpq_jax.models import dit
-  from dpq_jax.models.load import randomize_zero_init
 
   factory = layers.dense_factory(layers.QuantRules(()))  # PQDense everywhere, acting as nn.Dense (no rule matches)
-  name = 'DiT-2x64x2/4'  # depth 2, width 64: compiles in seconds
+  name = 'DiT-2x64x2/4'  # depth 2, width 64: compiles in seconds (tiny_dit's model)
   model = dit.create_model(name, input_size=8, num_classes=10, dense=factory)
-  params = randomize_zero_init(dit.init_params(dit.create_model(name, input_size=8, num_classes=10),
-                                               jax.random.key(0)), jax.random.key(1))  # fmt: skip
+  _, params = tiny_dit
   spec = types.SimpleNamespace(input_size=8, in_channels=4, num_classes=10)
   energy = statistics.activation_energy(model, {'params': params}, spec, num_batches=2, seed=3, batch_size=2)
   assert energy['blocks_0/mlp/fc2'].shape == (256,) and 'final_layer/linear' in energy

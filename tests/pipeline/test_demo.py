@@ -1,16 +1,13 @@
 """The digits demo: data split, classifier, stage `train` with its cache, stage `compare` end to end."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from dpq_jax.demo import classifier, digits
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROW_KEYS = {
     'name', 'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
     'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'metrics', 'timings_s',
@@ -44,8 +41,7 @@ def test_classifier_learns_the_digits():
 
 
 def _main(workdir, *overrides):
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/digits.py:tiny', f'--workdir={workdir}', *overrides]
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=1200)
+  return helpers.run_main(workdir, *overrides, config='configs/digits.py:tiny', timeout=1200)
 
 
 @pytest.mark.slow
@@ -88,6 +84,4 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
 
 def test_bad_compare_row_fails_clearly(tmp_path):
   r = _main(tmp_path / 'run', "--config.compare.rows=('fp','pq-3bit')")
-  assert r.returncode == 2
-  assert "config.compare.rows: unknown row 'pq-3bit'" in r.stderr
-  assert not (tmp_path / 'run').exists()
+  helpers.assert_refused(r, tmp_path / 'run', "config.compare.rows: unknown row 'pq-3bit'")

@@ -1,15 +1,16 @@
 """k-means core (dpq_jax.quant.kmeans): numpy reference, monotone objective, faiss quality, edge cases."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dpq_jax.quant import kmeans
+from tests import helpers
 
-
-def _heavy(shape, seed=0, df=3, scale=1.0):
-  return (np.random.default_rng(seed).standard_t(df, shape) * scale).astype(np.float32)
+_heavy = functools.partial(helpers.heavy_tailed, scale=1.0)  # k-means is scale-free: plain Student-t points
 
 
 def _reconstruct(result):

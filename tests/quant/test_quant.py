@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -12,14 +10,8 @@ import numpy as np
 import pytest
 
 from dpq_jax.models import dit
-from dpq_jax.models.load import randomize_zero_init
 from dpq_jax.quant import kmeans, layers, pq, storage, surgery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _heavy(shape, seed=0):
-  return (np.random.default_rng(seed).standard_t(3, shape) * 0.02).astype(np.float32)
+from tests import helpers
 
 
 def _np_lloyd(x, c, iters):
@@ -35,19 +27,19 @@ def _np_lloyd(x, c, iters):
 
 
 def test_lloyd_matches_numpy_and_objective_never_increases():
-  x = _heavy((3, 200, 4))
+  x = helpers.heavy_tailed((3, 200, 4))
   init = x[:, :8].copy() + 1e-3  # fixed init, no k-means++ randomness
   r = kmeans.kmeans(x, 8, jax.random.key(0), iters=6, init=init)
   np.testing.assert_allclose(r.codebooks, _np_lloyd(x, init, 6), rtol=1e-4, atol=1e-6)
   obj = np.asarray(r.objective)
   assert obj.shape == (7,) and np.all(np.diff(obj) <= 1e-6 * obj[0])
-  r2 = kmeans.kmeans(_heavy((5, 500, 8), 1), 32, jax.random.key(1), iters=15)
+  r2 = kmeans.kmeans(helpers.heavy_tailed((5, 500, 8), 1), 32, jax.random.key(1), iters=15)
   obj2 = np.asarray(r2.objective)
   assert np.all(np.diff(obj2) <= 1e-6 * obj2[0])
 
 
 def test_chunked_equals_unchunked_and_deterministic():
-  x = _heavy((4, 300, 4), 2)
+  x = helpers.heavy_tailed((4, 300, 4), 2)
   a = kmeans.kmeans(x, 16, jax.random.key(3), iters=5)
   b = kmeans.kmeans(x, 16, jax.random.key(3), iters=5, chunk_size=37)
   np.testing.assert_array_equal(a.codes, b.codes)
@@ -57,7 +49,7 @@ def test_chunked_equals_unchunked_and_deterministic():
 
 
 def test_k_at_least_n_is_exact_and_degenerate_data():
-  x = _heavy((2, 10, 4))
+  x = helpers.heavy_tailed((2, 10, 4))
   r = kmeans.kmeans(x, 16, jax.random.key(0))
   rec = np.take_along_axis(np.asarray(r.codebooks), np.asarray(r.codes)[..., None], axis=1)
   np.testing.assert_array_equal(rec, x)
@@ -84,7 +76,7 @@ def test_bad_kmeans_args():
 
 def test_quality_vs_faiss():
   faiss = pytest.importorskip('faiss', reason='faiss-cpu not installed (requirements-dev.txt)')
-  w = _heavy((512, 256), 5)  # PyTorch layout [out, in]
+  w = helpers.heavy_tailed((512, 256), 5)  # PyTorch layout [out, in]
   spec = pq.CodebookSpec(64, 4)
   codebooks, codes, _ = pq.fit(jnp.asarray(w.T), spec, jax.random.key(0), iters=20)
   ours = pq.rel_mse(w.T, pq.decode(codebooks, codes))
@@ -96,7 +88,7 @@ def test_quality_vs_faiss():
 
 
 def test_pq_identities():
-  kernel = jnp.asarray(_heavy((64, 32), 6))  # Flax layout [in, out]
+  kernel = jnp.asarray(helpers.heavy_tailed((64, 32), 6))  # Flax layout [in, out]
   # K >= out_features: every position memorises its 32 sub-vectors exactly.
   cb, codes, _ = pq.fit(kernel, pq.CodebookSpec(32, 4), jax.random.key(0))
   np.testing.assert_array_equal(pq.decode(cb, codes), kernel)
@@ -114,7 +106,7 @@ def test_pq_identities():
 
 
 def test_pq_beats_vq_at_equal_index_bits():
-  kernel = jnp.asarray(_heavy((256, 512), 7))
+  kernel = jnp.asarray(helpers.heavy_tailed((256, 512), 7))
   errs = {}
   for name, shared in (('pq', False), ('vq', True)):
     cb, codes, _ = pq.fit(kernel, pq.CodebookSpec(16, 4, shared), jax.random.key(0), iters=15)
@@ -132,10 +124,10 @@ def test_bad_specs():
 
 
 def _pq_layer(spec, assignment='frozen', in_f=16, out_f=12):
-  kernel = jnp.asarray(_heavy((in_f, out_f), 8))
+  kernel = jnp.asarray(helpers.heavy_tailed((in_f, out_f), 8))
   cb, codes, _ = pq.fit(kernel, spec, jax.random.key(0), iters=5)
   layer = layers.PQDense(out_f, spec=spec, assignment=assignment)
-  x = jnp.asarray(_heavy((5, in_f), 9))
+  x = jnp.asarray(helpers.heavy_tailed((5, in_f), 9))
   v = layer.init(jax.random.key(0), x)
   params = {'codebooks': cb, 'bias': jnp.arange(out_f, dtype=jnp.float32)}
   quant = {'codes': codes.astype(v['quant']['codes'].dtype)}
@@ -157,7 +149,7 @@ def test_pqdense_forward_equals_dense_with_decoded_weights(shared):
 def test_codebook_gradient_is_segment_sum_of_weight_gradient():
   spec = pq.CodebookSpec(8, 4)
   layer, x, kernel, params, quant, cb, codes = _pq_layer(spec, 'dynamic')
-  target = jnp.asarray(_heavy((5, 12), 10))
+  target = jnp.asarray(helpers.heavy_tailed((5, 12), 10))
   loss = lambda p: jnp.sum((layer.apply({'params': p, 'quant': quant}, x) - target) ** 2)
   g = jax.grad(loss)(params)['codebooks']
   # dL/dW_hat of the dense layer with W_hat = decode(cb, assign(latent)); codes are recomputed.
@@ -183,13 +175,6 @@ def test_dynamic_assignment_updates_codes_and_ste_trains_latent():
   p = dict(params, latent=kernel)
   g = jax.grad(lambda p: jnp.sum(ste.apply({'params': p, 'quant': {'codes': quant['codes']}}, x) ** 2))(p)
   assert float(jnp.abs(g['latent']).sum()) > 0 and float(jnp.abs(g['codebooks']).sum()) > 0
-
-
-@pytest.fixture(scope='module')
-def small_dit():
-  model = dit.create_model('DiT-S/8', input_size=16, num_classes=10)
-  params = randomize_zero_init(dit.init_params(model, jax.random.key(0)), jax.random.key(1))
-  return model, params
 
 
 def test_quantized_tree_shapes_and_dtypes(small_dit):
@@ -271,9 +256,7 @@ def test_channel_scale_restores_output_norms_and_round_trips(small_dit, tmp_path
 
 
 def _main(workdir, *overrides):
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={workdir}',
-         '--config.quant.kmeans_iters=2', *overrides]  # fmt: skip
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+  return helpers.run_main(workdir, '--config.quant.kmeans_iters=2', *overrides, config=helpers.XL_RUNLOCAL, timeout=900)
 
 
 def test_quantize_stage_end_to_end(tmp_path):
@@ -302,6 +285,5 @@ def test_quantize_stage_end_to_end(tmp_path):
 def test_quantize_bad_specs_fail_before_work(tmp_path, override, message):
   workdir = tmp_path / 'w'
   r = _main(workdir, override)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert message in r.stderr and 'Traceback' not in r.stderr
-  assert not workdir.exists()
+  helpers.assert_refused(r, workdir, message)
+  assert 'Traceback' not in r.stderr

@@ -1,32 +1,23 @@
 """End to end: `python -m dpq_jax.main` from checkpoint to samples, and its refusals."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from dpq_jax import convert
-from tests import torch_refs
+from tests import helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPORT_KEYS = {
     'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
     'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'layers', 'metrics', 'timings_s',
 }  # fmt: skip
 
 
-def _main(workdir, *overrides):
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/smoke.py', f'--workdir={workdir}', *overrides]
-  return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
-
-
 def test_random_init_smoke_run(tmp_path):
-  r = _main(tmp_path, '--config.model.name=DiT-S/8', '--config.model.input_size=16', '--config.sample.steps=2',
-            '--config.sample.num_samples=3', '--config.sample.batch_size=2')  # fmt: skip
+  r = helpers.run_main(tmp_path, '--config.model.name=DiT-S/8', '--config.model.input_size=16',
+                       '--config.sample.steps=2', '--config.sample.num_samples=3',
+                       '--config.sample.batch_size=2')  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
   assert REPORT_KEYS <= set(report)
@@ -40,19 +31,18 @@ def test_random_init_smoke_run(tmp_path):
   assert '## Samples' in (tmp_path / 'report.md').read_text()
 
 
-def test_checkpoint_to_samples_and_batch_independence(tmp_path):
+def test_checkpoint_to_samples_and_batch_independence(tmp_path, torch_dit):
   """A converted checkpoint samples end to end; samples do not depend on the batch size."""
-  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
-  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
+  _, state = torch_dit
   pt = tmp_path / 'dit.pt'
   torch.save({k: torch.from_numpy(v) for k, v in state.items()}, pt)
   outs = []
   for batch in (4, 3):
     workdir = tmp_path / f'run{batch}'
-    r = _main(workdir, '--config.model.init=checkpoint', f'--config.model.checkpoint={pt}',
-              '--config.model.name=', '--config.model.input_size=8', '--config.sample.steps=3',
-              '--config.sample.num_samples=4', f'--config.sample.batch_size={batch}',
-              '--config.sample.labels=1,9')  # fmt: skip
+    r = helpers.run_main(workdir, '--config.model.init=checkpoint', f'--config.model.checkpoint={pt}',
+                         '--config.model.name=', '--config.model.input_size=8', '--config.sample.steps=3',
+                         '--config.sample.num_samples=4', f'--config.sample.batch_size={batch}',
+                         '--config.sample.labels=1,9')  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((workdir / 'report.json').read_text())['model'] == 'DiT-S/2'
     with np.load(workdir / 'samples' / 'latents.npz') as f:
@@ -73,17 +63,15 @@ def test_checkpoint_to_samples_and_batch_independence(tmp_path):
 )
 def test_bad_config_fails_before_writing(tmp_path, override, message):
   workdir = tmp_path / 'w'
-  r = _main(workdir, override)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert message in r.stderr
-  assert not workdir.exists()
+  r = helpers.run_main(workdir, override)
+  helpers.assert_refused(r, workdir, message)
 
 
 def test_unreadable_checkpoint_is_one_line(tmp_path):
   bad = tmp_path / 'bad.pt'
   bad.write_bytes(b'not a checkpoint')
   workdir = tmp_path / 'w'
-  r = _main(workdir, '--config.model.init=checkpoint', f'--config.model.checkpoint={bad}')
+  r = helpers.run_main(workdir, '--config.model.init=checkpoint', f'--config.model.checkpoint={bad}')
   errors = [line for line in r.stderr.splitlines() if line.startswith('error:')]
   assert r.returncode == 2 and len(errors) == 1 and 'not a PyTorch zip archive' in errors[0], r.stderr
   assert 'Traceback' not in r.stderr
@@ -92,6 +80,6 @@ def test_unreadable_checkpoint_is_one_line(tmp_path):
 
 def test_failed_run_keeps_previous_report(tmp_path):
   (tmp_path / 'report.json').write_text('{"good": 1}')
-  r = _main(tmp_path, '--config.sample.cfg_scale=0.5')
+  r = helpers.run_main(tmp_path, '--config.sample.cfg_scale=0.5')
   assert r.returncode == 2 and 'cfg_scale=0.5' in r.stderr
   assert (tmp_path / 'report.json').read_text() == '{"good": 1}'

@@ -1,101 +1,24 @@
 """Calibration train step: gradients against a dense-model reference, loss decrease, config errors.
 
-The tiny quantized DiT built here (`tiny_setup`) is shared with test_calibrate_sharded.py and
-the subprocess driver of test_calibrate_resume.py.
+The tiny quantized DiT and its step builder are in tiny.py (shared with the other calibrate/ tests and their
+subprocess workers).
 """
 
-import functools
 import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from configs import common
 from dpq_jax import diffusion as diffusion_lib
-from dpq_jax import pipeline, tree_utils
-from dpq_jax.calibrate import sharding
-from dpq_jax.calibrate import train_step as step_lib
+from dpq_jax import pipeline
 from dpq_jax.calibrate import trainable as trainable_lib
-from dpq_jax.models import dit
-from dpq_jax.models.load import randomize_zero_init
-from dpq_jax.quant import layers, pq, surgery
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_CLASSES = 10
-
-
-@functools.lru_cache(maxsize=None)
-def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
-  """(fp module, rules, fp params, QuantizedParams) of a 2-block DiT on 8x8 latents.
-
-  Codebooks are K random sub-vectors of each kernel and codes their argmin (numpy): the quantize
-  stage's layout without its k-means compilation. Cached: callers must not modify the trees.
-  """
-  rules = surgery.default_rules('pq', k, d)
-  fp = dit.DiT(input_size=8, patch_size=2, hidden_size=32, depth=2, num_heads=2, num_classes=NUM_CLASSES)
-  params = randomize_zero_init(dit.init_params(fp, jax.random.key(seed)), jax.random.key(seed + 1), std=0.1)
-  params = jax.tree.map(np.asarray, params)
-  rng = np.random.default_rng(seed)
-  qparams = jax.tree.map(lambda x: x, params)
-  quant, rows = {}, []
-  for path, kernel in surgery.module_kernels(params):
-    name = '/'.join(path)
-    if rules.spec_for(name) is None:
-      continue
-    sub = np.asarray(pq.to_subvectors(kernel, d))  # [M, out, d]
-    codebooks = sub[:, rng.choice(sub.shape[1], k, replace=False)]  # [M, K, d]
-    codes = ((sub[:, :, None, :] - codebooks[:, None]) ** 2).sum(-1).argmin(-1).astype(np.uint8)  # [M, out]
-    node = qparams
-    for p in path:
-      node = node[p]
-    del node['kernel']
-    node['codebooks'] = codebooks
-    tree_utils.set_path(quant, path + ('codes',), codes)
-    rows.append({'name': name})
-  return fp, rules, params, surgery.QuantizedParams(qparams, quant, {}, rows)
-
-
-def calib_config(**overrides) -> ml_collections.ConfigDict:
-  cfg = common.base_config().calibrate
-  cfg.update(dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1))))
-  cfg.update(overrides)
-  return cfg
-
-
-def tiny_data(n: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """Structured latents (a per-class pattern plus a little noise): learnable, fixed."""
-  rng = np.random.default_rng(seed)
-  labels = rng.integers(0, NUM_CLASSES, n).astype(np.int32)
-  patterns = rng.standard_normal((NUM_CLASSES, 8, 8, 4)).astype(np.float32)
-  return (patterns[labels] + 0.1 * rng.standard_normal((n, 8, 8, 4))).astype(np.float32), labels
-
-
-def build(cfg, setup=None, assignment: str = 'dynamic', devices=None):
-  """(jitted step, state, frozen, models) on a mesh over `devices` (default: the first device)."""
-  fp, rules, params, q = setup or tiny_setup()
-  dyn = fp.clone(dense=layers.dense_factory(rules, assignment))
-  frz = fp.clone(dense=layers.dense_factory(rules, 'frozen'))
-  p, qn = step_lib.attach_latent(q.params, q.quant, params, assignment)
-  mutable, constant = step_lib.split_quant(qn)
-  trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
-  tx = trainable_lib.optimizer(cfg)
-  state = step_lib.init_state(trainable, mutable, tx, 0)
-  frozen = {'params': frozen_params, 'quant': constant, 'fp': params if cfg.distill_weight > 0 else {}}
-  fn = step_lib.make_train_step(
-    dyn, frz, diffusion_lib.create_diffusion(), tx,
-    step_lib.LossConfig(NUM_CLASSES, cfg.label_dropout, cfg.assign_every, cfg.distill_weight), fp,
-  )  # fmt: skip
-  mesh = sharding.make_mesh(tuple(cfg.mesh), devices or jax.devices()[:1])
-  jstep, state_sh, frozen_sh = step_lib.jit_step(fn, mesh, state, frozen)
-  return jstep, jax.device_put(state, state_sh, may_alias=False), jax.device_put(frozen, frozen_sh), (fp, dyn, frz)
+from dpq_jax.quant import pq, surgery
+from tests import helpers
+from tests.calibrate.tiny import NUM_CLASSES, build, calib_config, dense_step_reference, runlocal, tiny_data, tiny_setup
 
 
 def test_trainable_sets_and_their_errors():
@@ -130,18 +53,7 @@ def test_codebook_gradient_is_the_scatter_sum_of_the_dense_kernel_gradient():
 
   # The reference: the same randomness, the plain DiT on decoded weights, jax.grad w.r.t. kernels.
   rng = jax.random.fold_in(jax.random.wrap_key_data(before['rng']), 0)
-  k_t, k_noise, k_drop = jax.random.split(rng, 3)
-  diffusion = diffusion_lib.create_diffusion()
-  t = jax.random.randint(k_t, (8,), 0, diffusion.num_timesteps)
-  noise = jax.random.normal(k_noise, x.shape, jnp.float32)
-  y_in = jnp.where(jax.random.uniform(k_drop, (8,)) < 0.5, NUM_CLASSES, y)
-  dense = surgery.dequantize_params(q.params, q.quant)
-
-  def loss(p):
-    terms = diffusion.training_losses(fp.apply, {'params': p}, jnp.asarray(x), t, noise=noise, model_kwargs={'y': y_in})
-    return jnp.mean(terms['loss'])
-
-  ref_loss, g = jax.value_and_grad(loss)(dense)
+  ref_loss, g = dense_step_reference(rng, x, y, label_dropout=0.5)
   np.testing.assert_allclose(float(metrics['loss']), float(ref_loss), rtol=1e-5)
   checked = 0
   for path, codes in jax.tree_util.tree_leaves_with_path(q.quant):
@@ -238,14 +150,6 @@ def test_optimizer_from_config_matches_optax():
   assert float(trainable_lib.learning_rate(cfg)(3)) == pytest.approx(1e-2)
 
 
-def _runlocal(**overrides) -> ml_collections.ConfigDict:
-  config = common.quant_job('t', common.parse_arg('runlocal=1', method='pq', k=16, d=4, bits=1, runlocal=False))
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
-
-
 @pytest.mark.parametrize(
   'overrides,message',
   [
@@ -269,7 +173,7 @@ def _runlocal(**overrides) -> ml_collections.ConfigDict:
   ],
 )
 def test_bad_config_fails_with_a_clear_line(overrides, message):
-  config = _runlocal(**overrides)
+  config = runlocal(**overrides)
   with pytest.raises(pipeline.ConfigError) as e:
     pipeline.check_config(config)
   if not message:  # batch 3 against the data-parallel size: the whole mesh's device count
@@ -281,12 +185,9 @@ def test_bad_config_fails_with_a_clear_line(overrides, message):
 
 def test_bad_config_writes_nothing(tmp_path):
   workdir = tmp_path / 'w'
-  cmd = [sys.executable, '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py:runlocal=1', f'--workdir={workdir}',
-         '--config.calibrate.trainable=codebooks,nope']  # fmt: skip
-  r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)
-  assert r.returncode == 2, r.stderr[-2000:]
-  assert "unknown trainable set 'nope'" in r.stderr
-  assert not workdir.exists()
+  r = helpers.run_main(workdir, '--config.calibrate.trainable=codebooks,nope', config=helpers.XL_RUNLOCAL,
+                       timeout=300)  # fmt: skip
+  helpers.assert_refused(r, workdir, "unknown trainable set 'nope'")
 
 
 def test_distillation_term_is_zero_against_itself():
@@ -331,7 +232,7 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
     for r in q.layers])  # fmt: skip
   sizes = storage.save(str(tmp_path / 'quantized'), q, {'name': 'tiny'})
   batch = max(4, jax.device_count())  # 8 when test_calibrate_sharded.py gave this process 8 devices
-  config = _runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': batch, 'calibrate.lr': 1e-2,
+  config = runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': batch, 'calibrate.lr': 1e-2,
                         'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'data.num_samples': 8})  # fmt: skip
   config.model.init = 'checkpoint'  # no smoke caps
   config.model.input_size = 8

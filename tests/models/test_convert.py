@@ -2,26 +2,15 @@
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks import torch_reference as torch_refs
 from dpq_jax import convert, errors
 from dpq_jax.models.spec import ModelSpec
-from tests import torch_refs
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope='module')
-def reference():
-  ref = torch_refs.random_diffusers_dit('S', patch=2, sample_size=8, num_classes=10)
-  state = convert.diffusers_to_original(torch_refs.state_dict_numpy(ref))
-  return ref, state
+from tests import helpers
 
 
 def _original_state_dict(state):
@@ -41,8 +30,8 @@ def _check_forward(ref, spec, params):
   assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-def test_plain_state_dict(reference, tmp_path):
-  ref, state = reference
+def test_plain_state_dict(torch_dit, tmp_path):
+  ref, state = torch_dit
   path = tmp_path / 'DiT-S-2.pt'
   torch.save(_original_state_dict(state), path)
   spec, params = convert.load_torch_checkpoint(str(path))
@@ -50,8 +39,8 @@ def test_plain_state_dict(reference, tmp_path):
   _check_forward(ref, spec, params)
 
 
-def test_training_checkpoint_takes_ema_and_allows_namespace(reference, tmp_path):
-  ref, state = reference
+def test_training_checkpoint_takes_ema_and_allows_namespace(torch_dit, tmp_path):
+  ref, state = torch_dit
   sd = _original_state_dict(state)
   model_sd = {k: torch.zeros_like(v) for k, v in sd.items()}  # 'model' differs: EMA must win
   path = tmp_path / '0050000.pt'
@@ -69,8 +58,8 @@ def test_training_checkpoint_takes_ema_and_allows_namespace(reference, tmp_path)
   _check_forward(ref, ModelSpec('DiT-S/2', input_size=8, num_classes=10), params)
 
 
-def test_diffusers_folder(reference, tmp_path):
-  ref, _ = reference
+def test_diffusers_folder(torch_dit, tmp_path):
+  ref, _ = torch_dit
   ref.save_pretrained(tmp_path / 'transformer', safe_serialization=True)
   name, params = convert.load_torch_dit(str(tmp_path / 'transformer'))
   assert name == 'DiT-S/2'
@@ -80,24 +69,24 @@ def test_diffusers_folder(reference, tmp_path):
   assert name2 == 'DiT-S/2'
 
 
-def test_diffusers_untied_embedders_refused(reference, tmp_path):
-  ref, _ = reference
+def test_diffusers_untied_embedders_refused(torch_dit, tmp_path):
+  ref, _ = torch_dit
   sd = torch_refs.state_dict_numpy(ref)
   sd['transformer_blocks.3.norm1.emb.timestep_embedder.linear_1.bias'] += 1.0
   with pytest.raises(errors.CheckpointError, match='block 3'):
     convert.diffusers_to_original(sd)
 
 
-def test_wrong_model_name(reference, tmp_path):
-  _, state = reference
+def test_wrong_model_name(torch_dit, tmp_path):
+  _, state = torch_dit
   with pytest.raises(ValueError, match='unknown DiT model'):
     convert.infer_spec(state, 'DiT-Q/3', 8)
   with pytest.raises(errors.CheckpointError, match='does not match the checkpoint'):
     convert.infer_spec(state, 'DiT-B/2', 8)
 
 
-def test_missing_and_extra_keys(reference):
-  _, state = reference
+def test_missing_and_extra_keys(torch_dit):
+  _, state = torch_dit
   spec = convert.infer_spec(state, None, 8)
   missing = dict(state)
   del missing['blocks.4.mlp.fc2.weight']
@@ -111,8 +100,8 @@ def test_missing_and_extra_keys(reference):
     convert.original_to_flax(wrong, spec)
 
 
-def test_truncated_file(reference, tmp_path):
-  _, state = reference
+def test_truncated_file(torch_dit, tmp_path):
+  _, state = torch_dit
   path = tmp_path / 'full.pt'
   torch.save(_original_state_dict(state), path)
   data = path.read_bytes()
@@ -134,8 +123,8 @@ class _Payload:
     return (open, (self.marker, 'w'))
 
 
-def test_pickled_code_is_refused_not_run(reference, tmp_path):
-  _, state = reference
+def test_pickled_code_is_refused_not_run(torch_dit, tmp_path):
+  _, state = torch_dit
   marker = tmp_path / 'pwned'
   sd = _original_state_dict(state)
   path = tmp_path / 'evil.pt'
@@ -145,22 +134,12 @@ def test_pickled_code_is_refused_not_run(reference, tmp_path):
   assert not marker.exists()
 
 
-def _cli(*args):
-  return subprocess.run(
-    [sys.executable, os.path.join(ROOT, 'convert_torch_checkpoint.py'), *args],
-    capture_output=True,
-    text=True,
-    cwd=ROOT,
-    timeout=300,
-  )
-
-
-def test_cli_roundtrip_and_failed_run_keeps_output(reference, tmp_path):
-  ref, state = reference
+def test_cli_roundtrip_and_failed_run_keeps_output(torch_dit, tmp_path):
+  ref, state = torch_dit
   src = tmp_path / 'DiT-S-2.pt'
   torch.save(_original_state_dict(state), src)
   out = tmp_path / 'converted'
-  r = _cli('--checkpoint', str(src), '--output', str(out))
+  r = helpers.run_convert('--checkpoint', str(src), '--output', str(out))
   assert r.returncode == 0, r.stderr
   spec, params = convert.load_converted(str(out))
   assert json.loads((out / 'model.json').read_text())['name'] == 'DiT-S/2'
@@ -169,7 +148,7 @@ def test_cli_roundtrip_and_failed_run_keeps_output(reference, tmp_path):
   # A failing conversion onto the same output: one error line, non-zero exit, output intact.
   bad = tmp_path / 'bad.pt'
   bad.write_bytes(src.read_bytes()[:1000])
-  r = _cli('--checkpoint', str(bad), '--output', str(out))
+  r = helpers.run_convert('--checkpoint', str(bad), '--output', str(out))
   assert r.returncode != 0
   assert r.stderr.strip().count('\n') == 0 and r.stderr.startswith('error:'), r.stderr
   assert sorted(p.relative_to(out).as_posix() for p in out.rglob('*')) == before
@@ -178,22 +157,22 @@ def test_cli_roundtrip_and_failed_run_keeps_output(reference, tmp_path):
   assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name]
 
 
-def test_cli_wrong_model_and_unwritable_output(reference, tmp_path):
-  _, state = reference
+def test_cli_wrong_model_and_unwritable_output(torch_dit, tmp_path):
+  _, state = torch_dit
   src = tmp_path / 'DiT-S-2.pt'
   torch.save(_original_state_dict(state), src)
-  r = _cli('--checkpoint', str(src), '--output', str(tmp_path / 'o'), '--model', 'DiT-B/2')
+  r = helpers.run_convert('--checkpoint', str(src), '--output', str(tmp_path / 'o'), '--model', 'DiT-B/2')
   assert r.returncode != 0 and 'DiT-B/2 does not match' in r.stderr
   blocker = tmp_path / 'a_file'
   blocker.write_text('x')
-  r = _cli('--checkpoint', str(src), '--output', str(blocker / 'out'))
+  r = helpers.run_convert('--checkpoint', str(src), '--output', str(blocker / 'out'))
   assert r.returncode != 0 and 'not writable' in r.stderr, r.stderr
   assert blocker.read_text() == 'x'
   assert not (tmp_path / 'o').exists()
 
 
-def test_safetensors_only_in_diffusers_folder(reference, tmp_path):
-  ref, _ = reference
+def test_safetensors_only_in_diffusers_folder(torch_dit, tmp_path):
+  ref, _ = torch_dit
   folder = tmp_path / 'transformer'
   ref.save_pretrained(folder, safe_serialization=True)
   for f in folder.glob('*.safetensors'):

@@ -10,6 +10,7 @@ import pytest
 from configs import dit_xl_1bit
 from dpq_jax import errors, pipeline
 from dpq_jax.quant import lineage
+from tests import helpers
 
 
 def _config(**overrides):
@@ -19,10 +20,7 @@ def _config(**overrides):
   config.compress.budget = 30.0
   config.sample.steps = 2
   config.sample.num_samples = config.sample.batch_size = 2
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  return helpers.set_keys(config, **overrides)
 
 
 def test_fingerprints_chain_and_ignore_what_does_not_change_the_artifact():
