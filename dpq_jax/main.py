@@ -1,6 +1,7 @@
 r"""Entry point: `python -m dpq_jax.main --config=configs/NAME.py --workdir=DIR`.
 
-With no flags it runs the embedded default job into runs/<config name>/.
+With no flags it runs the embedded default job into runs/<config name>/. `--config=NAME[:arg]` (or
+`NAME.py`) names a shipped config of configs/ when no such path exists here.
 """
 
 import os
@@ -16,6 +17,22 @@ if _ROOT not in sys.path:
 
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Job config file (ml_collections).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs/<config name>).')
+
+
+def shipped_config(argv: list[str]) -> list[str]:
+  """argv with `--config=NAME[.py][:arg]` pointing at configs/NAME.py when NAME is no path that exists."""
+  out, pending = [], False
+  for a in argv:
+    prefix = '--config=' if a.startswith('--config=') else '' if pending else None
+    pending = a == '--config'
+    if prefix is not None:
+      path, sep, arg = a[len(prefix) :].partition(':')
+      folder, name = os.path.split(path)
+      shipped = os.path.join(_ROOT, 'configs', name if name.endswith('.py') else f'{name}.py')
+      if not os.path.exists(path) and folder in ('', 'configs') and os.path.isfile(shipped):
+        a = f'{prefix}{shipped}{sep}{arg}'
+    out.append(a)
+  return out
 
 
 def main(argv):
@@ -38,4 +55,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  sys.argv = shipped_config(sys.argv)
   app.run(main)

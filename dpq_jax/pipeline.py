@@ -25,17 +25,36 @@ from dpq_jax.stages import REGISTRY, Job, QuantizedModel
 ConfigError = errors.ConfigError
 
 
+NEEDS_MODEL = ('quantize', 'compress', 'calibrate', 'sample', 'compare')
+
+
+def with_stages(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config with `stages` as the stages that run: a tuple and a comma-separated string alike ('load,quantize'),
+  and `load` first where a stage needs a model and neither load nor train precedes it."""
+  given = [config.stages] if isinstance(config.stages, str) else list(config.stages)
+  stages = [name.strip() for item in given for name in str(item).split(',') if name.strip()]
+  for name in stages:
+    if name in ('load', 'train'):
+      break
+    if name in NEEDS_MODEL:
+      stages.insert(0, 'load')
+      break
+  if tuple(stages) == tuple(config.stages):
+    return config
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.stages = tuple(stages)
+  return config
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError with every problem found, one per line."""
+  config = with_stages(config)
   stages = list(config.stages)
   errors = [
     f'config.stages: unknown stage {s!r}; expected one of {", ".join(REGISTRY)}' for s in stages if s not in REGISTRY
   ]
   if stages != ['evaluate']:  # scoring an existing sample batch alone needs no model
-    if stages and stages[0] not in ('load', 'train'):
-      errors.append(
-        f"config.stages={stages}: the first stage must be 'load' or 'train' (or the stages be just ['evaluate'])"
-      )
     errors += REGISTRY['load'].check(config)  # config.model, whichever stage makes the model
   for stage in dict.fromkeys(stages):
     if stage in REGISTRY and stage != 'load':
@@ -47,6 +66,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Checks the config, runs its stages, writes report.json and report.md; returns the report."""
   distributed.maybe_initialize()  # multi-host jobs: before anything touches a JAX backend
+  config = with_stages(config)
   check_config(config)
   writer = distributed.is_writer()  # process 0 writes every output; the others compute alongside it
   created = writer and not io_utils.exists(workdir)

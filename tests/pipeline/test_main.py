@@ -1,6 +1,7 @@
 """End to end: `python -m dpq_jax.main` from checkpoint to samples, and its refusals."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ REPORT_KEYS = {
 
 
 def test_random_init_smoke_run(tmp_path):
+  """The shipped config named as users type it (`--config=smoke`), and `sample` alone: it implies `load`."""
   r = helpers.run_main(tmp_path, '--config.model.name=DiT-S/8', '--config.model.input_size=16',
                        '--config.sample.steps=2', '--config.sample.num_samples=3',
-                       '--config.sample.batch_size=2')  # fmt: skip
+                       '--config.sample.batch_size=2', '--config.stages=sample', config='smoke')  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
   assert REPORT_KEYS <= set(report)
+  assert report['stages'] == ['load', 'sample'] and report['config_name'] == 'smoke'
   assert report['model'] == 'DiT-S/8' and report['method'] == 'fp'
   assert report['bytes']['total'] == report['fp32_bytes'] == 4 * report['num_params']
   assert set(report['timings_s']) == {'load', 'sample'}
@@ -49,6 +52,41 @@ def test_checkpoint_to_samples_and_batch_independence(tmp_path, torch_dit):
       outs.append(f['arr_0'])
   # Equal up to float32 summation order (matmul blocking differs with the batch size).
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+  'given,want',
+  [
+    (('load,quantize',), ('load', 'quantize')),
+    (('quantize, compress',), ('load', 'quantize', 'compress')),
+    (('sample', 'evaluate'), ('load', 'sample', 'evaluate')),
+    (('evaluate',), ('evaluate',)),  # scoring an existing batch needs no model
+    (('train', 'compare'), ('train', 'compare')),
+    (('load', 'nope'), ('load', 'nope')),  # refused by the checks, named
+  ],
+)
+def test_stage_lists(given, want):
+  from configs import smoke
+  from dpq_jax import pipeline
+
+  config = smoke.get_config()
+  config.stages = given
+  assert pipeline.with_stages(config).stages == want
+  assert config.stages == given  # the caller's config is left as it was
+
+
+def test_shipped_configs_by_name(tmp_path, monkeypatch):
+  from dpq_jax import main
+
+  monkeypatch.chdir(tmp_path)  # no configs/ here
+  shipped = os.path.join(helpers.ROOT, 'configs', 'dit_xl_1bit.py')
+  assert main.shipped_config(['m', '--config=dit_xl_1bit:smoke', '--config.seed=1']) == [
+    'm', f'--config={shipped}:smoke', '--config.seed=1']  # fmt: skip
+  assert main.shipped_config(['m', '--config', 'dit_xl_1bit.py']) == ['m', '--config', shipped]
+  assert main.shipped_config(['m', '--config=configs/dit_xl_1bit.py:runlocal']) == ['m', f'--config={shipped}:runlocal']
+  (tmp_path / 'dit_xl_1bit.py').write_text('')  # a path that exists wins
+  assert main.shipped_config(['m', '--config=dit_xl_1bit.py']) == ['m', '--config=dit_xl_1bit.py']
+  assert main.shipped_config(['m', '--config=nosuch']) == ['m', '--config=nosuch']  # absl names it
 
 
 @pytest.mark.parametrize(
