@@ -25,9 +25,9 @@ from dpq_jax.evaluate import evaluate_stage
 from dpq_jax.evaluate import report as report_lib
 from dpq_jax.evaluate import sample as sample_stage
 from dpq_jax.models import load as load_stage
-from dpq_jax.stages import compress as compress_stage
 from dpq_jax.quant import lineage
 from dpq_jax.quant import stage as quantize_stage
+from dpq_jax.stages import compress as compress_stage
 
 ConfigError = errors.ConfigError
 

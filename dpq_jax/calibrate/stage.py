@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, io_utils
+from dpq_jax import errors, io_utils, tree_utils
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import distributed, sharding
 from dpq_jax.calibrate import loop as loop_lib
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_stage
-from dpq_jax.quant import layers, lineage, storage, surgery
+from dpq_jax.quant import layers, lineage, qweight, storage, surgery
 from dpq_jax.quant import pq as pq_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.quant import stage as quantize_stage
@@ -201,10 +201,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   spec = state['spec']
   dtype = load_stage.DTYPES[config.model.dtype]
   variables = state['variables']
-  if 'quant' in variables:  # PQDense runtime (after quantize/compress): carry its `quant` collection whole
-    params, quant = variables['params'], variables['quant']
-  else:
-    params, quant = q.params, q.quant
+  if 'quant' not in variables:  # not the PQDense runtime (dequantize='load'): its variables from q
+    variables = q.variables()
+  params, quant = variables['params'], variables['quant']
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
   dynamic_model, frozen_model = step_lib.calibration_models(spec.create(dtype=dtype), rules, assignment, cfg.remat)
   try:
@@ -228,14 +227,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
     fingerprint=lineage.fingerprint(lineage.of_state(state, 'calibrate')),
   )
-  q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, state['fp_params']))
+  q = surgery.QuantizedParams.from_variables(out['params'], out['quant'], q.rtn, q.rows)
+  q = q.replace(rows=_layer_rows(q, state['fp_params']))
   artifact = os.path.join(workdir, quantize_stage.ARTIFACT_DIR)
   # Only the writer needs the stored meta: the others build the artifact just to measure it (and
   # may not see the writer's files at all, e.g. a workdir on each host's own disk).
   meta = storage.load_meta(artifact) if distributed.is_writer() else {}
   meta['lineage'] = lineage.of_state(state, 'calibrate')
   sizes = storage.save(artifact, q, meta, config.quant.codebook_dtype)
-  state['report'].update(sizes_lib.summary(q.layers, sizes, state['report']['num_params']))
+  state['report'].update(sizes_lib.summary(q.rows, sizes, state['report']['num_params']))
   summary = _summary(out, cfg, source)
   state['report']['calibrate'] = summary
   state.setdefault('report_notes', []).append(
@@ -249,16 +249,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   return state
 
 
-def _layer_rows(rows: list[dict], out: dict, fp_params: dict) -> list[dict]:
+def _layer_rows(q: surgery.QuantizedParams, fp_params: dict) -> list[dict]:
   """The quantize stage's per-layer rows with rel_mse of the calibrated weights."""
   new = []
-  for row in rows:
-    keys = row['name'].split('/')
-    p, qn, fp = out['params'], out['quant'], fp_params
-    for k in keys:
-      p, qn, fp = p[k], qn[k], fp[k]
-    if 'codebooks' in p:
-      row = dict(row, rel_mse=pq_lib.rel_mse(fp['kernel'], pq_lib.decode(p['codebooks'], qn['codes'])))
+  for row in q.rows:
+    w = q.pq.get(row['name'])
+    if w is not None:
+      kernel = tree_utils.get_path(fp_params, row['name'].split('/') + [qweight.KERNEL])
+      row = dict(row, rel_mse=pq_lib.rel_mse(kernel, pq_lib.decode(w.codebooks, w.codes)))
     new.append(row)
   return new
 

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from dpq_jax import errors, io_utils
-from dpq_jax.quant import codebook_values, layers, lineage, storage, surgery
+from dpq_jax.quant import codebook_values, lineage, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 
 ARTIFACT_DIR = 'quantized'
@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, state: dict) -> dict:
   }
   sizes = storage.save(os.path.join(workdir, ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
   num_params = state['report']['num_params']
-  summary = sizes_lib.summary(q.layers, sizes, num_params)
+  summary = sizes_lib.summary(q.rows, sizes, num_params)
   if cfg.method == 'rtn':
     method = f'rtn-{cfg.bits}bit'
   else:
@@ -133,4 +133,3 @@ def resume_chain(config: ml_collections.ConfigDict, workdir: str, state: dict) -
     'loaded, not recomputed'
   )
   return True
-
