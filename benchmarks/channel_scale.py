@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import _common
-from dpq_jax import convert, tree_utils
+from dpq_jax import convert
 from dpq_jax.demo import digits, metrics
 from dpq_jax.quant import pq, surgery
 
@@ -80,13 +80,15 @@ def main(argv=None) -> None:
     q = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=args.iters, progress=False)
     cells = []
     for variant in VARIANTS:
-      dense = surgery.dequantize_params(q.params, q.quant)
+      dense = q.dense_params()
       shrink = []
-      for row in q.layers:
+      for row in q.rows:
         path = row['name'].split('/')
-        node, ref_node, qp, qq = (tree_utils.get_path(tree, path) for tree in (dense, params, q.params, q.quant))
+        node, ref_node, qw = dense, params, q.pq[row['name']]
+        for part in path:
+          node, ref_node = node[part], ref_node[part]
         w = np.asarray(ref_node['kernel'], np.float32)
-        node['kernel'] = rescaled(w, np.asarray(qp['codebooks']), np.asarray(qq['codes']), variant)
+        node['kernel'] = rescaled(w, np.asarray(qw.codebooks), np.asarray(qw.codes), variant)
         x = inputs[row['name']]
         out, ref = x @ node['kernel'], x @ w
         shrink.append(float((out * ref).sum() / (ref * ref).sum()))

@@ -38,9 +38,9 @@ from dpq_jax.quant import allocation, codebook_values, equal_bytes, kmeans, surg
 
 def output_error(params: dict, q: surgery.QuantizedParams, inputs: dict[str, np.ndarray]) -> float:
   """sum_l ||X_l (W_l - W_hat_l)||^2 / sum_l ||X_l W_l||^2 over the quantized layers."""
-  decoded = surgery.dequantize_params(q.params, q.quant)
+  decoded = q.dense_params()
   num = den = 0.0
-  for row in q.layers:
+  for row in q.rows:
     path = row['name'].split('/')
     w, w_hat = tree_utils.get_path(params, path), tree_utils.get_path(decoded, path)
     x = jnp.asarray(inputs[row['name']])
@@ -71,7 +71,7 @@ def part_a(args) -> None:
     progress=False,
   )
   by_name = {r['name']: r for r in rows}
-  weights = sum(int(np.prod(r['shape'])) for r in models[rows[0]['name']].layers)
+  weights = sum(int(np.prod(r['shape'])) for r in models[rows[0]['name']].rows)
   print(
     f'## (a) Equal bytes: {what}, {weights} quantized weights, {args.iters} Lloyd iterations, '
     f'{args.codebook_dtype} codebooks\n'

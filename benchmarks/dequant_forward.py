@@ -39,7 +39,7 @@ def main(argv=None) -> None:
   rules = surgery.default_rules(args.method, args.k, args.d)
   q = surgery.quantize_params(params, rules, jax.random.key(2), method=args.method, iters=args.iters)
   q_model = dit.create_model(args.model, input_size=args.input_size, dense=layers.dense_factory(rules))
-  loaded = surgery.dequantize_params(q.params, q.quant)
+  loaded = q.dense_params()
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((args.batch, args.input_size, args.input_size, 4)).astype(np.float32)
@@ -49,7 +49,7 @@ def main(argv=None) -> None:
   fwd_q = jax.jit(lambda v, x, t, y: q_model.apply(v, x, t, y))
   cases = {
     'fp': (fwd_fp, {'params': params}),
-    'on the fly': (fwd_q, {'params': q.params, 'quant': q.quant}),
+    'on the fly': (fwd_q, q.variables()),
     'at load': (fwd_fp, {'params': loaded}),
   }
   outs = {name: np.asarray(fn(v, x, t, y)) for name, (fn, v) in cases.items()}  # compile + warm up

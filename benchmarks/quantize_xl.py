@@ -53,9 +53,9 @@ def main(argv=None) -> None:
   q = surgery.quantize_params(
     params, rules, jax.random.key(args.seed), method=args.method, iters=args.iters, rtn_bits=args.bits
   )
-  jax.block_until_ready(q.params)
+  jax.block_until_ready(q)
   seconds, cpu_s = time.perf_counter() - start, cpu_seconds() - cpu_start
-  rows = q.layers
+  rows = q.rows
   num_weights = sum(r['shape'][0] * r['shape'][1] for r in rows)
   mean_mse = float(np.mean([r['rel_mse'] for r in rows]))
   setting = f'rtn {args.bits} bit' if args.method == 'rtn' else f'{args.method} K={args.k} d={args.d}'

@@ -20,13 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import distributed, errors, io_utils, tree_utils
+from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
-from dpq_jax.quant import codebook_values
+from dpq_jax.quant import codebook_values, qweight
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
@@ -196,7 +196,7 @@ def calibrate(
     dynamic_model, trained, trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])), sample
   )
   quant_out = trainable_lib.pick(quant_now, jax.device_get(quant_out))
-  params_out, _ = trainable_lib.split(trained, lambda path, _: path.rsplit('/', 1)[-1] != step_lib.LATENT)
+  params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
   return {
     'params': params_out,
     'quant': quant_out,
@@ -242,14 +242,13 @@ def _round_codebooks(params: dict, quant: dict, dtype: Any) -> dict:
   float16/bfloat16, or int8 codebooks with a per-codebook scale over the live rows of a compressed layer;
   scales in the side dtype), so the final codes are the argmin of what is stored and the model that goes
   on to sampling is the one on disk."""
-
-  def round_leaf(path, x):
-    keys = [str(k.key) for k in path]
-    if keys[-1] == 'codebooks':
-      alive = tree_utils.get_path(quant, keys[:-1] + ['alive'])
-      return codebook_values.round_codebooks(jnp.asarray(x), dtype, None if alive is None else jnp.asarray(alive))
-    if keys[-1] == 'scale' and tree_utils.get_path(params, keys[:-1] + ['codebooks']) is not None:
-      return codebook_values.round_side(x, dtype)
-    return x
-
-  return jax.tree_util.tree_map_with_path(round_leaf, params)
+  rounded = {
+    name: w.replace(
+      codebooks=codebook_values.round_codebooks(
+        jnp.asarray(w.codebooks), dtype, None if w.alive is None else jnp.asarray(w.alive)
+      ),
+      scale=None if w.scale is None else codebook_values.round_side(w.scale, dtype),
+    )
+    for name, w in qweight.gather(params, quant).items()
+  }
+  return qweight.scatter(rounded, params, quant)[0]

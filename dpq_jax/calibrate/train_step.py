@@ -25,9 +25,8 @@ import optax
 from dpq_jax import tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
-from dpq_jax.quant import layers
+from dpq_jax.quant import layers, qweight
 
-LATENT = 'latent'
 # What the backward pass recomputes instead of keeping (config.calibrate.remat):
 #   'none'     nothing: every decoded kernel W_hat [C_in, C_out] and every activation is kept;
 #   'decoded'  each quantized layer's W_hat is re-gathered from codebooks + codes (PQDense.remat);
@@ -71,21 +70,19 @@ def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -
   """
   params = jax.tree.map(lambda x: x, params)
   quant = jax.tree.map(lambda x: x, quant)
-  for path, _ in jax.tree_util.tree_leaves_with_path(params):
-    keys = [str(k.key) for k in path]
-    if keys[-1] != 'codebooks':
-      continue
+  for name in qweight.modules(params):
+    keys = name.split('/')
     fp = fp_params
-    for k in keys[:-1]:
+    for k in keys:
       fp = fp[k]
     target = params if assignment == 'ste' else quant
-    tree_utils.set_path(target, keys[:-1] + [LATENT], jnp.asarray(fp['kernel'], jnp.float32))
+    tree_utils.set_path(target, keys + [qweight.LATENT], jnp.asarray(fp[qweight.KERNEL], jnp.float32))
   return params, quant
 
 
 def split_quant(quant: dict) -> tuple[dict, dict]:
   """(mutable, constant) parts of the `quant` collection: latent weights are constant."""
-  constant, mutable = trainable_lib.split(quant, lambda path, _: path.rsplit('/', 1)[-1] == LATENT)
+  constant, mutable = trainable_lib.split(quant, lambda path, _: qweight.is_latent(path))
   return mutable, constant
 
 
@@ -101,10 +98,9 @@ def init_state(trainable: dict, quant: dict, tx: optax.GradientTransformation, s
 
 def _changed_fraction(old: dict, new: dict) -> jax.Array:
   changed, total = jnp.zeros((), jnp.float32), 0
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(old), jax.tree.leaves(new)):
-    if str(path[-1].key) == 'codes':
-      changed += jnp.sum(a != b).astype(jnp.float32)
-      total += a.size
+  for a, b in zip(qweight.codes(old), qweight.codes(new)):
+    changed += jnp.sum(a != b).astype(jnp.float32)
+    total += a.size
   return changed / max(total, 1)
 
 

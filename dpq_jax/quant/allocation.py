@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import tree_utils
-from dpq_jax.quant import codebook_values, compress, packing, pq
+from dpq_jax.quant import codebook_values, compress, packing, pq, qweight
 
 
 @dataclasses.dataclass
@@ -67,12 +66,13 @@ def compress_layers(
   codebook_dtype: str = 'float16',
   progress: bool = True,
   distortion: str = 'absolute',
-) -> tuple[list[compress.Compressed], dict[str, Any]]:
+) -> tuple[list[qweight.PQWeight], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
   Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
-  over the survivors; codes re-assigned to the rounded survivors) and an info dict with the predicted bytes,
-  the allocation and per-layer rows.
+  over the survivors; codes re-assigned to the rounded survivors, in the stored code dtype; the alive mask; the
+  per-output-channel scale recomputed where the layer had one) and an info dict with the predicted bytes, the
+  allocation and per-layer rows.
 
   Raises:
     compress.BudgetError: target below the minimum reachable size (named in the message).
@@ -109,7 +109,7 @@ def compress_layers(
       'of full-precision biases)',
       minimum,
     ) from None
-  out, rows, scales, offset = [], [], [], 0
+  out, rows, offset = [], [], 0
   for layer in layers:
     x, codes, weights = _problems(layer, distortion)
     num_codebooks = layer.codebooks.shape[0]
@@ -124,8 +124,8 @@ def compress_layers(
     scale = None
     if layer.scale is not None:  # the norms the re-assigned reconstruction restores
       scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), side_dtype)
-    out.append(compress.Compressed(rounded, new_codes, result.alive))
-    scales.append(scale)
+    out.append(qweight.PQWeight(np.asarray(rounded), np.asarray(new_codes).astype(packing.code_dtype(rounded.shape[1])),
+                                np.asarray(result.alive), None if scale is None else np.asarray(scale)))  # fmt: skip
     rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), codebook_dtype, scale))
     _tick(bar)
   if bar is not None:
@@ -137,7 +137,6 @@ def compress_layers(
     'min_bytes': int(alloc.min_bytes + fixed + scale_bytes),
     'estimated_distortion_increase': alloc.distortion,
     'rows': rows,
-    'scales': scales,  # per layer: the recomputed per-output-channel scale [out_features], or None
   }
   return out, info
 
@@ -196,19 +195,3 @@ def target_bytes(cfg: ml_collections.ConfigDict, fp32_bytes: int, quantized_weig
   if cfg.budget_bits:
     return int(cfg.budget_bits * quantized_weights // 8)
   return int(fp32_bytes // cfg.budget)
-
-
-def modules(params: dict) -> list[tuple[str, ...]]:
-  """Module paths of the PQ/VQ layers of a params tree."""
-  flat = jax.tree_util.tree_leaves_with_path(params)
-  return [tuple(k.key for k in p[:-1]) for p, _ in flat if p[-1].key == 'codebooks']
-
-
-def set_compressed(params: dict, quant: dict, modules: list[tuple[str, ...]], compressed, scales) -> None:
-  """Writes compressed layers (codebooks, codes, alive, scale) into the params / quant trees in place."""
-  for m, c, scale in zip(modules, compressed, scales):
-    tree_utils.set_path(params, m + ('codebooks',), np.asarray(c.codebooks))
-    tree_utils.set_path(quant, m + ('codes',), np.asarray(c.codes).astype(packing.code_dtype(c.codebooks.shape[1])))
-    tree_utils.set_path(quant, m + ('alive',), np.asarray(c.alive))
-    if scale is not None:
-      tree_utils.set_path(params, m + ('scale',), np.asarray(scale))

@@ -10,37 +10,37 @@ import jax
 import numpy as np
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import allocation, surgery
+from dpq_jax.quant import allocation, qweight, surgery
 from dpq_jax.quant import layers as layers_lib
 
 
 def compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **kwargs) -> surgery.QuantizedParams:
   """q's PQ/VQ layers compressed to `target` bytes of codes + codebooks (biases outside the scope)."""
-  modules = allocation.modules(q.params)
-  lays = []
-  get = tree_utils.get_path
-  for m in modules:
-    scale = get(q.params, m + ('scale',))
-    lays.append(allocation.Layer('/'.join(m), np.asarray(get(q.params, m + ('codebooks',))), np.asarray(get(q.quant, m + ('codes',))),
-                      np.asarray(get(reference, m + ('kernel',)), np.float32),
-                      scale=None if scale is None else np.asarray(scale)))  # fmt: skip
+  lays = [
+    allocation.Layer(
+      name,
+      np.asarray(w.codebooks),
+      np.asarray(w.codes),
+      np.asarray(tree_utils.get_path(reference, name.split('/') + [qweight.KERNEL]), np.float32),
+      scale=None if w.scale is None else np.asarray(w.scale),
+    )
+    for name, w in q.pq.items()
+  ]
   compressed, info = allocation.compress_layers(lays, target, **kwargs)
-  params, quant = jax.tree.map(lambda v: v, q.params), jax.tree.map(lambda v: v, q.quant)
-  allocation.set_compressed(params, quant, modules, compressed, info['scales'])
-  return surgery.QuantizedParams(params, quant, q.rtn, info['rows'])
+  return q.replace(pq=dict(zip(q.pq, compressed)), rows=info['rows'])
 
 
 def summary_row(name: str, q: surgery.QuantizedParams, seconds: float) -> dict[str, Any]:
-  weights = sum(int(np.prod(r['shape'])) for r in q.layers)
-  nbytes = sum(r['bytes'] for r in q.layers)
-  sq = sum(r['sq_norm'] for r in q.layers)
+  weights = sum(int(np.prod(r['shape'])) for r in q.rows)
+  nbytes = sum(r['bytes'] for r in q.rows)
+  sq = sum(r['sq_norm'] for r in q.rows)
   return {
     'name': name,
     'bytes': int(nbytes),  # codes + codebooks of the quantized layers, as packed on disk
     'effective_bits_per_weight': 8 * nbytes / weights,
-    'index_bits_per_weight': float(sum(r['index_bits'] * np.prod(r['shape']) / r['d'] for r in q.layers) / weights),
+    'index_bits_per_weight': float(sum(r['index_bits'] * np.prod(r['shape']) / r['d'] for r in q.rows) / weights),
     'compression_ratio': 4 * weights / nbytes,
-    'weight_rel_mse': sum(r['rel_mse'] * r['sq_norm'] for r in q.layers) / sq,
+    'weight_rel_mse': sum(r['rel_mse'] * r['sq_norm'] for r in q.rows) / sq,
     'seconds': round(seconds, 2),
   }
 

@@ -2,7 +2,7 @@
 
 DIR/ holds four files, written into a temporary sibling and renamed into place:
   codes.bin            every layer's codes, bit-packed at ceil(log2 K) bits (RTN: b bits); a compressed
-                       layer (one with `quant/alive`): one byte-aligned stream per codebook at
+                       layer (a PQWeight with an alive mask): one byte-aligned stream per codebook at
                        ceil(log2 K') bits, K' its live codewords
   codebooks.bin        PQ/VQ codebooks, per-output-channel scales and RTN scales/offsets, float16
                        (config.quant.codebook_dtype); 'int8' codebooks: int8 values and one float16 scale
@@ -30,12 +30,21 @@ import numpy as np
 
 from dpq_jax import distributed, io_utils, tree_utils
 from dpq_jax.quant import codebook_values, compress, packing
-from dpq_jax.quant import rtn as rtn_lib
-from dpq_jax.quant.surgery import QuantizedParams, RTNLayer
+from dpq_jax.quant.qweight import PQWeight, RTNWeight
+from dpq_jax.quant.surgery import QuantizedParams
 
 FILES = {'codes': 'codes.bin', 'codebooks': 'codebooks.bin', 'full_precision': 'full_precision.bin'}
 INDEX = 'index.json'
 ARTIFACT_DIR = 'quantized'  # DIR/quantized/: the run's quantized model
+# Entry names in index.json, '<module path>/<name>': the format's own vocabulary (fixed by the artifacts
+# already written; it matches the PQDense variable names it was taken from).
+CODEBOOKS = 'codebooks'  # codebooks.bin: [num_codebooks, K, d], or only the live rows of a compressed layer
+CODES = 'codes'  # codes.bin: [num_subvectors, out_features], bit-packed
+SCALE = 'scale'  # codebooks.bin: the per-output-channel scale [out_features]
+CODEBOOK_SIZES = 'codebook_sizes'  # codebooks.bin: K' per codebook of a compressed layer
+CODEBOOK_SCALES = 'codebook_scales'  # codebooks.bin: the float16 scale per codebook of int8 codebooks
+RTN_CODES = 'kernel'  # codes.bin: an RTN layer's codes [out_features, num_groups, group_size] (entry has rtn=True)
+RTN_SIDE = ('rtn_scale', 'rtn_offset')  # codebooks.bin: an RTN layer's scale and offset [out, num_groups, 1]
 
 
 class _Writer:
@@ -54,8 +63,36 @@ class _Writer:
       f.close()
 
 
-def _flat(tree: dict) -> list[tuple[str, np.ndarray]]:
-  return [('/'.join(k.key for k in p), np.asarray(v)) for p, v in jax.tree_util.tree_leaves_with_path(tree)]
+def _layout(q: QuantizedParams) -> list[tuple[tuple[str, ...], str, str]]:
+  """(sort key, kind, path) of every group of entries, sorted as the leaves of the runtime params tree
+  (a PQ/VQ layer's codebooks and scale where those variables sit, an RTN layer where its kernel sits).
+  path: the fp leaf's path ('fp'), else the module path ('pq', 'scale', 'rtn')."""
+  out = [(tuple(str(k.key) for k in p), 'fp', '/'.join(str(k.key) for k in p))
+         for p, _ in jax.tree_util.tree_leaves_with_path(q.fp)]  # fmt: skip
+  for name, weight in q.pq.items():
+    out.append((tuple(name.split('/')) + (CODEBOOKS,), 'pq', name))
+    if weight.scale is not None:
+      out.append((tuple(name.split('/')) + (SCALE,), 'scale', name))
+  out += [(tuple(name.split('/')) + (RTN_CODES,), 'rtn', name) for name in q.rtn]
+  return sorted(out)
+
+
+def _add_pq(w: _Writer, module: str, weight: PQWeight, codebook_dtype: str) -> None:
+  """A PQ/VQ layer's codebooks (and int8 scales) and codes; a compressed one (with an alive mask) apart."""
+  codebooks, codes = np.asarray(weight.codebooks), np.asarray(weight.codes)
+  if weight.alive is not None:
+    _add_compressed(w, module, codebooks, codes, np.asarray(weight.alive), codebook_dtype)
+    return
+  path = f'{module}/{CODEBOOKS}'
+  if codebook_dtype == 'int8':
+    values, scales = codebook_values.encode(codebooks, codebook_dtype)  # [C, K, d] int8, [C] float16
+    w.add('codebooks', f'{module}/{CODEBOOK_SCALES}', scales, shape=[scales.size], dtype=codebook_values.SCALE_DTYPE)
+    w.add('codebooks', path, values, shape=list(codebooks.shape), dtype=codebook_dtype)
+  else:
+    w.add('codebooks', path, codebooks.astype(codebook_dtype), shape=list(codebooks.shape), dtype=codebook_dtype)
+  bits = packing.index_bits(codebooks.shape[1])
+  w.add('codes', f'{module}/{CODES}', packing.pack(codes, bits), shape=list(codes.shape), bits=bits,
+        dtype=str(codes.dtype))  # fmt: skip
 
 
 def save(
@@ -84,34 +121,23 @@ def save(
   tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory.rstrip('/')) + '.tmp-', dir=parent)
   try:
     w = _Writer(tmp)
-    codes = dict(_flat(q.quant))
-    for path, value in _flat(q.params):
-      module = path.rsplit('/', 1)[0]
-      if path.endswith('/codebooks') and module + '/alive' in codes:
-        _add_compressed(w, module, value, codes[module + '/codes'], codes[module + '/alive'], codebook_dtype)
-      elif path.endswith('/codebooks'):
-        k = value.shape[1]
-        bits = packing.index_bits(k)
-        c = codes[module + '/codes']
-        if codebook_dtype == 'int8':
-          values, scales = codebook_values.encode(value, codebook_dtype)  # [C, K, d] int8, [C] float16
-          w.add(
-            'codebooks', module + '/codebook_scales', scales, shape=[scales.size], dtype=codebook_values.SCALE_DTYPE
-          )
-          w.add('codebooks', path, values, shape=list(value.shape), dtype=codebook_dtype)
-        else:
-          w.add('codebooks', path, value.astype(codebook_dtype), shape=list(value.shape), dtype=codebook_dtype)
-        w.add('codes', module + '/codes', packing.pack(c, bits), shape=list(c.shape), bits=bits, dtype=str(c.dtype))
-      elif path.endswith('/scale') and module + '/codes' in codes:  # PQ/VQ per-output-channel scale
-        w.add('codebooks', path, value.astype(side_dtype), shape=list(value.shape), dtype=side_dtype)
-      elif path.endswith('/kernel') and module in q.rtn:
-        r = q.rtn[module]
-        w.add('codes', path, packing.pack(r.codes, r.bits), shape=list(r.codes.shape), bits=r.bits, rtn=True)
-        for name, arr in (('scale', r.scale), ('offset', r.offset)):
-          w.add('codebooks', f'{module}/rtn_{name}', arr.astype(side_dtype), shape=list(arr.shape),
-                dtype=side_dtype)  # fmt: skip
-      else:
+    for _, kind, path in _layout(q):  # the order of the model's params tree, as index.json always had it
+      if kind == 'fp':
+        value = np.asarray(tree_utils.get_path(q.fp, path.split('/')))
         w.add('full_precision', path, value.astype(np.float32), shape=list(value.shape), dtype='float32')
+      elif kind == 'pq':
+        _add_pq(w, path, q.pq[path], codebook_dtype)
+      elif kind == 'scale':
+        value = np.asarray(q.pq[path].scale)
+        w.add('codebooks', f'{path}/{SCALE}', value.astype(side_dtype), shape=list(value.shape), dtype=side_dtype)
+      else:
+        r = q.rtn[path]
+        codes = np.asarray(r.codes)
+        w.add('codes', f'{path}/{RTN_CODES}', packing.pack(codes, r.bits), shape=list(codes.shape), bits=r.bits,
+              rtn=True)  # fmt: skip
+        for name, arr in zip(RTN_SIDE, (r.scale, r.offset)):
+          arr = np.asarray(arr)
+          w.add('codebooks', f'{path}/{name}', arr.astype(side_dtype), shape=list(arr.shape), dtype=side_dtype)
     w.close()
     if check is not None:
       check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
@@ -144,18 +170,20 @@ def _add_compressed(w: _Writer, module: str, codebooks: np.ndarray, codes: np.nd
   if (per_codebook >= live[:, None]).any():
     raise ValueError(f'{module}/codes: a code points at a dead codeword')
   size_dtype = compress.size_dtype(codebook_size)
-  w.add('codebooks', module + '/codebook_sizes', live.astype(size_dtype), shape=[num_codebooks], dtype=str(size_dtype))
+  w.add(
+    'codebooks', f'{module}/{CODEBOOK_SIZES}', live.astype(size_dtype), shape=[num_codebooks], dtype=str(size_dtype)
+  )
   if codebook_dtype == 'int8':
     values, scales = codebook_values.encode(codebooks, codebook_dtype, alive)  # [C, K, d] int8, [C] float16
-    w.add('codebooks', module + '/codebook_scales', scales, shape=[num_codebooks], dtype=codebook_values.SCALE_DTYPE)
+    w.add('codebooks', f'{module}/{CODEBOOK_SCALES}', scales, shape=[num_codebooks], dtype=codebook_values.SCALE_DTYPE)
     rows = values[alive]  # [sum K', d]
   else:
     rows = np.asarray(codebooks)[alive].astype(codebook_dtype)  # [sum K', d]
-  w.add('codebooks', module + '/codebooks', rows, shape=list(codebooks.shape), dtype=codebook_dtype,
+  w.add('codebooks', f'{module}/{CODEBOOKS}', rows, shape=list(codebooks.shape), dtype=codebook_dtype,
         live_rows=True)  # fmt: skip
   bits = compress.bits_of(live)
   stream = np.concatenate([packing.pack(c, int(b)) for c, b in zip(per_codebook, bits)])
-  w.add('codes', module + '/codes', stream, shape=list(np.shape(codes)), bits=bits.tolist(), dtype=str(codes.dtype))
+  w.add('codes', f'{module}/{CODES}', stream, shape=list(np.shape(codes)), bits=bits.tolist(), dtype=str(codes.dtype))
 
 
 def _unpack_compressed(raw: np.ndarray, bits: list[int], shape: tuple[int, ...], dtype: str) -> np.ndarray:
@@ -191,54 +219,61 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
   """Reads an artifact back: (model meta, QuantizedParams with rows empty)."""
   index = io_utils.read_json(os.path.join(directory, INDEX))
   blobs = {k: _read_blob(os.path.join(directory, f)) for k, f in FILES.items()}
-  params: dict = {}
-  quant: dict = {}
-  rtn_parts: dict[str, dict[str, Any]] = {}
+  fp: dict = {}
+  codebooks: dict[str, np.ndarray] = {}  # by module path
+  codes: dict[str, np.ndarray] = {}
+  alive: dict[str, np.ndarray] = {}
+  channel_scales: dict[str, np.ndarray] = {}
+  rtn_codes: dict[str, tuple[np.ndarray, int]] = {}
+  rtn_side: dict[str, dict[str, np.ndarray]] = {}
   live: dict[str, np.ndarray] = {}  # K' per codebook of compressed layers
   scales: dict[str, np.ndarray] = {}  # the float16 scale per codebook of int8 codebooks, by module
   for e in index['entries']:
-    if e['path'].endswith('/codebook_scales'):
+    if e['path'].endswith('/' + CODEBOOK_SCALES):
       raw = blobs[e['file']][e['offset'] : e['offset'] + e['nbytes']]
       scales[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype'])
   for e in index['entries']:
     raw = blobs[e['file']][e['offset'] : e['offset'] + e['nbytes']]
     shape = tuple(e['shape'])
-    keys = e['path'].split('/')
+    module, _, name = e['path'].rpartition('/')
     if e['file'] == 'codes' and isinstance(e['bits'], list):
-      tree_utils.set_path(quant, keys, _unpack_compressed(raw, e['bits'], shape, e['dtype']))
+      codes[module] = _unpack_compressed(raw, e['bits'], shape, e['dtype'])
     elif e['file'] == 'codes':
-      n = int(np.prod(shape))
-      arr = packing.unpack(raw, e['bits'], n).reshape(shape)
+      arr = packing.unpack(raw, e['bits'], int(np.prod(shape))).reshape(shape)
       if e.get('rtn'):
-        rtn_parts.setdefault(e['path'].rsplit('/', 1)[0], {})['codes'] = (arr.astype(np.int32), e['bits'])
-        continue
-      tree_utils.set_path(quant, keys, arr.astype(e['dtype']))
+        rtn_codes[module] = (arr.astype(np.int32), e['bits'])
+      else:
+        codes[module] = arr.astype(e['dtype'])
+    elif e['file'] == 'full_precision':
+      arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape).astype(np.float32)  # a writable copy
+      tree_utils.set_path(fp, e['path'].split('/'), arr)
+    elif name == CODEBOOK_SIZES:
+      live[module] = np.frombuffer(raw.tobytes(), e['dtype']).astype(np.int64)
+    elif name == CODEBOOK_SCALES:
+      continue
+    elif e.get('live_rows'):
+      rows = np.frombuffer(raw.tobytes(), e['dtype']).reshape(-1, shape[-1])
+      rows = codebook_values.decode_rows(rows, scales[module] if e['dtype'] == 'int8' else None, live[module])
+      mask = np.arange(shape[1])[None] < live[module][:, None]  # [num_codebooks, K]
+      arr = np.broadcast_to(rows[np.cumsum(live[module]) - live[module]][:, None], shape).copy()  # dead: row 0
+      arr[mask] = rows
+      codebooks[module], alive[module] = arr, mask
     else:
-      if keys[-1] == 'codebook_sizes':
-        live[e['path'].rsplit('/', 1)[0]] = np.frombuffer(raw.tobytes(), e['dtype']).astype(np.int64)
-        continue
-      if keys[-1] == 'codebook_scales':
-        continue
-      module = e['path'].rsplit('/', 1)[0]
-      if e.get('live_rows'):
-        rows = np.frombuffer(raw.tobytes(), e['dtype']).reshape(-1, shape[-1])
-        rows = codebook_values.decode_rows(rows, scales[module] if e['dtype'] == 'int8' else None, live[module])
-        alive = np.arange(shape[1])[None] < live[module][:, None]  # [num_codebooks, K]
-        arr = np.broadcast_to(rows[np.cumsum(live[module]) - live[module]][:, None], shape).copy()  # dead: row 0
-        arr[alive] = rows
-        tree_utils.set_path(params, keys, arr)
-        tree_utils.set_path(quant, keys[:-1] + ['alive'], alive)
-        continue
       arr = np.frombuffer(raw.tobytes(), e['dtype']).reshape(shape)
       arr = codebook_values.decode(arr, scales[module] if e['dtype'] == 'int8' else None)
-      if keys[-1].startswith('rtn_'):
-        rtn_parts.setdefault('/'.join(keys[:-1]), {})[keys[-1][4:]] = arr
-        continue
-      tree_utils.set_path(params, keys, arr)
-  rtn_layers = {}
-  for module, parts in rtn_parts.items():
-    codes, bits = parts['codes']
-    rtn_layers[module] = RTNLayer(codes, parts['scale'], parts['offset'], bits)
-    kernel = np.asarray(rtn_lib.dequantize(codes, parts['scale'], parts['offset'])).T
-    tree_utils.set_path(params, module.split('/') + ['kernel'], kernel)
-  return index['model'], QuantizedParams(params, quant, rtn_layers, [])
+      if name in RTN_SIDE:
+        rtn_side.setdefault(module, {})[name] = arr
+      elif name == CODEBOOKS:
+        codebooks[module] = arr
+      elif name == SCALE:
+        channel_scales[module] = arr
+      else:
+        raise ValueError(f'{directory}/{INDEX}: unknown codebooks entry {e["path"]!r}')
+  missing = sorted(set(codebooks) ^ set(codes))
+  if missing:
+    raise ValueError(f'{directory}/{INDEX}: {missing[0]} has codebooks without codes or codes without codebooks')
+  pq_weights = {m: PQWeight(codebooks[m], codes[m], alive.get(m), channel_scales.get(m)) for m in sorted(codebooks)}
+  rtn_weights = {
+    m: RTNWeight(c, rtn_side[m][RTN_SIDE[0]], rtn_side[m][RTN_SIDE[1]], bits) for m, (c, bits) in rtn_codes.items()
+  }
+  return index['model'], QuantizedParams(fp, pq_weights, rtn_weights, [])

@@ -1,46 +1,62 @@
 """Model surgery: quantize the linear layers of a DiT param tree chosen by path rules.
 
-The result runs in the same DiT module with `dense=layers.dense_factory(rules)`: a PQ/VQ
-layer's `kernel` is replaced by `codebooks` (params) and `codes` (the `quant` collection).
-RTN layers keep a dense kernel holding the dequantized weights (RTN is the scalar baseline;
-its packed codes and scales are what the artifact stores).
+The result is a QuantizedParams: the float leftovers, the PQ/VQ layers as qweight.PQWeight and the RTN
+layers as qweight.RTNWeight, by module path. Its `variables()` run in the same DiT module with
+`dense=layers.dense_factory(rules)` (a PQ/VQ layer's `kernel` replaced by `codebooks` in params and
+`codes` in the `quant` collection; RTN layers as dense kernels of the dequantized weights, RTN being the
+scalar baseline whose packed codes and scales are what the artifact stores), and `dense_params()` in the
+plain DiT.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
-from dpq_jax import tree_utils
-from dpq_jax.quant import codebook_values, layers, packing, pq, rtn
+from dpq_jax.quant import codebook_values, layers, packing, pq, qweight, rtn
 
 METHODS = ('pq', 'vq', 'rtn')
 
 
-@dataclasses.dataclass
-class RTNLayer:
-  codes: np.ndarray  # [out_features, num_groups, group_size] integers < 2**bits
-  scale: np.ndarray  # [out_features, num_groups, 1]
-  offset: np.ndarray  # [out_features, num_groups, 1]
-  bits: int
-
-
-@dataclasses.dataclass
+@struct.dataclass
 class QuantizedParams:
-  params: dict  # float params; PQ/VQ layers hold `codebooks` instead of `kernel`
-  quant: dict  # integer codes of PQ/VQ layers: <path>/codes [num_subvectors, out_features]
-  rtn: dict[str, RTNLayer]  # RTN layers by module path
-  layers: list[dict[str, Any]]  # per-layer report rows
+  """A quantized model: a pytree (jit, tree.map, device_put) whose report rows ride along as static data."""
+
+  fp: dict  # full-precision leftovers: biases, norms, embedders, unquantized layers; no quantized kernel
+  pq: dict[str, qweight.PQWeight]  # PQ/VQ layers by module path ('blocks_0/attn/qkv')
+  rtn: dict[str, qweight.RTNWeight]  # RTN layers by module path
+  rows: list[dict[str, Any]] = struct.field(pytree_node=False, default_factory=list)  # per-layer report rows
+
+  @classmethod
+  def from_variables(
+    cls, params: dict, quant: dict, rtn: dict[str, qweight.RTNWeight] | None = None, rows: list | tuple = ()
+  ) -> QuantizedParams:
+    """From PQDense variables (RTN layers' dense kernels in params are dropped: `rtn` holds them)."""
+    rtn = dict(rtn or {})
+    fp, weights = qweight.split(params, quant)
+    return cls(qweight.drop_kernels(fp, list(rtn)), weights, rtn, list(rows))
+
+  def variables(self) -> dict[str, dict]:
+    """{'params', 'quant'} of the PQDense runtime (RTN layers as dense kernels)."""
+    params, quant = qweight.scatter(self.pq, self.fp, {})
+    params = qweight.set_kernels(params, {name: w.decode() for name, w in self.rtn.items()})
+    return {'params': params, 'quant': quant}
+
+  def dense_params(self) -> dict:
+    """Params of the plain DiT: every quantized kernel decoded once."""
+    return qweight.set_kernels(self.fp, {name: w.decode() for name, w in {**self.pq, **self.rtn}.items()})
 
 
 def module_kernels(params: dict) -> list[tuple[tuple[str, ...], np.ndarray]]:
   """(module path, kernel) of every 2-D 'kernel' leaf of the param tree (the Dense layers)."""
   flat = jax.tree_util.tree_leaves_with_path(params)
-  return [(tuple(k.key for k in path[:-1]), leaf) for path, leaf in flat if path[-1].key == 'kernel' and leaf.ndim == 2]
+  return [
+    (tuple(k.key for k in path[:-1]), leaf) for path, leaf in flat if path[-1].key == qweight.KERNEL and leaf.ndim == 2
+  ]
 
 
 def quantize_params(
@@ -76,9 +92,8 @@ def quantize_params(
       rtn._groups(jnp.zeros((kernel.shape[1], kernel.shape[0])), rtn_group_size)
     else:
       rules.spec_for(name).check(kernel.shape[0], kernel.shape[1], name)
-  out = jax.tree.map(lambda x: x, params)
-  quant: dict = {}
-  rtn_layers: dict[str, RTNLayer] = {}
+  pq_weights: dict[str, qweight.PQWeight] = {}
+  rtn_weights: dict[str, qweight.RTNWeight] = {}
   rows = []
   bar = None
   if progress:
@@ -90,35 +105,29 @@ def quantize_params(
     spec = rules.spec_for(name)
     kernel = jnp.asarray(kernel, jnp.float32)
     in_f, out_f = kernel.shape
-    node = out
-    for p in path:
-      node = node[p]
     if method == 'rtn':
       codes, scale, offset = rtn.quantize(kernel.T, rtn_bits, rtn_group_size)
       scale = codebook_values.round_side(scale, codebook_dtype)
       offset = codebook_values.round_side(offset, codebook_dtype)
       approx = rtn.dequantize(codes, scale, offset).T
-      node['kernel'] = approx
-      rtn_layers[name] = RTNLayer(np.asarray(codes), np.asarray(scale), np.asarray(offset), rtn_bits)
+      rtn_weights[name] = qweight.RTNWeight(np.asarray(codes), np.asarray(scale), np.asarray(offset), rtn_bits)
       nbytes = packing.packed_nbytes(codes.size, rtn_bits) + 2 * side_bytes * scale.size
       row = {'k': 2**rtn_bits, 'd': 1, 'index_bits': rtn_bits}
     else:
       codebooks, codes, _ = pq.fit(kernel, spec, jax.random.fold_in(key, i), iters)
       codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)  # [num_codebooks, K, d] as stored
       codes = pq.encode(kernel, codebooks, spec)  # nearest codeword of the stored (rounded) codebooks
-      approx = pq.decode(codebooks, codes)
-      del node['kernel']
-      node['codebooks'] = codebooks
-      tree_utils.set_path(quant, path + ('codes',), codes.astype(packing.code_dtype(spec.codebook_size)))
+      w = qweight.PQWeight(codebooks, codes.astype(packing.code_dtype(spec.codebook_size)))
       nbytes = (
         packing.packed_nbytes(codes.size, spec.index_bits)
         + codebooks.size * codebook_values.value_bytes(codebook_dtype)
         + codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
       )
       if channel_scale:
-        node['scale'] = pq.channel_scale(kernel, approx, side_dtype)  # [out_features]
-        approx = approx * node['scale']
-        nbytes += node['scale'].size * side_bytes
+        w = w.replace(scale=pq.channel_scale(kernel, w.decode(), side_dtype))  # [out_features]
+        nbytes += w.scale.size * side_bytes
+      approx = w.decode()
+      pq_weights[name] = w
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
     rows.append(
       {
@@ -135,29 +144,8 @@ def quantize_params(
       bar.set_postfix(rel_mse=f'{rows[-1]["rel_mse"]:.3f}')
   if bar is not None:
     bar.close()
-  return QuantizedParams(out, quant, rtn_layers, rows)
-
-
-def dequantize_params(params: dict, quant: dict) -> dict:
-  """Dense params of a quantized tree: every `codebooks` + `codes` pair becomes a `kernel`
-  (dequantize once at load; the plain DiT module then runs them)."""
-
-  def walk(p: dict, q: dict) -> dict:
-    out = {}
-    for k, v in p.items():
-      if k == 'codebooks':
-        out['kernel'] = pq.decode(v, q['codes'])
-        if 'scale' in p:  # per-output-channel scale (quantize_params(channel_scale=True))
-          out['kernel'] = out['kernel'] * p['scale']
-      elif k == 'scale' and 'codebooks' in p:
-        continue
-      elif isinstance(v, dict):
-        out[k] = walk(v, q.get(k, {}))
-      else:
-        out[k] = v
-    return out
-
-  return walk(params, quant)
+  fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
+  return QuantizedParams(fp, pq_weights, rtn_weights, rows)
 
 
 def default_rules(method: str, k: int, d: int, overrides: tuple[str, ...] = (), pattern: str = layers.DEFAULT_PATTERN):
@@ -185,5 +173,5 @@ def runtime_model(spec, q: QuantizedParams, rules: layers.QuantRules, cfg, dtype
   DiT on weights dequantized once (config.quant.dequantize == 'load'; always for RTN). `cfg` is
   config.quant, `spec` the models.ModelSpec."""
   if cfg.method == 'rtn' or cfg.dequantize == 'load':
-    return {'params': dequantize_params(q.params, q.quant)}, spec.create(dtype=dtype)
-  return {'params': q.params, 'quant': q.quant}, spec.create(dtype=dtype, dense=layers.dense_factory(rules))
+    return {'params': q.dense_params()}, spec.create(dtype=dtype)
+  return q.variables(), spec.create(dtype=dtype, dense=layers.dense_factory(rules))

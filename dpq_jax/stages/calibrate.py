@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dpq_jax import distributed, errors, io_utils
+from dpq_jax import distributed, errors, io_utils, tree_utils
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import loop as loop_lib
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import lineage, storage, surgery
+from dpq_jax.quant import lineage, qweight, storage, surgery
 from dpq_jax.quant import pq as pq_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
@@ -187,7 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     raise errors.ConfigError("config.stages: 'calibrate' runs after 'load' and 'quantize'")
   q, rules, spec = job.quantized.weights, job.quantized.rules, job.spec
   dtype = load_lib.DTYPES[config.model.dtype]
-  params, quant = q.params, q.quant
+  variables = q.variables()  # PQDense's collections: codebooks/scale in params, codes/alive in quant
+  params, quant = variables['params'], variables['quant']
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
   dynamic_model, frozen_model = step_lib.calibration_models(spec.create(dtype=dtype), rules, assignment, cfg.remat)
   try:
@@ -211,10 +212,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
     fingerprint=lineage.fingerprint(job.links('calibrate')),
   )
-  q = surgery.QuantizedParams(out['params'], out['quant'], q.rtn, _layer_rows(q.layers, out, job.fp_params))
+  q = surgery.QuantizedParams.from_variables(out['params'], out['quant'], q.rtn, q.rows)
+  q = q.replace(rows=_layer_rows(q, job.fp_params))
   meta = dict(job.quantized.meta, lineage=job.links('calibrate'))
   sizes = storage.save(os.path.join(workdir, storage.ARTIFACT_DIR), q, meta, config.quant.codebook_dtype)
-  job.report.update(sizes_lib.summary(q.layers, sizes, job.report['num_params']))
+  job.report.update(sizes_lib.summary(q.rows, sizes, job.report['num_params']))
   summary = _summary(out, cfg, source)
   job.report['calibrate'] = summary
   job.notes.append(
@@ -227,16 +229,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   return job
 
 
-def _layer_rows(rows: list[dict], out: dict, fp_params: dict) -> list[dict]:
+def _layer_rows(q: surgery.QuantizedParams, fp_params: dict) -> list[dict]:
   """The quantize stage's per-layer rows with rel_mse of the calibrated weights."""
   new = []
-  for row in rows:
-    keys = row['name'].split('/')
-    p, qn, fp = out['params'], out['quant'], fp_params
-    for k in keys:
-      p, qn, fp = p[k], qn[k], fp[k]
-    if 'codebooks' in p:
-      row = dict(row, rel_mse=pq_lib.rel_mse(fp['kernel'], pq_lib.decode(p['codebooks'], qn['codes'])))
+  for row in q.rows:
+    w = q.pq.get(row['name'])
+    if w is not None:
+      kernel = tree_utils.get_path(fp_params, row['name'].split('/') + [qweight.KERNEL])
+      row = dict(row, rel_mse=pq_lib.rel_mse(kernel, pq_lib.decode(w.codebooks, w.codes)))
     new.append(row)
   return new
 

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import time
 
-import jax
 import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils, tree_utils
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import allocation, compress, pq, statistics, storage, surgery
+from dpq_jax.quant import allocation, compress, pq, qweight, statistics, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
@@ -67,37 +66,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     rules = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
     job.quantized = QuantizedModel(q, rules, meta)
   q = job.quantized.weights
-  live_params, live_quant = q.params, q.quant
-  modules = allocation.modules(live_params)
-  get = tree_utils.get_path
-  needs_original = any(get(live_quant, m + ('latent',)) is None and get(live_params, m + ('latent',)) is None
-                       for m in modules)  # fmt: skip
-  if cfg.reference == 'original' and fp_params is None and needs_original:
+  if cfg.reference == 'original' and fp_params is None and q.pq:
     fp_params = load_lib.load_model(config.model, config.seed)[2]
   energy = {}
   if cfg.importance == 'sensitivity':
     # PQ modules decoding on the fly, whatever the runtime: the interceptor records PQDense inputs.
     dtype = load_lib.DTYPES[config.model.dtype]
     model = job.spec.create(dtype=dtype, dense=layers_lib.dense_factory(job.quantized.rules))
-    variables = {'params': live_params, 'quant': live_quant}
-    energy = statistics.activation_energy(model, variables, job.spec, cfg.sensitivity_batches, config.seed)
+    energy = statistics.activation_energy(model, q.variables(), job.spec, cfg.sensitivity_batches, config.seed)
   layers = []
-  for m in modules:
-    name = '/'.join(m)
-    codebooks = np.asarray(tree_utils.get_path(live_params, m + ('codebooks',)), np.float32)
-    codes = np.asarray(tree_utils.get_path(live_quant, m + ('codes',)))
-    reference = tree_utils.get_path(live_quant, m + ('latent',))
-    if reference is None:
-      reference = tree_utils.get_path(live_params, m + ('latent',))
-    if reference is None and cfg.reference == 'original':
-      reference = tree_utils.get_path(fp_params, m + ('kernel',))
+  for name, w in q.pq.items():
+    keys = name.split('/')
+    codebooks = np.asarray(w.codebooks, np.float32)
+    codes = np.asarray(w.codes)
+    reference = None
+    if cfg.reference == 'original':
+      reference = tree_utils.get_path(fp_params, keys + [qweight.KERNEL])
     if reference is None:
       reference = pq.decode(codebooks, codes)
-    bias = tree_utils.get_path(live_params, m + ('bias',))
-    scale = tree_utils.get_path(live_params, m + ('scale',))
+    bias = tree_utils.get_path(q.fp, keys + ['bias'])
     layers.append(allocation.Layer(name, codebooks, codes, np.asarray(reference, np.float32),
                         0 if bias is None else 4 * int(np.size(bias)), energy.get(name),
-                        None if scale is None else np.asarray(scale, np.float32)))  # fmt: skip
+                        None if w.scale is None else np.asarray(w.scale, np.float32)))  # fmt: skip
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = allocation.target_bytes(cfg, fp32, quantized)
@@ -113,11 +103,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     )
   except compress.BudgetError as e:
     raise errors.ConfigError(f'config.compress: {e}') from None
-  new_params = jax.tree.map(lambda v: v, live_params)
-  new_quant = jax.tree.map(lambda v: v, live_quant)
-  allocation.set_compressed(new_params, new_quant, modules, compressed, info['scales'])
-  new_q = surgery.QuantizedParams(new_params, new_quant, q.rtn, info['rows'])
-  bias_paths = {'/'.join(m + ('bias',)) for m in modules}
+  new_q = q.replace(pq=dict(zip(q.pq, compressed)), rows=info['rows'])
+  bias_paths = {f'{name}/bias' for name in q.pq}
   measured: dict[str, int] = {}
 
   def check(sizes: dict[str, int], entries: list[dict]) -> None:

@@ -100,7 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   }
   sizes = storage.save(os.path.join(workdir, storage.ARTIFACT_DIR), q, meta, cfg.codebook_dtype)
   num_params = job.report['num_params']
-  summary = sizes_lib.summary(q.layers, sizes, num_params)
+  summary = sizes_lib.summary(q.rows, sizes, num_params)
   if cfg.method == 'rtn':
     method = f'rtn-{cfg.bits}bit'
   else:

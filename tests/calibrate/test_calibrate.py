@@ -16,7 +16,7 @@ import pytest
 from dpq_jax import diffusion as diffusion_lib
 from dpq_jax import pipeline
 from dpq_jax.calibrate import trainable as trainable_lib
-from dpq_jax.quant import pq, surgery
+from dpq_jax.quant import pq
 from tests import helpers
 from tests.calibrate.tiny import NUM_CLASSES, build, calib_config, dense_step_reference, runlocal, tiny_data, tiny_setup
 
@@ -35,7 +35,7 @@ def test_trainable_sets_and_their_errors():
     trainable_lib.trainable_patterns('blocks_(/x')
   _, _, _, q = tiny_setup()
   with pytest.raises(ValueError, match='match no floating parameter'):
-    trainable_lib.split_trainable(q.params, ['nothing/.*'])
+    trainable_lib.split_trainable(q.variables()['params'], ['nothing/.*'])
 
 
 def test_codebook_gradient_is_the_scatter_sum_of_the_dense_kernel_gradient():
@@ -56,7 +56,7 @@ def test_codebook_gradient_is_the_scatter_sum_of_the_dense_kernel_gradient():
   ref_loss, g = dense_step_reference(rng, x, y, label_dropout=0.5)
   np.testing.assert_allclose(float(metrics['loss']), float(ref_loss), rtol=1e-5)
   checked = 0
-  for path, codes in jax.tree_util.tree_leaves_with_path(q.quant):
+  for path, codes in jax.tree_util.tree_leaves_with_path(q.variables()['quant']):
     keys = [p.key for p in path[:-1]]
     codes = np.asarray(codes)  # [M, out]
     node_g, node_b, node_a = g, before['params'], after['params']
@@ -76,7 +76,7 @@ def test_codebook_gradient_is_the_scatter_sum_of_the_dense_kernel_gradient():
   assert {x.shape for x in jax.tree.leaves(after['opt_state']) if x.ndim} <= codebook_shapes
   # The frozen tree (biases, embedders, final layer, latent weights) is untouched and was not donated.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(frozen['params']), trainable_lib.split(
-    q.params, lambda path, _: not path.endswith('codebooks'))[0])  # fmt: skip
+    q.variables()['params'], lambda path, _: not path.endswith('codebooks'))[0])  # fmt: skip
 
 
 def test_codes_follow_the_codebooks_and_assign_every():
@@ -123,7 +123,7 @@ def test_loss_decreases_on_a_small_fixed_problem():
   _, _, _, q = setup
   x, y = tiny_data(16)
   jstep, state, frozen, (_, _, frz) = build(calib_config(lr=3e-2, label_dropout=0.0), setup)
-  before = _eval_loss(frz, q.params, q.quant, x, y)
+  before = _eval_loss(frz, q.variables()['params'], q.variables()['quant'], x, y)
   losses = []
   for _ in range(60):
     state, m = jstep(state, frozen, {'latents': x, 'labels': y})
@@ -193,7 +193,7 @@ def test_bad_config_writes_nothing(tmp_path):
 def test_distillation_term_is_zero_against_itself():
   """With the fp model equal to the decoded quantized one, the distillation term vanishes."""
   fp, rules, params, q = tiny_setup()
-  dense = surgery.dequantize_params(q.params, q.quant)
+  dense = q.dense_params()
   jstep, state, frozen, _ = build(calib_config(distill_weight=1.0, lr=1e-6), (fp, rules, params, q))
   x, y = tiny_data(8)
   batch = {'latents': x, 'labels': y}
@@ -227,16 +227,16 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   from dpq_jax.stages import calibrate as calibrate_stage
 
   fp, rules, params, q = tiny_setup()
-  q = surgery.QuantizedParams(q.params, q.quant, {}, [
+  q = q.replace(rows=[
     {'name': r['name'], 'shape': [1, 1], 'k': 16, 'd': 4, 'index_bits': 4, 'bytes': 0, 'rel_mse': 1.0, 'sq_norm': 1.0}
-    for r in q.layers])  # fmt: skip
+    for r in q.rows])  # fmt: skip
   sizes = storage.save(str(tmp_path / 'quantized'), q, {'name': 'tiny'})
   batch = max(4, jax.device_count())  # 8 when test_calibrate_sharded.py gave this process 8 devices
   config = runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': batch, 'calibrate.lr': 1e-2,
                         'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'data.num_samples': 8})  # fmt: skip
   config.model.init = 'checkpoint'  # no smoke caps
   config.model.input_size = 8
-  report = {'num_params': 1000, **sizes_lib.summary(q.layers, sizes, 1000)}
+  report = {'num_params': 1000, **sizes_lib.summary(q.rows, sizes, 1000)}
   job = Job(report=report, spec=_TinySpec(fp), fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'tiny'}))
   config.data.source = 'data_free'
   assert calibrate_stage.check(config) == []
@@ -251,11 +251,11 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   assert {'calibrate/mse', 'calibrate/vb', 'calibrate/changed', 'calibrate/grad_norm'} <= set(board)
   assert (tmp_path / 'data_free_latents.npz').exists() and (tmp_path / 'checkpoints' / '4').is_dir()
   _, back = storage.load(str(tmp_path / 'quantized'))
-  for path, cb in jax.tree_util.tree_leaves_with_path(back.params):
+  for path, cb in jax.tree_util.tree_leaves_with_path(back.variables()['params']):
     keys = [p.key for p in path]
     if keys[-1] != 'codebooks':
       continue
-    node_q, node_fp, node_old = back.quant, params, q.params
+    node_q, node_fp, node_old = back.variables()['quant'], params, q.variables()['params']
     for k in keys[:-1]:
       node_q, node_fp, node_old = node_q[k], node_fp[k], node_old[k]
     assert not np.allclose(cb, node_old['codebooks'])  # calibrated

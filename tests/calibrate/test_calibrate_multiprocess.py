@@ -42,7 +42,7 @@ xs, ys = tiny.tiny_data(16)
 res = loop.calibrate(
   dynamic_model=fp.clone(dense=layers.dense_factory(rules, 'dynamic')),
   frozen_model=fp.clone(dense=layers.dense_factory(rules, 'frozen')),
-  params=q.params, quant=q.quant, fp_params=params, source=data_lib.ArraySource(xs, ys),
+  params=q.variables()['params'], quant=q.variables()['quant'], fp_params=params, source=data_lib.ArraySource(xs, ys),
   cfg=tiny.calib_config(steps=3, batch_size=4, checkpoint_every=2, log_every=1, mesh=(('data', 1), ('fsdp', 2))),
   num_classes=tiny.NUM_CLASSES, workdir=workdir, progress=False,
 )

@@ -52,7 +52,7 @@ cfg = tiny.calib_config(steps=%d, batch_size=%d, checkpoint_every=2, keep=2, lr=
 out = loop.calibrate(
   dynamic_model=fp.clone(dense=layers.dense_factory(rules, 'dynamic')),
   frozen_model=fp.clone(dense=layers.dense_factory(rules, 'frozen')),
-  params=q.params, quant=q.quant, fp_params=params, source=Slow(x, y), cfg=cfg, num_classes=tiny.NUM_CLASSES,
+  params=q.variables()['params'], quant=q.variables()['quant'], fp_params=params, source=Slow(x, y), cfg=cfg, num_classes=tiny.NUM_CLASSES,
   workdir=workdir, progress=False,
 )
 flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(out)

@@ -65,7 +65,7 @@ def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment
   ref_loss, ref_grads = _dense_reference()
   np.testing.assert_allclose(float(metrics['loss']), ref_loss, rtol=1e-5)
   checked = 0
-  for path, codes in jax.tree_util.tree_leaves_with_path(q.quant):
+  for path, codes in jax.tree_util.tree_leaves_with_path(q.variables()['quant']):
     keys = [p.key for p in path[:-1]]
     dw = np.asarray(_node(ref_grads, keys)['kernel'])  # [C_in, C_out]
     sub = np.asarray(pq.to_subvectors(dw, 4))  # [M, out, d]
@@ -104,7 +104,7 @@ def test_decoded_mode_needs_less_memory_in_xla_analysis():
   _, _, params, q = tiny.tiny_setup()
   kernel_bytes = sum(
     4 * np.size(_node(params, [p.key for p in path[:-1]])['kernel'])
-    for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
+    for path, _ in jax.tree_util.tree_leaves_with_path(q.variables()['quant'])
   )
   none, decoded = _step_none()[3], _step_decoded()[3]
   assert decoded <= none - kernel_bytes // 2, (none, decoded, kernel_bytes)
@@ -115,7 +115,7 @@ def _residuals(remat: str) -> list[tuple[str, str, tuple[int, ...]]]:
   jax.ad_checkpoint.print_saved_residuals; arguments (params, latents) cost nothing and are left out."""
   fp, rules, params, q = tiny.tiny_setup()
   dyn, _ = step_lib.calibration_models(fp, rules, 'dynamic', remat)
-  _, qn = step_lib.attach_latent(q.params, q.quant, params, 'dynamic')
+  _, qn = step_lib.attach_latent(q.variables()['params'], q.variables()['quant'], params, 'dynamic')
   x, y = tiny.tiny_data(B)
   t = jnp.arange(B) * 300
 
@@ -125,7 +125,7 @@ def _residuals(remat: str) -> list[tuple[str, str, tuple[int, ...]]]:
 
   buf = io.StringIO()
   with contextlib.redirect_stdout(buf):
-    jax.ad_checkpoint.print_saved_residuals(loss, q.params)
+    jax.ad_checkpoint.print_saved_residuals(loss, q.variables()['params'])
   out = []
   for line in buf.getvalue().splitlines():
     m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line)
@@ -148,7 +148,7 @@ def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
   _, _, params, q = tiny.tiny_setup()
   kernel_shapes = {
     np.shape(_node(params, [p.key for p in path[:-1]])['kernel'])
-    for path, _ in jax.tree_util.tree_leaves_with_path(q.quant)
+    for path, _ in jax.tree_util.tree_leaves_with_path(q.variables()['quant'])
   }
   assert kernel_shapes == {(32, 96), (32, 32), (32, 128), (128, 32), (32, 192)}
   none = _residuals('none')
@@ -168,9 +168,11 @@ def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
     dyn, _ = step_lib.calibration_models(fp, rules, 'frozen', remat)
 
     def loss(p, dyn=dyn):
-      return jnp.mean(jnp.square(dyn.apply({'params': p, 'quant': q.quant}, jnp.asarray(x), t, jnp.asarray(y))))
+      return jnp.mean(
+        jnp.square(dyn.apply({'params': p, 'quant': q.variables()['quant']}, jnp.asarray(x), t, jnp.asarray(y)))
+      )
 
-    counts[remat] = _count_dots(jax.make_jaxpr(jax.grad(loss))(q.params).jaxpr)
+    counts[remat] = _count_dots(jax.make_jaxpr(jax.grad(loss))(q.variables()['params']).jaxpr)
   assert counts['decoded'] == counts['none'], counts
 
 
@@ -213,7 +215,7 @@ def test_blocks_mode_keeps_the_param_tree_and_loads_converted_params():
     dyn, frz = step_lib.calibration_models(fp, rules, 'dynamic', remat)
     v = jax.eval_shape(lambda k, dyn=dyn: dyn.init(k, jnp.asarray(x), t, jnp.asarray(y)), jax.random.key(0))
     shapes[remat] = jax.tree.map(lambda s: (s.shape, s.dtype), v)
-    out = jax.jit(frz.apply)({'params': q.params, 'quant': q.quant}, x, t, y)
+    out = jax.jit(frz.apply)(q.variables(), x, t, y)
     if remat == 'none':
       ref = out
     np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)

@@ -50,7 +50,7 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
     node['codebooks'] = codebooks
     tree_utils.set_path(quant, path + ('codes',), codes)
     rows.append({'name': name})
-  return fp, rules, params, surgery.QuantizedParams(qparams, quant, {}, rows)
+  return fp, rules, params, surgery.QuantizedParams.from_variables(qparams, quant, rows=rows)
 
 
 def calib_config(**overrides) -> ml_collections.ConfigDict:
@@ -73,7 +73,7 @@ def build(cfg, setup=None, assignment: str = 'dynamic', devices=None):
   """(jitted step, state, frozen, models) on a mesh over `devices` (default: the first device)."""
   fp, rules, params, q = setup or tiny_setup()
   dyn, frz = step_lib.calibration_models(fp, rules, assignment, cfg.remat)
-  p, qn = step_lib.attach_latent(q.params, q.quant, params, assignment)
+  p, qn = step_lib.attach_latent(q.variables()['params'], q.variables()['quant'], params, assignment)
   mutable, constant = step_lib.split_quant(qn)
   trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
   tx = trainable_lib.optimizer(cfg)
@@ -109,5 +109,5 @@ def dense_step_reference(rng: jax.Array, x: np.ndarray, y: np.ndarray, label_dro
     terms = diffusion.training_losses(fp.apply, {'params': p}, jnp.asarray(x), t, noise=noise, model_kwargs={'y': y_in})
     return jnp.mean(terms['loss'])
 
-  value, grads = jax.jit(jax.value_and_grad(loss))(surgery.dequantize_params(q.params, q.quant))
+  value, grads = jax.jit(jax.value_and_grad(loss))(q.dense_params())
   return value, jax.device_get(grads)

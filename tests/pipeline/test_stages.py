@@ -108,13 +108,13 @@ def test_quantize_needs_only_the_fp_model(tmp_path):
   assert q.meta['name'] == spec.name and q.meta['lineage'] is None and job.report['method'] == 'pq-k16-d4'
   meta, back = storage.load(str(tmp_path / storage.ARTIFACT_DIR))
   assert meta == q.meta  # the job holds what index.json holds: nothing re-reads it
-  jax.tree.map(np.testing.assert_array_equal, back.quant, jax.tree.map(np.asarray, q.weights.quant))
-  assert 'kernel' not in q.weights.params['blocks_0']['mlp']['fc1']  # no float kernel beside its codes
+  jax.tree.map(np.testing.assert_array_equal, back.pq, jax.tree.map(np.asarray, q.weights.pq))
+  assert 'kernel' not in q.weights.fp['blocks_0']['mlp']['fc1']  # no float kernel beside its codes
   _, variables = job.runtime(config)  # dequantize='load' (the demo's setting): kernels decoded once
   assert set(variables) == {'params'} and 'kernel' in variables['params']['blocks_0']['mlp']['fc1']
   config.quant.dequantize = 'on_the_fly'
   _, variables = job.runtime(config)  # PQDense: codebooks in params, codes in their own collection
-  assert set(variables) == {'params', 'quant'} and variables['quant'] is q.weights.quant
+  assert set(variables) == {'params', 'quant'} and 'codebooks' in variables['params']['blocks_0']['mlp']['fc1']
 
 
 def test_compress_needs_only_the_quantized_model(tmp_path):

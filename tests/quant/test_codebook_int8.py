@@ -82,12 +82,14 @@ def test_int8_artifact_loads_exactly_and_has_closed_form_size(tiny_dit, tmp_path
   key = jax.random.key(0)
   q = surgery.quantize_params(params, rules, key, method=method, iters=2, codebook_dtype='int8', channel_scale=True,
                               progress=False)  # fmt: skip
-  first = q.layers[0]['name']
+  first = q.rows[0]['name']
   kernel = jnp.asarray(_get(params, first)['kernel'])
   cb32, _, _ = pq.fit(kernel, rules.spec_for(first), jax.random.fold_in(key, 0), 2)  # what surgery fit first
-  np.testing.assert_array_equal(_get(q.params, first)['codebooks'], codebook_values.round_codebooks(cb32, 'int8'))
   np.testing.assert_array_equal(
-    _get(q.params, first)['codebooks'], (lambda a, s: a.astype(np.float32) * s.astype(np.float32)[:, None, None])(
+    _get(q.variables()['params'], first)['codebooks'], codebook_values.round_codebooks(cb32, 'int8')
+  )
+  np.testing.assert_array_equal(
+    _get(q.variables()['params'], first)['codebooks'], (lambda a, s: a.astype(np.float32) * s.astype(np.float32)[:, None, None])(
       *_np_int8(cb32))
   )  # fmt: skip
   sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'tiny'}, codebook_dtype='int8')
@@ -95,19 +97,21 @@ def test_int8_artifact_loads_exactly_and_has_closed_form_size(tiny_dit, tmp_path
   index = json.loads((tmp_path / 'q' / 'index.json').read_text())
   by_path = {e['path']: e for e in index['entries']}
   want_codebooks = want_codes = 0
-  for row in q.layers:
-    cb = np.asarray(_get(q.params, row['name'])['codebooks'])
+  for row in q.rows:
+    cb = np.asarray(_get(q.variables()['params'], row['name'])['codebooks'])
     num_codebooks = cb.shape[0]
     assert num_codebooks == (1 if method == 'vq' else row['shape'][1] // 4)
     assert _on_grid(cb)
-    got = _get(back.params, row['name'])
+    got = _get(back.variables()['params'], row['name'])
     np.testing.assert_array_equal(got['codebooks'], cb)  # exactly round_codebooks' values
-    np.testing.assert_array_equal(got['scale'], _get(q.params, row['name'])['scale'])
-    np.testing.assert_array_equal(_get(back.quant, row['name'])['codes'], _get(q.quant, row['name'])['codes'])
+    np.testing.assert_array_equal(got['scale'], _get(q.variables()['params'], row['name'])['scale'])
+    np.testing.assert_array_equal(
+      _get(back.variables()['quant'], row['name'])['codes'], _get(q.variables()['quant'], row['name'])['codes']
+    )
     assert by_path[row['name'] + '/codebooks']['dtype'] == 'int8'
     assert by_path[row['name'] + '/codebook_scales']['dtype'] == 'float16'
     assert by_path[row['name'] + '/scale']['dtype'] == 'float16'
-    scale = np.asarray(_get(q.params, row['name'])['scale'])
+    scale = np.asarray(_get(q.variables()['params'], row['name'])['scale'])
     np.testing.assert_array_equal(scale, scale.astype(np.float16).astype(np.float32))  # fp16 channel scales
     # values 1 byte each + one fp16 scale per codebook + one fp16 channel scale per output
     layer_codebooks = cb.size + 2 * num_codebooks + 2 * row['shape'][0]
@@ -116,12 +120,12 @@ def test_int8_artifact_loads_exactly_and_has_closed_form_size(tiny_dit, tmp_path
     assert row['bytes'] == layer_codebooks + packing.packed_nbytes(int(np.prod(row['shape'])) // 4, 4)
   assert os.path.getsize(tmp_path / 'q' / 'codebooks.bin') == sizes['codebooks'] == want_codebooks
   assert sizes['codes'] == want_codes
-  assert len(q.layers) == 4 and sizes['total'] == sum(
+  assert len(q.rows) == 4 and sizes['total'] == sum(
     os.path.getsize(tmp_path / 'q' / f) for f in os.listdir(tmp_path / 'q')
   )
   # The loaded model decodes to exactly the weights quantize_params made (so it runs identically).
-  jax.tree.map(np.testing.assert_array_equal, surgery.dequantize_params(back.params, back.quant),
-               jax.tree.map(np.asarray, surgery.dequantize_params(q.params, q.quant)))  # fmt: skip
+  jax.tree.map(np.testing.assert_array_equal, back.dense_params(),
+               jax.tree.map(np.asarray, q.dense_params()))  # fmt: skip
 
 
 def test_int8_rtn_keeps_float16_scalars(tiny_dit, tmp_path):
@@ -138,7 +142,7 @@ def test_int8_rtn_keeps_float16_scalars(tiny_dit, tmp_path):
     storage.save(str(tmp_path / dt), q, {'name': 'tiny'}, codebook_dtype=dt)
   for f in ('codes.bin', 'codebooks.bin', 'full_precision.bin', 'index.json'):
     assert (tmp_path / 'int8' / f).read_bytes() == (tmp_path / 'float16' / f).read_bytes(), f
-  assert [r['bytes'] for r in qs['int8'].layers] == [r['bytes'] for r in qs['float16'].layers]
+  assert [r['bytes'] for r in qs['int8'].rows] == [r['bytes'] for r in qs['float16'].rows]
 
 
 def _layers(num=2, k=32, d=8, in_f=64, out_f=256):
@@ -154,14 +158,14 @@ def _layers(num=2, k=32, d=8, in_f=64, out_f=256):
 
 def _save_compressed(lays, compressed, info, directory, codebook_dtype):
   params, quant = {}, {}
-  for lay, c, scale in zip(lays, compressed, info['scales']):
+  for lay, c in zip(lays, compressed):
     path = tuple(lay.name.split('/'))
     tree_utils.set_path(params, path + ('codebooks',), np.asarray(c.codebooks))
     tree_utils.set_path(params, path + ('bias',), np.zeros(lay.reference.shape[1], np.float32))
-    tree_utils.set_path(params, path + ('scale',), np.asarray(scale))
+    tree_utils.set_path(params, path + ('scale',), np.asarray(c.scale))
     tree_utils.set_path(quant, path + ('codes',), np.asarray(c.codes).astype(np.uint8))
     tree_utils.set_path(quant, path + ('alive',), np.asarray(c.alive))
-  q = surgery.QuantizedParams(params, quant, {}, info['rows'])
+  q = surgery.QuantizedParams.from_variables(params, quant, rows=info['rows'])
   sizes = storage.save(str(directory), q, {'name': 'test'}, codebook_dtype=codebook_dtype)
   index = json.loads((directory / 'index.json').read_text())
   bias = sum(e['nbytes'] for e in index['entries'] if e['path'].endswith('/bias'))
@@ -191,10 +195,10 @@ def test_compressed_int8_meets_budget_on_disk_with_cheaper_codewords(tmp_path):
       for lay, c in zip(lays, compressed):
         alive = np.asarray(c.alive)
         assert _on_grid(np.where(alive[..., None], c.codebooks, 0.0), alive)  # live rows on the live-range grid
-        got = _get(back.params, lay.name)['codebooks']
+        got = _get(back.variables()['params'], lay.name)['codebooks']
         np.testing.assert_array_equal(got[alive], np.asarray(c.codebooks)[alive])
-        np.testing.assert_array_equal(_get(back.quant, lay.name)['codes'], c.codes)
-        np.testing.assert_array_equal(_get(back.quant, lay.name)['alive'], alive)
+        np.testing.assert_array_equal(_get(back.variables()['quant'], lay.name)['codes'], c.codes)
+        np.testing.assert_array_equal(_get(back.variables()['quant'], lay.name)['alive'], alive)
   assert out['int8']['bytes_per_codeword'] < 0.6 * out['float16']['bytes_per_codeword']
   assert out['int8']['live'].sum() > 1.3 * out['float16']['live'].sum()  # the bytes buy more codewords
   assert out['int8']['err'] < out['float16']['err']  # ... and a smaller error at the same budget
@@ -282,14 +286,14 @@ def test_quantize_compress_stages_with_int8_cli(tmp_path):
                        timeout=900)  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   _, after = storage.load(str(artifact))
-  leaves = jax.tree_util.tree_leaves_with_path(after.params)
+  leaves = jax.tree_util.tree_leaves_with_path(after.variables()['params'])
   checked = 0
   for path, cb in leaves:
     keys = [str(k.key) for k in path]
     if keys[-1] != 'codebooks':
       continue
-    alive = tree_utils.get_path(after.quant, keys[:-1] + ['alive'])
-    old = tree_utils.get_path(before.params, keys)
+    alive = tree_utils.get_path(after.variables()['quant'], keys[:-1] + ['alive'])
+    old = tree_utils.get_path(before.variables()['params'], keys)
     live = np.asarray(alive)[..., None] & np.ones_like(cb, bool)
     step = np.abs(
       cb[live] - np.asarray(codebook_values.round_codebooks(jnp.asarray(cb), 'int8', jnp.asarray(alive)))[live]

@@ -165,7 +165,7 @@ def test_budget_met_exactly_on_disk_and_roundtrip(tmp_path):
     tree_utils.set_path(params, path + ('bias',), np.zeros(lay.reference.shape[1], np.float32))
     tree_utils.set_path(quant, path + ('codes',), np.asarray(c.codes).astype(np.uint8))
     tree_utils.set_path(quant, path + ('alive',), np.asarray(c.alive))
-  q = surgery.QuantizedParams(params, quant, {}, info['rows'])
+  q = surgery.QuantizedParams.from_variables(params, quant, rows=info['rows'])
   sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'test'})
   index = json.loads((tmp_path / 'q' / 'index.json').read_text())
   bias = sum(e['nbytes'] for e in index['entries'] if e['path'].endswith('/bias'))
@@ -179,12 +179,12 @@ def test_budget_met_exactly_on_disk_and_roundtrip(tmp_path):
   _, back = storage.load(str(tmp_path / 'q'))
   for lay, c in zip(lays, compressed):
     path = lay.name.split('/')
-    got = back.quant
+    got = back.variables()['quant']
     for p in path:
       got = got[p]
     np.testing.assert_array_equal(got['alive'], c.alive)
     np.testing.assert_array_equal(got['codes'], c.codes)
-    cb = back.params
+    cb = back.variables()['params']
     for p in path:
       cb = cb[p]
     np.testing.assert_array_equal(cb['codebooks'][np.asarray(c.alive)], np.asarray(c.codebooks)[np.asarray(c.alive)])

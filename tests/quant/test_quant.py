@@ -181,25 +181,26 @@ def test_quantized_tree_shapes_and_dtypes(small_dit):
   model, params = small_dit
   rules = surgery.default_rules('pq', 16, 4, overrides=('blocks_0/attn/qkv=256:8',))
   q = surgery.quantize_params(params, rules, jax.random.key(0), iters=2, progress=False)
-  b0 = q.params['blocks_0']
+  v = q.variables()  # the PQDense runtime's variables
+  b0 = v['params']['blocks_0']
   assert jax.tree.map(lambda v: (v.shape, str(v.dtype)), b0['attn']['qkv']) == {
     'codebooks': ((48, 256, 8), 'float32'),
     'bias': ((1152,), 'float32'),
   }
   assert b0['mlp']['fc2']['codebooks'].shape == (384, 16, 4)
-  assert q.quant['blocks_0']['attn']['qkv']['codes'].shape == (48, 1152)
-  assert q.quant['blocks_0']['attn']['qkv']['codes'].dtype == np.uint8
-  assert q.quant['blocks_1']['mlp']['fc2']['codes'].shape == (384, 384)
-  assert 'kernel' in q.params['final_layer']['linear'] and 'kernel' in q.params['t_embedder']['mlp_0']
-  assert len(q.layers) == 5 * 12
+  assert v['quant']['blocks_0']['attn']['qkv']['codes'].shape == (48, 1152)
+  assert v['quant']['blocks_0']['attn']['qkv']['codes'].dtype == np.uint8
+  assert v['quant']['blocks_1']['mlp']['fc2']['codes'].shape == (384, 384)
+  assert 'kernel' in v['params']['final_layer']['linear'] and 'kernel' in v['params']['t_embedder']['mlp_0']
+  assert len(q.rows) == 5 * 12
   # The quantized tree runs in the same DiT module with the PQ dense factory.
   qmodel = dit.create_model('DiT-S/8', input_size=16, num_classes=10, dense=layers.dense_factory(rules))
   x, t, y = jnp.ones((2, 16, 16, 4)), jnp.array([1, 500]), jnp.array([3, 10])
-  a = qmodel.apply({'params': q.params, 'quant': q.quant}, x, t, y)
-  b = model.apply({'params': surgery.dequantize_params(q.params, q.quant)}, x, t, y)
+  a = qmodel.apply(v, x, t, y)
+  b = model.apply({'params': q.dense_params()}, x, t, y)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   shapes = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), x, t, y))
-  assert jax.tree.map(lambda s: s.shape, shapes['params']) == jax.tree.map(lambda s: s.shape, q.params)
+  assert jax.tree.map(lambda s: s.shape, shapes['params']) == jax.tree.map(lambda s: s.shape, v['params'])
 
 
 @pytest.mark.parametrize('method', ['pq', 'vq', 'rtn'])
@@ -210,13 +211,15 @@ def test_storage_roundtrip_and_sizes(small_dit, tmp_path, method):
   sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'DiT-S/8'})
   on_disk = sum(os.path.getsize(tmp_path / 'q' / f) for f in os.listdir(tmp_path / 'q'))
   assert sizes['total'] == on_disk
-  quantized = sum(int(np.prod(r['shape'])) for r in q.layers)
-  assert sizes['codes'] == sum((int(np.prod(r['shape'])) // r['d'] * r['index_bits'] + 7) // 8 for r in q.layers)
+  quantized = sum(int(np.prod(r['shape'])) for r in q.rows)
+  assert sizes['codes'] == sum((int(np.prod(r['shape'])) // r['d'] * r['index_bits'] + 7) // 8 for r in q.rows)
   assert sizes['codes'] * 8 / quantized == pytest.approx(1.0 if method != 'rtn' else 2.0, rel=1e-3)
   meta, back = storage.load(str(tmp_path / 'q'))
   assert meta['name'] == 'DiT-S/8'
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), back.quant, q.quant)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.params, q.params)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), back.variables()['quant'], q.variables()['quant'])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.variables()['params'], q.variables()['params']
+  )
 
 
 @pytest.mark.parametrize('method', ['pq', 'vq'])
@@ -230,29 +233,32 @@ def test_channel_scale_restores_output_norms_and_round_trips(small_dit, tmp_path
   q = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=3, channel_scale=True,
                               progress=False)  # fmt: skip
   w = np.asarray(params['blocks_1']['mlp']['fc1']['kernel'], np.float64)
-  w_plain = np.asarray(surgery.dequantize_params(plain.params, plain.quant)['blocks_1']['mlp']['fc1']['kernel'])
-  w_scaled = np.asarray(surgery.dequantize_params(q.params, q.quant)['blocks_1']['mlp']['fc1']['kernel'])
+  w_plain = np.asarray(plain.dense_params()['blocks_1']['mlp']['fc1']['kernel'])
+  w_scaled = np.asarray(q.dense_params()['blocks_1']['mlp']['fc1']['kernel'])
   norm = lambda a: np.linalg.norm(a, axis=0)
   assert np.all(norm(w_plain) < norm(w))  # the shrinkage the scale corrects
   np.testing.assert_allclose(norm(w_scaled), norm(w), rtol=2e-3)  # fp16-rounded scale
   # The scale is (numpy) ||W_r|| / ||W_hat_r|| of the unscaled reconstruction, same codes.
   np.testing.assert_array_equal(
-    q.quant['blocks_1']['mlp']['fc1']['codes'], plain.quant['blocks_1']['mlp']['fc1']['codes']
+    q.variables()['quant']['blocks_1']['mlp']['fc1']['codes'],
+    plain.variables()['quant']['blocks_1']['mlp']['fc1']['codes'],
   )
   want = (norm(w) / norm(w_plain)).astype(np.float16).astype(np.float32)
-  np.testing.assert_array_equal(q.params['blocks_1']['mlp']['fc1']['scale'], want)
+  np.testing.assert_array_equal(q.variables()['params']['blocks_1']['mlp']['fc1']['scale'], want)
   qmodel = dit.create_model('DiT-S/8', input_size=16, num_classes=10, dense=layers.dense_factory(rules))
   x, t, y = jnp.ones((2, 16, 16, 4)), jnp.array([1, 500]), jnp.array([3, 10])
-  a = qmodel.apply({'params': q.params, 'quant': q.quant}, x, t, y)
-  b = model.apply({'params': surgery.dequantize_params(q.params, q.quant)}, x, t, y)
+  a = qmodel.apply(q.variables(), x, t, y)
+  b = model.apply({'params': q.dense_params()}, x, t, y)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   sizes = storage.save(str(tmp_path / 'q'), q, {'name': 'DiT-S/8'})
   base = storage.save(str(tmp_path / 'p'), plain, {'name': 'DiT-S/8'})
-  scales = sum(int(r['shape'][0]) for r in q.layers)
+  scales = sum(int(r['shape'][0]) for r in q.rows)
   assert sizes['codebooks'] - base['codebooks'] == 2 * scales  # one fp16 value per output channel
-  assert sum(r['bytes'] for r in q.layers) - sum(r['bytes'] for r in plain.layers) == 2 * scales
+  assert sum(r['bytes'] for r in q.rows) - sum(r['bytes'] for r in plain.rows) == 2 * scales
   _, back = storage.load(str(tmp_path / 'q'))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.params, q.params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.variables()['params'], q.variables()['params']
+  )
 
 
 def _main(workdir, *overrides):
