@@ -118,9 +118,9 @@ def test_quantize_needs_only_the_fp_model(tmp_path):
 
 
 def test_compress_needs_only_the_quantized_model(tmp_path):
-  config, spec, params = _tiny(k=64, d=4)
+  config, spec, params = _tiny()  # K=16, d=4 as the quantize test: its k-means compilations are reused
   config.compress.budget = 12.0
-  rules = surgery.default_rules('pq', 64, 4, pattern=config.quant.pattern)
+  rules = surgery.default_rules('pq', 16, 4, pattern=config.quant.pattern)
   q = surgery.quantize_params(params, rules, jax.random.key(0), iters=2, progress=False)
   job = Job(report=_report(params), spec=spec, fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'x'}))
   job = REGISTRY['compress'].run(config, str(tmp_path), job)
