@@ -17,20 +17,13 @@ import time
 import numpy as np
 import torch
 
-from benchmarks import _common
+from benchmarks import _common, torch_reference
 from dpq_jax.evaluate import inception as inception_lib
 
 
 def torch_features(module, images: np.ndarray) -> dict[str, np.ndarray]:
-  x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-  n, c, h, w = x.shape
-  if (h, w) != (299, 299):
-    theta = torch.eye(2, 3)
-    theta[0, 2] += 1 / w - 1 / 299
-    theta[1, 2] += 1 / h - 1 / 299
-    grid = torch.nn.functional.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-  x = (x - 128) / 128
+  x = torch_reference.inception_input(images)
+  n = x.shape[0]
   layers = module.net.layers
   with torch.inference_mode():
     h = x

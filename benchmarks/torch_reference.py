@@ -1,6 +1,8 @@
-"""Independent PyTorch references: diffusers' DiT with random weights, set up as the original.
+"""Independent PyTorch references: diffusers' DiT with random weights, set up as the original, and the FID
+Inception's input transform.
 
-The one oracle of the parity checks: benchmarks/parity.py and the model tests (tests/models) import it.
+The one oracle of the parity checks: benchmarks/parity.py, benchmarks/inception_speed.py and the tests
+(tests/models, tests/evaluate) import it.
 
 diffusers' DiT differs from the original in two constants: its timestep embedding divides
 the frequencies by (half - 1) instead of half (downscale_freq_shift=1) and its pre-MLP
@@ -67,3 +69,17 @@ def original_cfg(model_out_nchw: torch.Tensor, cfg_scale: float) -> torch.Tensor
 
 def state_dict_numpy(model) -> dict[str, np.ndarray]:
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def inception_input(images: np.ndarray) -> torch.Tensor:
+  """NHWC uint8-range images -> the FID Inception's NCHW input: TF1's resize to 299 as NVIDIA's nv_bilinear
+  (affine_grid + grid_sample), then (x - 128) / 128."""
+  x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
+  n, c, h, w = x.shape
+  if (h, w) != (299, 299):
+    theta = torch.eye(2, 3)
+    theta[0, 2] += 1 / w - 1 / 299
+    theta[1, 2] += 1 / h - 1 / 299
+    grid = torch.nn.functional.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
+    x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
+  return (x - 128) / 128

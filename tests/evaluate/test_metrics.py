@@ -153,18 +153,13 @@ def inception():
 
 
 def _torch_features(module, images):
-  """The TorchScript with the TF1 resize as NVIDIA's nv_bilinear (affine_grid + grid_sample) and (x-128)/128."""
+  """The TorchScript on torch_reference.inception_input (TF1's resize, (x-128)/128)."""
   import torch
 
-  x = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
-  n, c, h, w = x.shape
-  if (h, w) != (299, 299):
-    theta = torch.eye(2, 3)
-    theta[0, 2] += 1 / w - 1 / 299
-    theta[1, 2] += 1 / h - 1 / 299
-    grid = torch.nn.functional.affine_grid(theta[None].repeat(n, 1, 1), [n, c, 299, 299], align_corners=False)
-    x = torch.nn.functional.grid_sample(x, grid, mode='bilinear', padding_mode='border', align_corners=False)
-  x = (x - 128) / 128
+  from benchmarks import torch_reference
+
+  x = torch_reference.inception_input(images)
+  n = x.shape[0]
   layers = module.net.layers
   with torch.no_grad():
     pool = module(x).numpy()
