@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from dpq_jax import tree_utils
 from dpq_jax.quant import codebook_values, compress, packing, pq, qweight
 
 
@@ -29,6 +30,22 @@ class Layer:
   bias_bytes: int = 0  # full-precision bias bytes kept with the layer (inside the budget scope)
   energy: np.ndarray | None = None  # [in_features] input-activation energy (sensitivity), or None
   scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
+
+
+def layers_of(q, reference: dict | None, energy: dict | None = None, biases: bool = False) -> list[Layer]:
+  """One Layer per PQ/VQ layer of q (a QuantizedParams): the weights its codes approximate are the fp kernel of
+  `reference` (params), else the decoded codes; energy {name: [in_features]} where sensitivity is used; the fp32
+  bytes of the layer's bias when `biases` (inside the budget scope)."""
+  out = []
+  for name, w in q.pq.items():
+    keys = name.split('/')
+    codebooks, codes = np.asarray(w.codebooks, np.float32), np.asarray(w.codes)
+    kernel = None if reference is None else tree_utils.get_path(reference, keys + [qweight.KERNEL])
+    kernel = pq.decode(codebooks, codes) if kernel is None else kernel
+    bias = tree_utils.get_path(q.fp, keys + ['bias']) if biases else None
+    out.append(Layer(name, codebooks, codes, np.asarray(kernel, np.float32), 0 if bias is None else 4 * int(np.size(bias)),
+                     (energy or {}).get(name), None if w.scale is None else np.asarray(w.scale, np.float32)))  # fmt: skip
+  return out
 
 
 def _problems(layer: Layer, distortion: str = 'absolute') -> tuple[jax.Array, jax.Array, jax.Array | None]:

@@ -9,23 +9,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from dpq_jax import tree_utils
-from dpq_jax.quant import allocation, qweight, surgery
+from dpq_jax.quant import allocation, surgery
 from dpq_jax.quant import layers as layers_lib
 
 
 def compress_tree(q: surgery.QuantizedParams, reference: dict, target: int, **kwargs) -> surgery.QuantizedParams:
   """q's PQ/VQ layers compressed to `target` bytes of codes + codebooks (biases outside the scope)."""
-  lays = [
-    allocation.Layer(
-      name,
-      np.asarray(w.codebooks),
-      np.asarray(w.codes),
-      np.asarray(tree_utils.get_path(reference, name.split('/') + [qweight.KERNEL]), np.float32),
-      scale=None if w.scale is None else np.asarray(w.scale),
-    )
-    for name, w in q.pq.items()
-  ]
+  lays = allocation.layers_of(q, reference)
   compressed, info = allocation.compress_layers(lays, target, **kwargs)
   return q.replace(pq=dict(zip(q.pq, compressed)), rows=info['rows'])
 

@@ -14,9 +14,9 @@ import time
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, io_utils, tree_utils
+from dpq_jax import errors, io_utils
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import allocation, compress, pq, qweight, statistics, storage, surgery
+from dpq_jax.quant import allocation, compress, statistics, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
@@ -74,20 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     dtype = load_lib.DTYPES[config.model.dtype]
     model = job.spec.create(dtype=dtype, dense=layers_lib.dense_factory(job.quantized.rules))
     energy = statistics.activation_energy(model, q.variables(), job.spec, cfg.sensitivity_batches, config.seed)
-  layers = []
-  for name, w in q.pq.items():
-    keys = name.split('/')
-    codebooks = np.asarray(w.codebooks, np.float32)
-    codes = np.asarray(w.codes)
-    reference = None
-    if cfg.reference == 'original':
-      reference = tree_utils.get_path(fp_params, keys + [qweight.KERNEL])
-    if reference is None:
-      reference = pq.decode(codebooks, codes)
-    bias = tree_utils.get_path(q.fp, keys + ['bias'])
-    layers.append(allocation.Layer(name, codebooks, codes, np.asarray(reference, np.float32),
-                        0 if bias is None else 4 * int(np.size(bias)), energy.get(name),
-                        None if w.scale is None else np.asarray(w.scale, np.float32)))  # fmt: skip
+  reference = fp_params if cfg.reference == 'original' else None
+  layers = allocation.layers_of(q, reference, energy, biases=True)
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = allocation.target_bytes(cfg, fp32, quantized)
