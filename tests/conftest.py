@@ -1,11 +1,41 @@
 """Fixtures shared by the tests; plain helpers (ROOT, the CLI runner, weight makers) are in helpers.py.
 
 Every fixture here is session-scoped and built on first use: tests must not modify what they receive.
+
+One persistent XLA compilation cache serves the whole session: this process and every subprocess it starts
+(the CLI runs, the 8-device reruns, the multi-process workers) inherit JAX_COMPILATION_CACHE_DIR, so a program
+that several tests compile (the DiT-S/8 job's k-means, train step, sampler) is compiled once. The cache holds
+the same executables XLA would build again, so every result is bit-identical with or without it. It lives in a
+fresh temporary folder removed at the end, so each session starts cold; set JAX_COMPILATION_CACHE_DIR yourself
+to keep one across sessions.
 """
+
+import os
+import shutil
+import tempfile
 
 import pytest
 
 from tests import helpers
+
+_OWN_CACHE = None
+
+
+def pytest_configure(config):
+  global _OWN_CACHE
+  if not os.environ.get('JAX_COMPILATION_CACHE_DIR'):
+    _OWN_CACHE = os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='dpq_jax_xla_cache_')
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+  import jax  # read the variables now too: helpers imported jax before this hook ran
+
+  jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                    float(os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS']))  # fmt: skip
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')
