@@ -58,6 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
   # than the weights, and the shrinkage compounds through the blocks); 16 / C_in bits per weight.
   config.quant.channel_scale = True
   config.quant.dequantize = 'on_the_fly'  # 'on_the_fly' (PQDense) | 'load' (dense weights once)
+  # What PQ/VQ minimise: 'weight' (||W - W_hat||^2) | 'output' (each layer's output error under the d x d second
+  # moments of its inputs per sub-vector position, from the fp model on calibration data: quant/metric.py).
+  config.quant.objective = 'weight'
+  config.quant.stats_batches = 8  # batches of config.data for the input statistics ('output')
+  config.quant.stats_batch_size = 16  # latents per batch (each run with its label and the null label)
+  config.quant.damping = 0.01  # H_j + damping * mean(diag H_j) * I
+  config.quant.scale_rule = 'norm'  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective)
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`
 
@@ -178,6 +185,8 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
     config.model.input_size = 16
     config.model.init = 'random'
     config.quant.kmeans_iters = 5
+    config.quant.stats_batches = 2
+    config.quant.stats_batch_size = 2
     config.sample.sampler = 'ddim'
     config.sample.steps = 3
     config.sample.num_samples = 4
@@ -204,5 +213,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.sample_steps = min(config.data.sample_steps, 2)
   config.sample.steps = min(config.sample.steps, 5)
   config.sample.num_samples = min(config.sample.num_samples, 2)
+  config.quant.stats_batches = min(config.quant.stats_batches, 1)
+  config.quant.stats_batch_size = min(config.quant.stats_batch_size, 2)
   config.sample.batch_size = min(config.sample.batch_size, 2)
   return config

@@ -108,6 +108,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'overrides': {'quant': {'method': 'vq', 'k': 256, 'd': 8}},
     },
   }
+  # The same rows with the output-aware objective (quant.objective='output': k-means, assignment, channel
+  # scale and compression in each layer's output metric, from input statistics of the trained model on its
+  # training digits; quant/metric.py).
+  for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
+    row = config.compare.row_defs[name].to_dict()
+    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='output')
+    config.compare.row_defs[f'{name}-out'] = row
   if args.full:
     config.compare.rows += (
       'pq-1bit-compressed-fp16', 'pq-1bit-calibrated-fp16', 'pq-1bit-unscaled', 'vq-1bit-unscaled', 'vq-k1024',

@@ -62,8 +62,12 @@ def calibrate(
   codebook_dtype: Any = jnp.float32,
   progress: bool = True,
   fingerprint: str | None = None,
+  metrics: dict | None = None,
 ) -> dict[str, Any]:
   """Runs config.calibrate `cfg` on the quantized model (params, quant); resumes from workdir.
+
+  metrics: {module path: whitening factors [num_subvectors, d, d]}: the dynamic assignment's metric
+  (train_step.attach_latent), as quantize fitted in; None: Euclidean.
 
   fingerprint: what decided the model being calibrated and how (quant/lineage.py); kept next to the
   checkpoints, and checkpoints written under another one are refused (CheckpointError), never resumed.
@@ -76,7 +80,7 @@ def calibrate(
   from dpq_jax import diffusion as diffusion_lib
 
   diffusion = diffusion or diffusion_lib.create_diffusion()
-  params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment)
+  params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment, metrics)
   mutable_q, constant_q = step_lib.split_quant(quant_l)
   trainable, frozen_params = trainable_lib.split_trainable(params_l, trainable_lib.trainable_patterns(cfg.trainable))
   tx = trainable_lib.optimizer(cfg)

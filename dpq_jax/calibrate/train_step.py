@@ -62,11 +62,15 @@ def calibration_models(
   return dynamic, frozen
 
 
-def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -> tuple[dict, dict]:
-  """Adds every quantized layer's full-precision kernel as its latent weight.
+def attach_latent(
+  params: dict, quant: dict, fp_params: dict, assignment: str, metrics: dict | None = None
+) -> tuple[dict, dict]:
+  """Adds every quantized layer's full-precision kernel as its latent weight, and its assignment metric.
 
   Dynamic assignment keeps it in the `quant` collection (argmin target, never trained); 'ste'
-  puts it in params (a straight-through weight that may be trained).
+  puts it in params (a straight-through weight that may be trained). metrics {module path: whitening
+  factors [num_subvectors, d, d]} (quant/metric.py) go to `quant` as `metric`: the argmin is then taken in
+  the layer-output metric that quantize fitted in.
   """
   params = jax.tree.map(lambda x: x, params)
   quant = jax.tree.map(lambda x: x, quant)
@@ -77,12 +81,14 @@ def attach_latent(params: dict, quant: dict, fp_params: dict, assignment: str) -
       fp = fp[k]
     target = params if assignment == 'ste' else quant
     tree_utils.set_path(target, keys + [qweight.LATENT], jnp.asarray(fp[qweight.KERNEL], jnp.float32))
+    if metrics and name in metrics:
+      tree_utils.set_path(quant, keys + [qweight.METRIC], jnp.asarray(metrics[name], jnp.float32))
   return params, quant
 
 
 def split_quant(quant: dict) -> tuple[dict, dict]:
-  """(mutable, constant) parts of the `quant` collection: latent weights are constant."""
-  constant, mutable = trainable_lib.split(quant, lambda path, _: qweight.is_latent(path))
+  """(mutable, constant) parts of the `quant` collection: latent weights and metrics are constant."""
+  constant, mutable = trainable_lib.split(quant, lambda path, _: qweight.is_assignment_input(path))
   return mutable, constant
 
 

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import codebook_values, compress, packing, pq, qweight
+from dpq_jax.quant import codebook_values, compress, metric, packing, pq, qweight
 
 
 @dataclasses.dataclass
@@ -30,12 +30,16 @@ class Layer:
   bias_bytes: int = 0  # full-precision bias bytes kept with the layer (inside the budget scope)
   energy: np.ndarray | None = None  # [in_features] input-activation energy (sensitivity), or None
   scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
+  moments: np.ndarray | None = None  # [num_subvectors, d, d] input moments: compress in the output metric (PQ)
 
 
-def layers_of(q, reference: dict | None, energy: dict | None = None, biases: bool = False) -> list[Layer]:
+def layers_of(
+  q, reference: dict | None, energy: dict | None = None, biases: bool = False, moments: dict | None = None
+) -> list[Layer]:
   """One Layer per PQ/VQ layer of q (a QuantizedParams): the weights its codes approximate are the fp kernel of
   `reference` (params), else the decoded codes; energy {name: [in_features]} where sensitivity is used; the fp32
-  bytes of the layer's bias when `biases` (inside the budget scope)."""
+  bytes of the layer's bias when `biases` (inside the budget scope); moments {name: [M, d, d]} where the
+  objective is the layer output (used by PQ layers: VQ's shared codebook has no single metric)."""
   out = []
   for name, w in q.pq.items():
     keys = name.split('/')
@@ -43,20 +47,33 @@ def layers_of(q, reference: dict | None, energy: dict | None = None, biases: boo
     kernel = None if reference is None else tree_utils.get_path(reference, keys + [qweight.KERNEL])
     kernel = pq.decode(codebooks, codes) if kernel is None else kernel
     bias = tree_utils.get_path(q.fp, keys + ['bias']) if biases else None
+    layer_moments = (moments or {}).get(name) if codebooks.shape[0] > 1 else None
     out.append(Layer(name, codebooks, codes, np.asarray(kernel, np.float32), 0 if bias is None else 4 * int(np.size(bias)),
-                     (energy or {}).get(name), None if w.scale is None else np.asarray(w.scale, np.float32)))  # fmt: skip
+                     (energy or {}).get(name), None if w.scale is None else np.asarray(w.scale, np.float32),
+                     layer_moments))  # fmt: skip
   return out
 
 
-def _problems(layer: Layer, distortion: str = 'absolute') -> tuple[jax.Array, jax.Array, jax.Array | None]:
-  """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None).
+def _problems(
+  layer: Layer, distortion: str = 'absolute', damping: float = 0.01
+) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
+  """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None, codebooks
+  [num_codebooks, K, d], whitening factors [M, d, d] or None): the compression problem of a layer.
 
+  With input moments (PQ, objective 'output') points and codebooks are whitened (metric.py): every squared
+  distance, Ward merge cost and centroid of compress.py is then the layer-output error, and the codebooks
+  are mapped back after realisation.
   distortion 'relative': the point weights divided by the layer's own scale, sum_i e_i ||W_i||^2 over input
-  channels i (e_i the activation energy, or 1), so every layer's squared error counts relative to its size
-  (the allocation across layers no longer favours layers with large weights or inputs); within a layer the
-  order and the centroids are unchanged."""
+  channels i (e_i the activation energy, or 1; with moments, the output energy sum_j w_j^T H_j w_j), so every
+  layer's squared error counts relative to its size (the allocation across layers no longer favours layers
+  with large weights or inputs); within a layer the order and the centroids are unchanged."""
   num_codebooks, _, d = layer.codebooks.shape
   x = pq.to_subvectors(jnp.asarray(layer.reference, jnp.float32), d)  # [M, out, d]
+  codebooks = jnp.asarray(layer.codebooks, jnp.float32)
+  u = None
+  if layer.moments is not None:
+    u = metric.factor(layer.moments, damping)  # [M, d, d]
+    x, codebooks = metric.whiten(x, u), metric.whiten(codebooks, u)
   codes = jnp.asarray(layer.codes, jnp.int32)  # [M, out]
   weights = None
   if layer.energy is not None:
@@ -65,12 +82,12 @@ def _problems(layer: Layer, distortion: str = 'absolute') -> tuple[jax.Array, ja
   if distortion == 'relative':
     ref = np.asarray(layer.reference, np.float32)  # [in, out]
     energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)
-    norm = float(np.sum(energy[:, None] * np.square(ref)))
+    norm = float(jnp.sum(jnp.square(x))) if u is not None else float(np.sum(energy[:, None] * np.square(ref)))
     weights = (jnp.ones(codes.shape, jnp.float32) if weights is None else weights) / max(norm, 1e-30)
   if num_codebooks == 1:  # VQ: one problem over all of the layer's sub-vectors
     x, codes = x.reshape(1, -1, d), codes.reshape(1, -1)
     weights = None if weights is None else weights.reshape(1, -1)
-  return x, codes, weights
+  return x, codes, weights, codebooks, u
 
 
 def compress_layers(
@@ -83,12 +100,14 @@ def compress_layers(
   codebook_dtype: str = 'float16',
   progress: bool = True,
   distortion: str = 'absolute',
+  damping: float = 0.01,
+  scale_rule: str = 'norm',
 ) -> tuple[list[qweight.PQWeight], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
   Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
   over the survivors; codes re-assigned to the rounded survivors, in the stored code dtype; the alive mask; the
-  per-output-channel scale recomputed where the layer had one) and an info dict with the predicted bytes, the
+  per-output-channel scale recomputed by `scale_rule` where the layer had one) and an info dict with the predicted bytes, the
   allocation and per-layer rows.
 
   Raises:
@@ -103,9 +122,9 @@ def compress_layers(
     raise ValueError('compress_layers: every layer needs the same codebook size K and sub-vector length d')
   w_all, m_all, nbytes = [], [], []
   for layer in layers:
-    x, codes, weights = _problems(layer, distortion)
+    x, codes, weights, codebooks, _ = _problems(layer, distortion, damping)
     num_codebooks, codebook_size, d = layer.codebooks.shape
-    w, m = compress.atoms(x, layer.codebooks, codes, weights)
+    w, m = compress.atoms(x, codebooks, codes, weights)
     w_all.append(np.asarray(w))
     m_all.append(np.asarray(m))
     live = np.arange(codebook_size, 0, -1)  # K' after 0, 1, ..., K - 1 removals
@@ -128,19 +147,21 @@ def compress_layers(
     ) from None
   out, rows, offset = [], [], 0
   for layer in layers:
-    x, codes, weights = _problems(layer, distortion)
+    x, codes, weights, codebooks, u = _problems(layer, distortion, damping)
     num_codebooks = layer.codebooks.shape[0]
     part = slice(offset, offset + num_codebooks)
     path = compress.Path(*(jnp.asarray(a[part]) for a in path_all))
     num_live = jnp.asarray(alloc.num_live[part], jnp.int32)
     offset += num_codebooks
-    result = compress.realize(x, layer.codebooks, codes, path, num_live, weights, merge=merge, lloyd_steps=lloyd_steps)
-    rounded = codebook_values.round_codebooks(result.codebooks, codebook_dtype, result.alive)
-    new_codes = compress.assign_survivors(x, rounded, result.alive)  # nearest survivor of the stored codebooks
+    result = compress.realize(x, codebooks, codes, path, num_live, weights, merge=merge, lloyd_steps=lloyd_steps)
+    survivors = result.codebooks if u is None else metric.unwhiten(result.codebooks, u)
+    rounded = codebook_values.round_codebooks(survivors, codebook_dtype, result.alive)
+    stored = rounded if u is None else metric.whiten(rounded, u)  # in the problem's space
+    new_codes = compress.assign_survivors(x, stored, result.alive)  # nearest survivor of the stored codebooks
     new_codes = new_codes.reshape(layer.codes.shape)
     scale = None
-    if layer.scale is not None:  # the norms the re-assigned reconstruction restores
-      scale = pq.channel_scale(layer.reference, pq.decode(rounded, new_codes), side_dtype)
+    if layer.scale is not None:  # the norms (or least-squares fit) of the re-assigned reconstruction
+      scale = pq.scale_of(layer.reference, pq.decode(rounded, new_codes), scale_rule, layer.moments, side_dtype)
     out.append(qweight.PQWeight(np.asarray(rounded), np.asarray(new_codes).astype(packing.code_dtype(rounded.shape[1])),
                                 np.asarray(result.alive), None if scale is None else np.asarray(scale)))  # fmt: skip
     rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), codebook_dtype, scale))
@@ -189,6 +210,7 @@ def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndar
     'rel_mse': pq.rel_mse(reference, decoded),
     'sq_norm': float(jnp.sum(jnp.square(reference))),
     'code_entropy_bits': compress.code_entropy_bits(per_codebook, codebook_size),
+    **({} if layer.moments is None else {'rel_out_err': metric.rel_error(reference, decoded, layer.moments)}),
   }
 
 

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dpq_jax.quant import kmeans as kmeans_lib
-from dpq_jax.quant import packing, pq
+from dpq_jax.quant import metric, packing, pq
 
 ASSIGNMENTS = ('frozen', 'dynamic', 'ste')
 
@@ -55,8 +55,9 @@ class PQDense(nn.Module):
 
   assignment:
     'frozen': codes fixed (the `quant/codes` variable).
-    'dynamic': codes = argmin over the current codebooks of the latent weight `quant/latent`,
-      recomputed in every forward under stop_gradient; gradients reach the chosen codewords.
+    'dynamic': codes = argmin over the current codebooks of the latent weight `quant/latent` (divided by the
+      channel scale where there is one: the codewords approximate W / s), recomputed in every forward under
+      stop_gradient, in the layer-output metric `quant/metric` where given; gradients reach the chosen codewords.
     'ste': like dynamic, plus a straight-through latent weight in params:
       W_hat = C[a] + W - stop_gradient(W), so the latent weight trains too.
   """
@@ -118,12 +119,20 @@ class PQDense(nn.Module):
     target = jax.lax.stop_gradient(latent)
     if self.remat:  # the argmin's kernel-sized copies exist only while this layer runs, not all at once
       target = _after(target, x)
+    if self.has_variable('params', 'scale'):  # the layer computes (x @ C[a]) * s: C[a] approximates W / s
+      scale = jax.lax.stop_gradient(self.get_variable('params', 'scale'))  # [out_features]
+      target = target / jnp.where(scale != 0, scale, 1.0)
     sub = pq.to_subvectors(target, spec.subvector_dim)  # [M, out, d]
-    problems = sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
     # After codebook compression the `quant/alive` mask [num_codebooks, K] bool marks the live codewords
     # (dead ones are never assigned); without it every codeword is live, as before compression.
     alive = self.get_variable('quant', 'alive') if self.has_variable('quant', 'alive') else None
-    assigned = kmeans_lib.assign(problems, jax.lax.stop_gradient(codebooks), alive=alive).reshape(num_subvectors, -1)
+    if self.has_variable('quant', 'metric'):  # the layer-output metric quantize fitted in (metric.py)
+      u = self.get_variable('quant', 'metric')  # [num_subvectors, d, d] whitening factors
+      assigned = metric.assign(sub, jax.lax.stop_gradient(codebooks), u, alive)
+    else:
+      problems = sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
+      assigned = kmeans_lib.assign(problems, jax.lax.stop_gradient(codebooks), alive=alive)
+    assigned = assigned.reshape(num_subvectors, -1)
     # The stored dtype (uint8 for K <= 256): the codes are what a rematerialised product keeps.
     assigned = assigned.astype(codes.value.dtype)
     if self.is_mutable_collection('quant') and not self.is_initializing():

@@ -57,6 +57,8 @@ def _section(config: ml_collections.ConfigDict, name: str) -> dict:
 def plan(config: ml_collections.ConfigDict, fp_params: Any) -> list[dict[str, str]]:
   """[{'stage', 'fingerprint'}] of the chain stages in config.stages, in order."""
   sections = {'quantize': ('quant',), 'compress': ('quant', 'compress'), 'calibrate': ('quant', 'calibrate', 'data')}
+  if config.get('quant') is not None and config.quant.get('objective') == 'output':
+    sections['quantize'] = ('quant', 'data')  # the input statistics come from the data
   previous = json.dumps({
     'model': _section(config, 'model'), 'seed': config.get('seed'), 'weights': weights_digest(fp_params),
   }, sort_keys=True, default=str)  # fmt: skip

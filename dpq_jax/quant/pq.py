@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from dpq_jax.quant import kmeans as kmeans_lib
-from dpq_jax.quant import packing
+from dpq_jax.quant import metric, packing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,26 +81,43 @@ def _problems(kernel: jax.Array, spec: CodebookSpec) -> jax.Array:
   return sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
 
 
-def encode(kernel: jax.Array, codebooks: jax.Array, spec: CodebookSpec) -> jax.Array:
-  """Nearest-codeword codes [num_subvectors, out_features] int32 of a kernel."""
+def encode(kernel: jax.Array, codebooks: jax.Array, spec: CodebookSpec, u: jax.Array | None = None) -> jax.Array:
+  """Nearest-codeword codes [num_subvectors, out_features] int32 of a kernel; with whitening factors
+  u [num_subvectors, d, d] (metric.factor) nearest in the layer-output metric instead of Euclidean."""
   in_features, out_features = kernel.shape
+  if u is not None:
+    return metric.assign(to_subvectors(jnp.asarray(kernel, jnp.float32), spec.subvector_dim), codebooks, u)
   codes = kmeans_lib.assign(_problems(kernel, spec), codebooks)
   return codes.reshape(in_features // spec.subvector_dim, out_features)
 
 
 def fit(
-  kernel: jax.Array, spec: CodebookSpec, key: jax.Array, iters: int = 25
+  kernel: jax.Array, spec: CodebookSpec, key: jax.Array, iters: int = 25, u: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """k-means codebooks for one kernel.
 
+  With whitening factors u [num_subvectors, d, d] (metric.factor of the layer's input moments) the objective
+  is the layer-output error sum_(j,r) (w_rj - c)^T H_j (w_rj - c) instead of the weight error: PQ runs
+  k-means on the whitened sub-vectors U_j w of each position and maps the codebooks back; VQ starts from the
+  weight-space k-means and runs `iters` Lloyd iterations in the metric (metric.vq_lloyd).
+
   Returns:
     codebooks [num_codebooks, K, d] float32, codes [num_subvectors, out_features] int32,
-    and the k-means objective per iteration.
+    and the k-means objective per iteration (of the weight-space or whitened problem).
   """
   in_features, out_features = kernel.shape
   spec.check(in_features, out_features)
+  num_subvectors = in_features // spec.subvector_dim
+  if u is not None and not spec.shared:
+    sub = to_subvectors(jnp.asarray(kernel, jnp.float32), spec.subvector_dim)  # [M, out, d]
+    result = kmeans_lib.kmeans(metric.whiten(sub, u), spec.codebook_size, key, iters=iters)
+    return metric.unwhiten(result.codebooks, u), result.codes, result.objective
   result = kmeans_lib.kmeans(_problems(kernel, spec), spec.codebook_size, key, iters=iters)
-  codes = result.codes.reshape(in_features // spec.subvector_dim, out_features)
+  codes = result.codes.reshape(num_subvectors, out_features)
+  if u is not None:  # VQ in the metric, from the weight-space solution
+    sub = to_subvectors(jnp.asarray(kernel, jnp.float32), spec.subvector_dim)
+    codebooks, codes = metric.vq_lloyd(sub, result.codebooks, u, iters)
+    return codebooks, codes, result.objective
   return result.codebooks, codes, result.objective
 
 
@@ -119,6 +136,40 @@ def channel_scale(kernel: jax.Array, approx: jax.Array, dtype: Any = jnp.float16
   den = jnp.sqrt(jnp.sum(jnp.square(approx), axis=0))
   scale = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
   return scale.astype(dtype).astype(jnp.float32)
+
+
+def lsq_scale(kernel: jax.Array, approx: jax.Array, moments: jax.Array | None, dtype: Any = jnp.float16) -> jax.Array:
+  """Least-squares per-output-channel scale [out_features] in the layer-output metric, rounded to `dtype` and
+  returned as float32 (1 where the decoded channel is 0): s_r = argmin_s sum_j (w_rj - s c_rj)^T H_j (w_rj - s c_rj)
+  = sum_j w_rj^T H_j c_rj / sum_j c_rj^T H_j c_rj, with moments [num_subvectors, d, d] (metric.py); None: the
+  identity, s_r = <W_r, W_hat_r> / ||W_hat_r||^2."""
+  kernel = jnp.asarray(kernel, jnp.float32)
+  approx = jnp.asarray(approx, jnp.float32)
+  if moments is None:
+    num, den = jnp.sum(kernel * approx, axis=0), jnp.sum(approx * approx, axis=0)
+  else:
+    d = moments.shape[-1]
+    w, c = to_subvectors(kernel, d), to_subvectors(approx, d)  # [M, out, d]
+    hc = jnp.einsum('mde,mne->mnd', jnp.asarray(moments, jnp.float32), c, precision=jax.lax.Precision.HIGHEST)
+    num, den = jnp.sum(w * hc, axis=(0, 2)), jnp.sum(c * hc, axis=(0, 2))  # [out]
+  scale = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 1.0)
+  return scale.astype(dtype).astype(jnp.float32)
+
+
+SCALE_RULES = ('norm', 'lsq')
+
+
+def scale_of(
+  kernel: jax.Array, approx: jax.Array, rule: str, moments: Any = None, dtype: Any = jnp.float16
+) -> jax.Array:
+  """The per-output-channel scale [out_features] of decoded weights `approx` by `rule` (SCALE_RULES): 'norm'
+  restores ||W_r|| (channel_scale), 'lsq' is the least-squares scale in the metric of `moments` (or the
+  weights' where None; lsq_scale). Rounded to the stored `dtype`, returned as float32."""
+  if rule == 'lsq':
+    return lsq_scale(kernel, approx, moments, dtype)
+  if rule != 'norm':
+    raise ValueError(f'scale_rule={rule!r}: expected one of {SCALE_RULES}')
+  return channel_scale(kernel, approx, dtype)
 
 
 def rel_mse(kernel: jax.Array, approx: jax.Array) -> float:

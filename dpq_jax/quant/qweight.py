@@ -26,6 +26,7 @@ CODES = 'codes'  # quant: [num_subvectors, out_features]
 ALIVE = 'alive'  # quant: [num_codebooks, K] bool, after codebook compression
 LATENT = 'latent'  # quant ('dynamic') or params ('ste'): the float weight [in_features, out_features]
 KERNEL = 'kernel'  # a plain Dense layer's weight [in_features, out_features]
+METRIC = 'metric'  # quant, calibration only: whitening factors [num_subvectors, d, d] of the assignment's metric
 
 
 @struct.dataclass
@@ -229,6 +230,12 @@ def codes(quant: dict) -> list[Any]:
 def is_latent(path: str) -> bool:
   """Whether a '/'-joined variable path names a latent weight."""
   return path.rsplit('/', 1)[-1] == LATENT
+
+
+def is_assignment_input(path: str) -> bool:
+  """Whether a '/'-joined variable path names a constant input of the dynamic assignment (the latent weight
+  or the metric's whitening factors): calibration state, never part of the quantized model."""
+  return path.rsplit('/', 1)[-1] in (LATENT, METRIC)
 
 
 def _paths(tree: dict) -> list[str]:

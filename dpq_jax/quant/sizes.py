@@ -15,6 +15,8 @@ def summary(rows: list[dict[str, Any]], sizes: dict[str, int], num_params: int) 
   effective_bits_per_weight: the whole artifact per weight of the model;
   compression_ratio: fp32 bytes of the quantized kernels / their codes + codebooks;
   compression_ratio_model: fp32 bytes of the model / the artifact.
+  output_rel_err: the mean over layers of each layer's relative output error under its input moments
+  (metric.rel_error), where the rows have one (objective 'output').
   Every byte figure is measured on disk (storage.sizes_on_disk), never derived from a bytes-per-value
   formula: `codebooks` is all of codebooks.bin (codebook values in config.quant.codebook_dtype, the float16
   scale per codebook of int8 codebooks, per-output-channel scales, K' of compressed codebooks).
@@ -23,6 +25,7 @@ def summary(rows: list[dict[str, Any]], sizes: dict[str, int], num_params: int) 
   compressed = sizes['codes'] + sizes['codebooks']
   sq = sum(r['sq_norm'] for r in rows)
   err = sum(r['rel_mse'] * r['sq_norm'] for r in rows)
+  out_err = [r['rel_out_err'] for r in rows if 'rel_out_err' in r]
   return {
     'num_params': num_params,
     'quantized_weights': quantized,
@@ -34,5 +37,6 @@ def summary(rows: list[dict[str, Any]], sizes: dict[str, int], num_params: int) 
     'compression_ratio': 4 * quantized / compressed if compressed else None,
     'compression_ratio_model': 4 * num_params / sizes['total'],
     'weight_rel_mse': err / sq if sq else 0.0,
+    **({'output_rel_err': float(np.mean(out_err))} if out_err else {}),
     'layers': [{k: v for k, v in r.items() if k != 'sq_norm'} for r in rows],
   }

@@ -1,8 +1,19 @@
-"""Input statistics of the quantized layers, recorded from forward passes of the model."""
+"""Input statistics of the quantized layers, recorded from forward passes of the model.
+
+`input_moments`: for every quantized layer, the d x d second moments H_j = mean over tokens of x_j x_j^T of
+its inputs at each sub-vector position j (metric.py says what they are for), from forward passes of the
+full-precision model on `noisy_batches`: calibration latents noised at timesteps that tile the whole
+schedule, each run with its class label and with the null label (as classifier-free guided sampling runs
+the model). Streaming (one batch in memory), sharded over a data mesh like calibration, deterministic.
+`load_or_collect` keeps them in DIR/stats/ keyed by everything that decides them, so a rerun reuses them.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import json
+import os
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -42,3 +53,131 @@ def activation_energy(model, variables: dict, spec, num_batches: int, seed: int,
     for name, energy in energies(variables, x, t, y).items():
       sums[name] = sums.get(name, 0.0) + energy / num_batches
   return {k: np.asarray(v) for k, v in sums.items()}
+
+
+STATS_DIR = 'stats'
+MOMENTS_FILE = 'input_moments.npz'
+
+
+def noisy_batches(
+  latents: np.ndarray, labels: np.ndarray, num_batches: int, batch_size: int, num_classes: int, seed: int,
+  num_timesteps: int = 1000,
+) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
+  """`num_batches` model inputs {'x' [2B, H, W, C], 't' [2B], 'y' [2B]} (B = batch_size): B latents drawn
+  without replacement (cycling when there are fewer), noised by q_sample at jittered stratified timesteps (batch b,
+  row i: stratum i * num_batches + b of num_batches * B equal strata of [0, num_timesteps), so every batch
+  spans the schedule and all of them tile it), then the same B noisy inputs with their labels and with the null
+  label num_classes."""
+  from dpq_jax import diffusion as diffusion_lib
+
+  diffusion = diffusion_lib.create_diffusion('')
+  rng = np.random.default_rng(seed)
+  total = num_batches * batch_size
+  order = np.concatenate([rng.permutation(len(labels)) for _ in range(-(-total // len(labels)))])[:total]
+  strata = np.arange(batch_size)[None, :] * num_batches + np.arange(num_batches)[:, None]  # [num_batches, B]
+  t_all = np.floor((strata + rng.random(strata.shape)) * num_timesteps / total).astype(np.int32)
+  noise_key = jax.random.key(seed)
+  for b in range(num_batches):
+    rows = order[b * batch_size : (b + 1) * batch_size]
+    x0 = jnp.asarray(latents[rows], jnp.float32)
+    t = jnp.asarray(t_all[b])
+    noise = jax.random.normal(jax.random.fold_in(noise_key, b), x0.shape)
+    x = np.asarray(diffusion.q_sample(x0, t, noise), np.float32)
+    y = np.asarray(labels[rows], np.int32)
+    yield {
+      'x': np.concatenate([x, x]),
+      't': np.concatenate([t_all[b], t_all[b]]),
+      'y': np.concatenate([y, np.full_like(y, num_classes)]),
+    }
+
+
+def _moment_sums(model, targets: dict[str, int]) -> Callable:
+  """fn(params, x, t, y) -> {name: (sum over tokens of x_j x_j^T [M, d, d], tokens)} of the target layers."""
+  import flax.linen as nn
+
+  def fn(params: dict, x: jax.Array, t: jax.Array, y: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
+    found: dict[str, tuple[jax.Array, jax.Array]] = {}
+
+    def record(next_fun, args, kwargs, context):
+      name = '/'.join(context.module.path)
+      if context.method_name == '__call__' and name in targets:
+        inputs = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)  # [tokens, in_features]
+        d = targets[name]
+        xs = inputs.reshape(inputs.shape[0], -1, d)  # [tokens, M, d]
+        found[name] = (
+          jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST),
+          jnp.float32(inputs.shape[0]),
+        )
+      return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(record):  # runs while tracing: the sums leave the jit as outputs
+      model.apply({'params': params}, x, t, y)
+    return found
+
+  return fn
+
+
+def input_moments(
+  model, params: dict, targets: dict[str, int], batches: Iterator[dict[str, np.ndarray]], num_batches: int,
+  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+) -> dict[str, np.ndarray]:  # fmt: skip
+  """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}.
+
+  Sums of one batch are float32 on device (HIGHEST matmul precision), accumulated over batches in float64 on
+  the host. With a mesh the batch is split over its devices and XLA sums across them; the result does not
+  depend on the device count beyond float32 summation order.
+  """
+  fn = _moment_sums(model, targets)
+  if mesh is None:
+    jitted = jax.jit(fn)
+    place = jnp.asarray
+  else:
+    from dpq_jax.calibrate import sharding
+
+    batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    jitted = jax.jit(fn, in_shardings=(rep, batch_sh, batch_sh, batch_sh), out_shardings=rep)
+
+    def place(x):
+      return jax.make_array_from_callback(x.shape, batch_sh, lambda index: x[index])
+
+    params = jax.device_put(params, rep)
+  sums: dict[str, np.ndarray] = {}
+  tokens: dict[str, float] = {}
+  bar = None
+  if progress:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=num_batches, desc='input statistics', unit='batch')
+  for batch in batches:
+    out = jitted(params, place(batch['x']), place(batch['t']), place(batch['y']))
+    for name, (total, count) in out.items():
+      sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
+      tokens[name] = tokens.get(name, 0.0) + float(count)
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  missing = sorted(set(targets) - set(sums))
+  if missing:
+    raise ValueError(f'input_moments: layers {missing[:3]} never ran in the model')
+  return {name: (sums[name] / tokens[name]).astype(np.float32) for name in sorted(sums)}
+
+
+def load_or_collect(
+  workdir: str, key: dict[str, Any], collect: Callable[[], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+  """DIR/stats/input_moments.npz when it was written for an equal `key` (a JSON-able dict of everything that
+  decides the moments), else `collect()`, written there (process 0, atomically) and returned."""
+  from dpq_jax import distributed, io_utils
+
+  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+  path = os.path.join(workdir, STATS_DIR, MOMENTS_FILE)
+  if io_utils.exists(path):
+    with io_utils.load_npz(path) as f:
+      if str(f['__key__']) == digest:
+        return {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
+  moments = collect()
+  if distributed.is_writer():
+    io_utils.makedirs(os.path.dirname(path))
+    io_utils.write_npz(path, __key__=np.asarray(digest), **moments)
+  return moments

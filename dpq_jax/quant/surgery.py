@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dpq_jax.quant import codebook_values, layers, packing, pq, qweight, rtn
+from dpq_jax.quant import codebook_values, layers, metric, packing, pq, qweight, rtn
 
 METHODS = ('pq', 'vq', 'rtn')
 
@@ -70,6 +70,9 @@ def quantize_params(
   rtn_group_size: int | None = None,
   codebook_dtype: Any = jnp.float16,
   channel_scale: bool = False,
+  moments: dict[str, Any] | None = None,
+  damping: float = 0.01,
+  scale_rule: str = 'norm',
   progress: bool = True,
 ) -> QuantizedParams:
   """Quantizes every Dense kernel whose module path matches `rules` (all others untouched).
@@ -77,8 +80,12 @@ def quantize_params(
   codebook_dtype: how codebook values are stored ('float16', 'bfloat16', 'float32' or 'int8'; see
   codebook_values): the codebooks are rounded to what they decode to, and bytes counted as stored.
   channel_scale: PQ/VQ layers also get a `scale` [out_features] (stored like the codebooks; float16 for
-  int8 codebooks) that restores each output channel's norm (pq.channel_scale); the layer computes
-  (x @ W_hat) * scale.
+  int8 codebooks); the layer computes (x @ W_hat) * scale. scale_rule 'norm' restores each output channel's
+  norm (pq.channel_scale); 'lsq' is the least-squares scale in the objective (pq.lsq_scale), after which the codes
+  are re-assigned to W / scale and the scale solved again (both steps lower the objective).
+  moments: {module path: [num_subvectors, d, d]} input second moments (statistics.input_moments): the layers
+  found there are fitted, encoded and scaled by their output error (metric.py, `damping`) instead of the weight
+  error, and their rows gain `rel_out_err`.
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: expected one of {METHODS}')
@@ -114,17 +121,23 @@ def quantize_params(
       nbytes = packing.packed_nbytes(codes.size, rtn_bits) + 2 * side_bytes * scale.size
       row = {'k': 2**rtn_bits, 'd': 1, 'index_bits': rtn_bits}
     else:
-      codebooks, codes, _ = pq.fit(kernel, spec, jax.random.fold_in(key, i), iters)
+      layer_moments = None if moments is None else moments.get(name)
+      u = None if layer_moments is None else metric.factor(layer_moments, damping)  # [M, d, d]
+      codebooks, codes, _ = pq.fit(kernel, spec, jax.random.fold_in(key, i), iters, u=u)
       codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)  # [num_codebooks, K, d] as stored
-      codes = pq.encode(kernel, codebooks, spec)  # nearest codeword of the stored (rounded) codebooks
-      w = qweight.PQWeight(codebooks, codes.astype(packing.code_dtype(spec.codebook_size)))
+      codes = pq.encode(kernel, codebooks, spec, u)  # nearest codeword of the stored (rounded) codebooks
+      code_dtype = packing.code_dtype(spec.codebook_size)
+      w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
       nbytes = (
         packing.packed_nbytes(codes.size, spec.index_bits)
         + codebooks.size * codebook_values.value_bytes(codebook_dtype)
         + codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
       )
       if channel_scale:
-        w = w.replace(scale=pq.channel_scale(kernel, w.decode(), side_dtype))  # [out_features]
+        w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))  # [out_features]
+        if scale_rule == 'lsq':  # codes for W / s, then s again: each step lowers the objective
+          w = w.replace(codes=pq.encode(kernel / w.scale, codebooks, spec, u).astype(code_dtype))
+          w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))
         nbytes += w.scale.size * side_bytes
       approx = w.decode()
       pq_weights[name] = w
@@ -139,6 +152,8 @@ def quantize_params(
         'sq_norm': float(jnp.sum(jnp.square(kernel))),
       }
     )
+    if method != 'rtn' and layer_moments is not None:
+      rows[-1]['rel_out_err'] = metric.rel_error(kernel, approx, layer_moments)
     if bar is not None:
       bar.update(1)
       bar.set_postfix(rel_mse=f'{rows[-1]["rel_mse"]:.3f}')
@@ -146,6 +161,16 @@ def quantize_params(
     bar.close()
   fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
   return QuantizedParams(fp, pq_weights, rtn_weights, rows)
+
+
+def subvector_dims(params: dict, rules: layers.QuantRules, method: str) -> dict[str, int]:
+  """{module path: sub-vector length d} of the layers `rules` quantize (1 for RTN: its metric is per input channel)."""
+  out = {}
+  for path, _ in module_kernels(params):
+    spec = rules.spec_for('/'.join(path))
+    if spec is not None:
+      out['/'.join(path)] = 1 if method == 'rtn' else spec.subvector_dim
+  return out
 
 
 def default_rules(method: str, k: int, d: int, overrides: tuple[str, ...] = (), pattern: str = layers.DEFAULT_PATTERN):

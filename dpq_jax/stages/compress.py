@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import errors, io_utils
+from dpq_jax.calibrate import source as source_lib
 from dpq_jax.models import load as load_lib
 from dpq_jax.quant import allocation, compress, statistics, storage, surgery
 from dpq_jax.quant import layers as layers_lib
@@ -75,7 +76,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     model = job.spec.create(dtype=dtype, dense=layers_lib.dense_factory(job.quantized.rules))
     energy = statistics.activation_energy(model, q.variables(), job.spec, cfg.sensitivity_batches, config.seed)
   reference = fp_params if cfg.reference == 'original' else None
-  layers = allocation.layers_of(q, reference, energy, biases=True)
+  moments = None
+  if qcfg.objective == 'output':  # the quantize stage's statistics, or the same ones from DIR/stats
+    if job.moments is None:
+      if job.fp_params is None or job.spec is None:
+        job.spec, _, job.fp_params = load_lib.load_model(config.model, config.seed)
+      dims = surgery.subvector_dims(job.fp_params, job.quantized.rules, qcfg.method)
+      job.moments = source_lib.input_moments(config, workdir, job, dims)
+    moments = job.moments
+  layers = allocation.layers_of(q, reference, energy, biases=True, moments=moments)
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = allocation.target_bytes(cfg, fp32, quantized)
@@ -88,6 +97,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       min_live=cfg.min_live,
       codebook_dtype=qcfg.codebook_dtype,
       distortion=cfg.distortion,
+      damping=qcfg.damping,
+      scale_rule=qcfg.scale_rule,
     )
   except compress.BudgetError as e:
     raise errors.ConfigError(f'config.compress: {e}') from None

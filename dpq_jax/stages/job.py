@@ -39,6 +39,7 @@ class Job:
   classifier: dict | None = None  # the train stage's digit classifier params (demo metrics)
   samples: str | None = None  # path of the ADM sample batch the sample stage wrote
   chain: list[dict[str, str]] | None = None  # the pipeline's planned lineage of quantize/compress/calibrate
+  moments: dict[str, Any] | None = None  # input second moments {layer: [num_subvectors, d, d]} (objective 'output')
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict) -> Job:

@@ -9,11 +9,13 @@ import jax
 import ml_collections
 
 from dpq_jax import errors
-from dpq_jax.quant import codebook_values, storage, surgery
+from dpq_jax.calibrate import source as source_lib
+from dpq_jax.quant import codebook_values, pq, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
 DEQUANTIZE = ('on_the_fly', 'load')
+OBJECTIVES = ('weight', 'output')
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
@@ -39,6 +41,18 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(
       f"config.quant.codebook_dtype={cfg.codebook_dtype!r}: expected 'float16', 'bfloat16', 'float32' or 'int8'"
     )
+  if cfg.objective not in OBJECTIVES:
+    errors.append(f'config.quant.objective={cfg.objective!r}: expected one of {", ".join(OBJECTIVES)}')
+  if cfg.scale_rule not in pq.SCALE_RULES:
+    errors.append(f'config.quant.scale_rule={cfg.scale_rule!r}: expected one of {", ".join(pq.SCALE_RULES)}')
+  if cfg.damping < 0:
+    errors.append(f'config.quant.damping={cfg.damping}: expected >= 0 (a fraction of mean(diag H))')
+  if cfg.objective == 'output':
+    for key in ('stats_batches', 'stats_batch_size'):
+      if cfg[key] < 1:
+        errors.append(f"config.quant.{key}={cfg[key]}: expected >= 1 for objective 'output'")
+    config = source_lib.effective_config(config)
+    errors += source_lib.check(config.data, config)
   try:
     surgery.default_rules(cfg.method, max(cfg.k, 1), max(cfg.d, 1), tuple(cfg.overrides), cfg.pattern)
   except ValueError as e:
@@ -74,6 +88,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   params = job.fp_params
   check_shapes(cfg, params)
   rules = surgery.default_rules(cfg.method, cfg.k, cfg.d, tuple(cfg.overrides), cfg.pattern)
+  moments = None
+  if cfg.objective == 'output':
+    start = time.perf_counter()
+    moments = job.moments = source_lib.input_moments(
+      config, workdir, job, surgery.subvector_dims(params, rules, cfg.method)
+    )
+    job.report['stats_seconds'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   q = surgery.quantize_params(
     params,
@@ -85,6 +106,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     rtn_group_size=cfg.group_size or None,
     codebook_dtype=cfg.codebook_dtype,
     channel_scale=bool(cfg.channel_scale),
+    moments=moments,
+    damping=cfg.damping,
+    scale_rule=cfg.scale_rule,
   )
   seconds = time.perf_counter() - start
   spec = job.spec

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import digits as digits_config
-from dpq_jax import pipeline
+from dpq_jax import pipeline, tree_utils
 from dpq_jax.demo import classifier, digits
 from dpq_jax.demo import train as train_lib
 from dpq_jax.models import dit
@@ -127,6 +127,47 @@ def test_compress_needs_only_the_quantized_model(tmp_path):
   assert job.quantized.meta['name'] == 'x' and 'compress' in job.quantized.meta
   assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
   assert storage.load_meta(str(tmp_path / storage.ARTIFACT_DIR)) == job.quantized.meta
+
+
+def test_output_objective_collects_statistics_once_for_quantize_and_compress(tmp_path, monkeypatch):
+  from dpq_jax.quant import metric, statistics
+
+  config, spec, params = _tiny(objective='output', stats_batches=2, stats_batch_size=4)
+  config.compress.budget = 12.0
+  rng = np.random.default_rng(0)
+  data = {'train_images': rng.normal(size=(8, 8, 8, spec.in_channels)).astype(np.float32),
+          'train_labels': rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
+  assert REGISTRY['quantize'].check(config) == []
+  job = REGISTRY['quantize'].run(
+    config, str(tmp_path), Job(report=_report(params), spec=spec, fp_params=params, data=data)
+  )
+  assert (tmp_path / statistics.STATS_DIR / statistics.MOMENTS_FILE).exists()
+  names = sorted(job.quantized.weights.pq)
+  assert sorted(job.moments) == names and job.report['stats_seconds'] > 0
+  assert all(job.moments[n].shape[1:] == (4, 4) for n in names)
+  assert all('rel_out_err' in row for row in job.report['layers'])
+  # Lower output error than the weight objective's codes, measured in the same moments.
+  weight_cfg = _tiny()[0].quant
+  plain = surgery.quantize_params(params, job.quantized.rules, jax.random.key(weight_cfg.seed), iters=2,
+                                  channel_scale=True, progress=False)  # fmt: skip
+  blind = np.mean(
+    [
+      metric.rel_error(tree_utils.get_path(params, n.split('/') + ['kernel']), plain.pq[n].decode(), job.moments[n])
+      for n in names
+    ]
+  )
+  assert job.report['output_rel_err'] < blind, (job.report['output_rel_err'], blind)
+
+  # A rerun and the compress stage read DIR/stats instead of running the model again.
+  monkeypatch.setattr(statistics, 'input_moments', lambda *a, **k: pytest.fail('statistics collected twice'))
+  again = REGISTRY['quantize'].run(
+    config, str(tmp_path), Job(report=_report(params), spec=spec, fp_params=params, data=data)
+  )
+  jax.tree.map(np.testing.assert_array_equal, again.moments, job.moments)
+  job.moments = None
+  job = REGISTRY['compress'].run(config, str(tmp_path), job)
+  assert all('rel_out_err' in row for row in job.report['layers'])
+  assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
 
 
 def test_evaluate_scores_the_batch_the_job_names(tmp_path, monkeypatch):

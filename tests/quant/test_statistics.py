@@ -1,0 +1,118 @@
+"""Input statistics of the quantized layers (quant/statistics.py): the streamed, sharded second moments equal
+one numpy pass over every token; the calibration inputs tile the schedule; the workdir cache; bad values."""
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from configs import dit_xl_1bit
+from dpq_jax.calibrate import sharding
+from dpq_jax.quant import layers, statistics, surgery
+from dpq_jax.stages import quantize as quantize_stage
+from tests import helpers
+
+
+def _setup():
+  model, params = helpers.random_dit('DiT-2x64x2/4', input_size=8)
+  rules = surgery.default_rules('pq', 16, 4)
+  targets = surgery.subvector_dims(params, rules, 'pq')
+  rng = np.random.default_rng(0)
+  latents = rng.normal(size=(6, 8, 8, 4)).astype(np.float32)
+  labels = rng.integers(0, 10, size=6).astype(np.int32)
+  return model, params, targets, latents, labels
+
+
+def _inputs(model, params, batch, targets):
+  """{layer: its inputs [tokens, in_features]} of one forward pass, recorded without jit (the reference)."""
+  found = {}
+
+  def record(next_fun, args, kwargs, context):
+    name = '/'.join(context.module.path)
+    if context.method_name == '__call__' and name in targets:
+      found[name] = np.asarray(args[0], np.float64).reshape(-1, args[0].shape[-1])
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    model.apply({'params': params}, batch['x'], batch['t'], batch['y'])
+  return found
+
+
+def test_moments_over_8_devices_and_batches_equal_one_numpy_pass():
+  if jax.device_count() < 8:
+    return helpers.rerun_with_devices(__file__, 'test_moments_over_8_devices_and_batches_equal_one_numpy_pass')
+  model, params, targets, latents, labels = _setup()
+  assert len(targets) == 10 and set(targets.values()) == {4}  # 2 blocks x 5 layers
+  batches = list(statistics.noisy_batches(latents, labels, 3, 4, 10, seed=1))
+  mesh = sharding.make_mesh((('data', -1), ('fsdp', 1)))
+  assert mesh.devices.size == 8
+  got = statistics.input_moments(model, params, targets, iter(batches), 3, mesh, progress=False)
+  recorded = [_inputs(model, params, b, targets) for b in batches]
+  for name, d in targets.items():
+    x = np.concatenate([r[name] for r in recorded])  # [all tokens, in_features]
+    xs = x.reshape(x.shape[0], -1, d)
+    want = np.einsum('tmd,tme->mde', xs, xs) / x.shape[0]
+    np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
+  # Deterministic: the same batches on one device give the same moments (up to float32 summation order).
+  again = statistics.input_moments(model, params, targets, iter(batches), 3, None, progress=False)
+  for name in targets:
+    np.testing.assert_allclose(again[name], got[name], rtol=1e-4, atol=1e-7)
+
+
+def test_noisy_batches_tile_the_schedule_with_both_labels():
+  _, _, _, latents, labels = _setup()
+  batches = list(statistics.noisy_batches(latents, labels, 4, 5, 10, seed=2))
+  assert [b['x'].shape for b in batches] == [(10, 8, 8, 4)] * 4
+  t = np.concatenate([b['t'][:5] for b in batches])
+  strata = np.sort(t * 20 // 1000)  # 20 samples: one timestep in each of 20 equal strata of [0, 1000)
+  np.testing.assert_array_equal(strata, np.arange(20))
+  for b in batches:
+    assert np.all(b['y'][5:] == 10) and np.all(b['y'][:5] < 10)  # labels, then the null label
+    np.testing.assert_array_equal(b['x'][:5], b['x'][5:])
+    assert len(set(b['t'][:5] * 4 // 1000)) >= 3  # every batch spans the schedule
+  # Each latent once before any repeats (6 latents, 20 draws), seeded.
+  again = list(statistics.noisy_batches(latents, labels, 4, 5, 10, seed=2))
+  np.testing.assert_array_equal(np.concatenate([b['x'] for b in again]), np.concatenate([b['x'] for b in batches]))
+
+
+def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_path):
+  calls = []
+
+  def collect(value):
+    def fn():
+      calls.append(value)
+      return {'blocks_0/attn/qkv': np.full((2, 4, 4), value, np.float32)}
+
+    return fn
+
+  first = statistics.load_or_collect(str(tmp_path), {'a': 1}, collect(1.0))
+  again = statistics.load_or_collect(str(tmp_path), {'a': 1}, collect(2.0))
+  np.testing.assert_array_equal(again['blocks_0/attn/qkv'], first['blocks_0/attn/qkv'])
+  other = statistics.load_or_collect(str(tmp_path), {'a': 2}, collect(3.0))
+  assert calls == [1.0, 3.0] and float(other['blocks_0/attn/qkv'][0, 0, 0]) == 3.0
+  assert (tmp_path / statistics.STATS_DIR / statistics.MOMENTS_FILE).exists()
+
+
+@pytest.mark.parametrize(
+  'key, value, message',
+  [
+    ('damping', -0.1, 'config.quant.damping=-0.1: expected >= 0 (a fraction of mean(diag H))'),
+    ('stats_batches', 0, "config.quant.stats_batches=0: expected >= 1 for objective 'output'"),
+    ('stats_batch_size', 0, "config.quant.stats_batch_size=0: expected >= 1 for objective 'output'"),
+    ('objective', 'outputs', "config.quant.objective='outputs': expected one of weight, output"),
+    ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq"),
+  ],
+)
+def test_bad_statistics_values_fail_with_one_line(key, value, message):
+  config = dit_xl_1bit.get_config('runlocal=1')
+  config.quant.objective = 'output'
+  config.quant[key] = value
+  problems = quantize_stage.check(config)
+  assert problems == [message], problems
+
+
+def test_layer_paths_are_the_quantized_ones():
+  _, params, targets, _, _ = _setup()
+  rules = surgery.default_rules('rtn', 1, 1)
+  assert surgery.subvector_dims(params, rules, 'rtn') == dict.fromkeys(targets, 1)
+  assert all(layers.QuantRules(rules.rules).spec_for(name) for name in targets)
