@@ -9,7 +9,7 @@ import jax
 import ml_collections
 
 from dpq_jax import errors
-from dpq_jax.quant import codebook_values, storage, surgery
+from dpq_jax.quant import codebook_values, rtn, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
@@ -31,6 +31,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
       errors.append(f'config.quant.k={cfg.k}: at most 65536 codewords (16-bit codes) are supported')
     if cfg.d < 1:
       errors.append(f'config.quant.d={cfg.d}: expected a sub-vector length >= 1')
+  if cfg.rtn_clip not in rtn.CLIPS:  # checked for every method, as surgery.quantize_params does
+    errors.append(f'config.quant.rtn_clip={cfg.rtn_clip!r}: expected one of {", ".join(rtn.CLIPS)}')
   if cfg.kmeans_iters < 0:
     errors.append(f'config.quant.kmeans_iters={cfg.kmeans_iters}: expected >= 0')
   if cfg.dequantize not in DEQUANTIZE:
@@ -83,6 +85,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     iters=cfg.kmeans_iters,
     rtn_bits=cfg.bits,
     rtn_group_size=cfg.group_size or None,
+    rtn_clip=cfg.rtn_clip,
+    # {module path: h [in_features]}, E[x_i^2] of each RTN layer's inputs, weights rtn_clip='mse' by the
+    # layer-output error; None (plain weight MSE) until the input statistics exist.
+    rtn_weights=None,
     codebook_dtype=cfg.codebook_dtype,
     channel_scale=bool(cfg.channel_scale),
   )
@@ -102,7 +108,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   num_params = job.report['num_params']
   summary = sizes_lib.summary(q.rows, sizes, num_params)
   if cfg.method == 'rtn':
-    method = f'rtn-{cfg.bits}bit'
+    method = f'rtn-{cfg.bits}bit' + ('-mse' if cfg.rtn_clip == 'mse' else '')
   else:
     method = f'{cfg.method}-k{cfg.k}-d{cfg.d}'
   job.report.update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))
