@@ -51,6 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.d = 8  # sub-vector length: index bits per weight = log2(k) / d
   config.quant.bits = 2  # rtn only
   config.quant.group_size = 0  # rtn only; 0 = one group per output channel
+  config.quant.rtn_clip = 'minmax'  # rtn only: grid range per group, 'minmax' | 'mse' (shrunk to least error)
   config.quant.kmeans_iters = 25
   config.quant.seed = 0
   config.quant.codebook_dtype = 'float16'  # codebook values: float16 | bfloat16 | float32 | int8 (+ fp16 scale)

@@ -114,6 +114,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
     row = config.compare.row_defs[name].to_dict()
     row['overrides']['quant'] = dict(row['overrides']['quant'], objective='output')
+    if name.startswith('rtn'):  # RTN's data-aware counterpart: the clipping range searched in the output error
+      row['overrides']['quant']['rtn_clip'] = 'mse'
     config.compare.row_defs[f'{name}-out'] = row
   if args.full:
     config.compare.rows += (

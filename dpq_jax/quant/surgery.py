@@ -68,6 +68,8 @@ def quantize_params(
   iters: int = 25,
   rtn_bits: int = 2,
   rtn_group_size: int | None = None,
+  rtn_clip: str = 'minmax',
+  rtn_weights: dict[str, np.ndarray] | None = None,
   codebook_dtype: Any = jnp.float16,
   channel_scale: bool = False,
   moments: dict[str, Any] | None = None,
@@ -86,9 +88,16 @@ def quantize_params(
   moments: {module path: [num_subvectors, d, d]} input second moments (statistics.input_moments): the layers
   found there are fitted, encoded and scaled by their output error (metric.py, `damping`) instead of the weight
   error, and their rows gain `rel_out_err`.
+  rtn_clip: the RTN grid range per group, 'minmax' or 'mse' (rtn.quantize's clip).
+  rtn_weights: {module path: h [in_features]} for rtn_clip='mse', the per-input-channel weights of each RTN
+  layer's squared error (the diagonal of its inputs' second moment E[x_i^2]); None: plain MSE for every layer.
   """
   if method not in METHODS:
     raise ValueError(f'method={method!r}: expected one of {METHODS}')
+  if rtn_clip not in rtn.CLIPS:
+    raise ValueError(f'rtn_clip={rtn_clip!r}: expected one of {rtn.CLIPS}')
+  if rtn_weights is not None and (method != 'rtn' or rtn_clip != 'mse'):
+    raise ValueError(f"rtn_weights: only method='rtn' with rtn_clip='mse' uses them (method={method!r})")
   codebook_dtype = codebook_values.dtype_name(codebook_dtype)
   side_dtype = codebook_values.side_dtype(codebook_dtype)  # channel / RTN scales: never int8
   side_bytes = np.dtype(side_dtype).itemsize
@@ -97,10 +106,15 @@ def quantize_params(
     name = '/'.join(path)
     if method == 'rtn':
       rtn._groups(jnp.zeros((kernel.shape[1], kernel.shape[0])), rtn_group_size)
+      if rtn_weights is not None and np.shape(rtn_weights.get(name)) != (kernel.shape[0],):
+        raise ValueError(
+          f'rtn_weights[{name!r}]: expected weights of shape [in_features]=({kernel.shape[0]},), '
+          f'got {None if name not in rtn_weights else np.shape(rtn_weights[name])}'
+        )
     else:
       rules.spec_for(name).check(kernel.shape[0], kernel.shape[1], name)
   pq_weights: dict[str, qweight.PQWeight] = {}
-  rtn_weights: dict[str, qweight.RTNWeight] = {}
+  rtn_layers: dict[str, qweight.RTNWeight] = {}
   rows = []
   bar = None
   if progress:
@@ -113,11 +127,12 @@ def quantize_params(
     kernel = jnp.asarray(kernel, jnp.float32)
     in_f, out_f = kernel.shape
     if method == 'rtn':
-      codes, scale, offset = rtn.quantize(kernel.T, rtn_bits, rtn_group_size)
+      h = None if rtn_weights is None else rtn_weights[name]  # [in_features]
+      codes, scale, offset = rtn.quantize(kernel.T, rtn_bits, rtn_group_size, clip=rtn_clip, weights=h)
       scale = codebook_values.round_side(scale, codebook_dtype)
       offset = codebook_values.round_side(offset, codebook_dtype)
       approx = rtn.dequantize(codes, scale, offset).T
-      rtn_weights[name] = qweight.RTNWeight(np.asarray(codes), np.asarray(scale), np.asarray(offset), rtn_bits)
+      rtn_layers[name] = qweight.RTNWeight(np.asarray(codes), np.asarray(scale), np.asarray(offset), rtn_bits)
       nbytes = packing.packed_nbytes(codes.size, rtn_bits) + 2 * side_bytes * scale.size
       row = {'k': 2**rtn_bits, 'd': 1, 'index_bits': rtn_bits}
     else:
@@ -160,7 +175,7 @@ def quantize_params(
   if bar is not None:
     bar.close()
   fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
-  return QuantizedParams(fp, pq_weights, rtn_weights, rows)
+  return QuantizedParams(fp, pq_weights, rtn_layers, rows)
 
 
 def subvector_dims(params: dict, rules: layers.QuantRules, method: str) -> dict[str, int]:

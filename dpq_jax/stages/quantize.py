@@ -10,7 +10,7 @@ import ml_collections
 
 from dpq_jax import errors
 from dpq_jax.calibrate import source as source_lib
-from dpq_jax.quant import codebook_values, pq, storage, surgery
+from dpq_jax.quant import codebook_values, pq, rtn, storage, surgery
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
@@ -33,6 +33,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
       errors.append(f'config.quant.k={cfg.k}: at most 65536 codewords (16-bit codes) are supported')
     if cfg.d < 1:
       errors.append(f'config.quant.d={cfg.d}: expected a sub-vector length >= 1')
+  if cfg.rtn_clip not in rtn.CLIPS:  # checked for every method, as surgery.quantize_params does
+    errors.append(f'config.quant.rtn_clip={cfg.rtn_clip!r}: expected one of {", ".join(rtn.CLIPS)}')
   if cfg.kmeans_iters < 0:
     errors.append(f'config.quant.kmeans_iters={cfg.kmeans_iters}: expected >= 0')
   if cfg.dequantize not in DEQUANTIZE:
@@ -104,9 +106,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     iters=cfg.kmeans_iters,
     rtn_bits=cfg.bits,
     rtn_group_size=cfg.group_size or None,
+    rtn_clip=cfg.rtn_clip,
+    # {module path: h [in_features]}: E[x_i^2] of each RTN layer's inputs (its d=1 moments) weights the clipping
+    # search by the layer-output error (objective 'output'); None: plain weight MSE.
+    rtn_weights=None if moments is None or cfg.rtn_clip != 'mse' else {n: m[:, 0, 0] for n, m in moments.items()},
     codebook_dtype=cfg.codebook_dtype,
     channel_scale=bool(cfg.channel_scale),
-    moments=moments,
+    moments=None if cfg.method == 'rtn' else moments,
     damping=cfg.damping,
     scale_rule=cfg.scale_rule,
   )
@@ -126,7 +132,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   num_params = job.report['num_params']
   summary = sizes_lib.summary(q.rows, sizes, num_params)
   if cfg.method == 'rtn':
-    method = f'rtn-{cfg.bits}bit'
+    method = f'rtn-{cfg.bits}bit' + ('-mse' if cfg.rtn_clip == 'mse' else '')
   else:
     method = f'{cfg.method}-k{cfg.k}-d{cfg.d}'
   job.report.update(summary, method=method, quantize_kmeans_seconds=round(seconds, 2))

@@ -117,6 +117,17 @@ def test_quantize_needs_only_the_fp_model(tmp_path):
   assert set(variables) == {'params', 'quant'} and 'codebooks' in variables['params']['blocks_0']['mlp']['fc1']
 
 
+def test_quantize_rtn_clip_from_config(tmp_path):
+  reports = {}
+  for clip in ('minmax', 'mse'):
+    config, spec, params = _tiny(method='rtn', bits=1, rtn_clip=clip)
+    job = Job(report=_report(params), spec=spec, fp_params=params)
+    reports[clip] = REGISTRY['quantize'].run(config, str(tmp_path / clip), job).report
+  assert reports['minmax']['method'] == 'rtn-1bit' and reports['mse']['method'] == 'rtn-1bit-mse'
+  assert reports['mse']['weight_rel_mse'] < reports['minmax']['weight_rel_mse']
+  assert reports['mse']['bytes'] == reports['minmax']['bytes']  # same codes, scales and offsets stored
+
+
 def test_compress_needs_only_the_quantized_model(tmp_path):
   config, spec, params = _tiny()  # K=16, d=4 as the quantize test: its k-means compilations are reused
   config.compress.budget = 12.0
