@@ -78,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.compress.importance = 'usage'  # 'usage' | 'sensitivity' (usage weighted by input-activation energy)
   config.compress.distortion = 'relative'  # each layer's error over its sum_i e_i ||W_i||^2; 'absolute': raw
   config.compress.merge = True  # removed codeword merges into its least-cost survivor; False: plain re-assignment
+  # Removal order along each codebook's path: 'importance' (lowest importance first, to its least-cost survivor)
+  # | 'cost' (greedy Ward: the pair of least merge cost first; needs merge=True)
+  config.compress.order = 'importance'
   config.compress.lloyd_steps = 2  # Lloyd steps over the survivors after re-assignment
   config.compress.min_live = 1  # live codewords kept per codebook at least
   config.compress.reference = 'original'  # re-assign the fp weights ('original') or the current decoded ones

@@ -95,6 +95,7 @@ def compress_layers(
   target_bytes: int,
   *,
   merge: bool = True,
+  order: str = 'importance',
   lloyd_steps: int = 2,
   min_live: int = 1,
   codebook_dtype: str = 'float16',
@@ -107,8 +108,9 @@ def compress_layers(
 
   Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
   over the survivors; codes re-assigned to the rounded survivors, in the stored code dtype; the alive mask; the
-  per-output-channel scale recomputed by `scale_rule` where the layer had one) and an info dict with the predicted bytes, the
-  allocation and per-layer rows.
+  per-output-channel scale recomputed by `scale_rule` where the layer had one) and an info dict with the predicted
+  bytes, the allocation and per-layer rows. merge and order: how each codebook's removal path is made
+  (compress.removal_path).
 
   Raises:
     compress.BudgetError: target below the minimum reachable size (named in the message).
@@ -132,7 +134,7 @@ def compress_layers(
     per = compress.codebook_bytes(live, x.shape[1], d, value_bytes, size_bytes, overhead)
     nbytes.append(np.broadcast_to(per, (num_codebooks, codebook_size)))
     _tick(bar)
-  path_all = compress.paths_of_atoms(np.concatenate(w_all), np.concatenate(m_all), merge=merge)
+  path_all = compress.paths_of_atoms(np.concatenate(w_all), np.concatenate(m_all), merge=merge, order=order)
   fixed = sum(layer.bias_bytes for layer in layers)
   scale_bytes = sum(0 if layer.scale is None else layer.scale.size * side_bytes for layer in layers)
   try:

@@ -9,14 +9,14 @@ Compression leaves K' <= K live codewords per codebook ("survivors").
    1: the usage count; a sensitivity such as input-activation energy gives a data-aware variant).
 2. A removal path per codebook, K -> 1 codewords, one codeword per step, computed on "atoms" (the
    current codewords with their importance W_k and the weighted centroid M_k of their sub-vectors).
-   The live codeword of lowest current importance goes first (its sub-vectors count towards the
-   survivor that takes them), and goes where the distortion increases least:
+   order='importance': the live codeword of lowest current importance goes first (its sub-vectors
+   count towards the survivor that takes them), and goes where the distortion increases least:
    - prune (merge off): its sub-vectors move to the nearest survivor, survivors stay where they are;
    - merge (on): it merges with the survivor of least Ward increase W_a W_b / (W_a + W_b) ||M_a - M_b||^2
      and the survivor moves to the merged centroid (near-duplicates merge at almost no cost).
-   The step costs are the (weighted) squared-error increase of each removal. (A fully greedy Ward
-   order, re-ranking all pairs every step, measured 50 s for 1024 codebooks on this CPU: too slow
-   for DiT-XL/2's 32256.)
+   order='cost' (merge only): greedy Ward agglomeration, every step merging the live pair of least Ward
+   increase (ward.py: exact, with lazy lower bounds instead of re-ranking all pairs every step).
+   The step costs are the (weighted) squared-error increase of each removal.
 3. A global allocation of bytes over all codebooks of all layers: each codebook's (bytes, distortion)
    curve along its path, a Lagrange multiplier lambda bisected so that sum(bytes) meets the target
    (every codebook at argmin distortion + lambda * bytes: equal marginal distortion per byte saved),
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpq_jax.quant import kmeans as kmeans_lib
-from dpq_jax.quant import packing
+from dpq_jax.quant import packing, ward
 
 
 class Path(NamedTuple):
@@ -86,12 +86,24 @@ def _atoms(x: jax.Array, codebooks: jax.Array, codes: jax.Array, weights: jax.Ar
   return w, m
 
 
-def _path(w: jax.Array, m: jax.Array, merge: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The lowest-importance live codeword goes first (ties: lowest index); its cluster (importance W_k,
-  centroid M_k) goes to the survivor s that increases the distortion least:
+ORDERS = ('importance', 'cost')
+
+
+def _path(w: jax.Array, m: jax.Array, merge: bool, order: str = 'importance') -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(removed, target, cost) [B, K - 1] of atoms w [B, K], m [B, K, d] in `order` (the module docstring).
+
+  order='importance': the lowest-importance live codeword goes first (ties: lowest index); its cluster
+  (importance W_k, centroid M_k) goes to the survivor s that increases the distortion least:
     prune: survivors stay at their codeword P_s; increase W_k (||M_k - P_s||^2 - ||M_k - P_k||^2);
     merge: Ward's W_k W_s / (W_k + W_s) ||M_k - M_s||^2, and s moves to the merged centroid.
-  One step reads one row of distances, so a path is O(K^2 d) per codebook."""
+  One step reads one row of distances, so a path is O(K^2 d) per codebook.
+  order='cost': `ward.greedy_path` (merge only)."""
+  if order not in ORDERS:
+    raise ValueError(f'order={order!r}: expected one of {", ".join(ORDERS)}')
+  if order == 'cost':
+    if not merge:
+      raise ValueError("order='cost' removes codewords by Ward merge cost: it needs merge=True")
+    return ward.greedy_path(w, m)
   batch, codebook_size, _ = m.shape
   rows = jnp.arange(batch)
   index = jnp.arange(codebook_size)
@@ -125,9 +137,15 @@ def _path(w: jax.Array, m: jax.Array, merge: bool) -> tuple[jax.Array, jax.Array
   return removed.T, target.T, cost.T
 
 
-@functools.partial(jax.jit, static_argnames=('merge',))
+@functools.partial(jax.jit, static_argnames=('merge', 'order'))
 def removal_path(
-  x: jax.Array, codebooks: jax.Array, codes: jax.Array, weights: jax.Array | None = None, *, merge: bool = True
+  x: jax.Array,
+  codebooks: jax.Array,
+  codes: jax.Array,
+  weights: jax.Array | None = None,
+  *,
+  merge: bool = True,
+  order: str = 'importance',
 ) -> Path:
   """The removal path of every codebook of a layer (see the module docstring).
 
@@ -137,18 +155,24 @@ def removal_path(
     codes: [num_codebooks, num_points] current assignment.
     weights: [num_codebooks, num_points] point weights (sensitivity); None: 1 each (usage).
     merge: Ward merging by least distortion increase; False: prune by lowest importance.
+    order: 'importance' (lowest importance first) or 'cost' (greedy Ward: least merge cost first; merge only).
+
+  Raises:
+    ValueError: an unknown order, or order='cost' without merge.
   """
   x = jnp.asarray(x, jnp.float32)
   if weights is None:
     weights = jnp.ones(codes.shape, jnp.float32)
   w, m = _atoms(x, jnp.asarray(codebooks, jnp.float32), codes, jnp.asarray(weights, jnp.float32))
-  removed, target, cost = _path(w, m, merge)
+  removed, target, cost = _path(w, m, merge, order)
   return Path(removed, target, cost, w)
 
 
-@functools.partial(jax.jit, static_argnames=('merge',))
-def _path_jit(w: jax.Array, m: jax.Array, merge: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
-  return _path(w, m, merge)
+@functools.partial(jax.jit, static_argnames=('merge', 'order'))
+def _path_jit(
+  w: jax.Array, m: jax.Array, merge: bool, order: str = 'importance'
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  return _path(w, m, merge, order)
 
 
 @jax.jit
@@ -163,12 +187,15 @@ def atoms(
   return _atoms(x, jnp.asarray(codebooks, jnp.float32), codes, jnp.asarray(weights, jnp.float32))
 
 
-def paths_of_atoms(w: np.ndarray, m: np.ndarray, *, merge: bool = True, chunk: int = 1024) -> Path:
+def paths_of_atoms(
+  w: np.ndarray, m: np.ndarray, *, merge: bool = True, order: str = 'importance', chunk: int = 1024
+) -> Path:
   """`removal_path` of many codebooks given their atoms (e.g. all layers' at once), `chunk` codebooks per
   call (one compilation per K and d; the last chunk padded).
 
   Args:
     w: [num_codebooks, K] importance; m: [num_codebooks, K, d] centroids.
+    merge, order: as `removal_path`.
   """
   num = w.shape[0]
   chunk = min(chunk, num)
@@ -179,7 +206,7 @@ def paths_of_atoms(w: np.ndarray, m: np.ndarray, *, merge: bool = True, chunk: i
     if pad:
       wc = np.concatenate([wc, np.zeros((pad,) + wc.shape[1:], wc.dtype)])
       mc = np.concatenate([mc, np.zeros((pad,) + mc.shape[1:], mc.dtype)])
-    outs.append([np.asarray(a)[: chunk - pad] for a in _path_jit(jnp.asarray(wc), jnp.asarray(mc), merge)])
+    outs.append([np.asarray(a)[: chunk - pad] for a in _path_jit(jnp.asarray(wc), jnp.asarray(mc), merge, order)])
   removed, target, cost = (np.concatenate(parts) for parts in zip(*outs))
   return Path(removed, target, cost, np.asarray(w))
 

@@ -46,6 +46,7 @@ def equal_bytes_rows(
   pattern: str = layers_lib.DEFAULT_PATTERN,
   iters: int = 25,
   merge: bool = True,
+  order: str = 'importance',
   lloyd_steps: int = 2,
   channel_scale: bool = True,
   codebook_dtype: str = 'float16',
@@ -56,7 +57,8 @@ def equal_bytes_rows(
   stores its codebooks as `codebook_dtype` (codebook_values), baselines included.
 
   Returns (rows, models): rows with name, bytes, effective/index bits per weight, compression ratio,
-  weight relative MSE and seconds; models the QuantizedParams of every row (to sample from them).
+  weight relative MSE and seconds; models the QuantizedParams of every row (to sample from them). merge, order:
+  as allocation.compress_layers.
   """
   models, rows = {}, []
 
@@ -76,7 +78,7 @@ def equal_bytes_rows(
     start = time.perf_counter()
     target = next(r['bytes'] for r in rows if r['name'] == ref)
     name = f'pq-k256-d8-compressed@{ref}'
-    models[name] = compress_tree(big, params, target, merge=merge, lloyd_steps=lloyd_steps,
+    models[name] = compress_tree(big, params, target, merge=merge, order=order, lloyd_steps=lloyd_steps,
                                   codebook_dtype=codebook_dtype, progress=progress)  # fmt: skip
     rows.append(summary_row(name, models[name], time.perf_counter() - start))
   return rows, models

@@ -25,6 +25,7 @@ from dpq_jax.stages.job import Job, QuantizedModel
 IMPORTANCE = ('usage', 'sensitivity')
 DISTORTION = ('absolute', 'relative')
 REFERENCES = ('original', 'decoded')
+ORDERS = compress.ORDERS
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
@@ -41,6 +42,12 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     problems.append(f'config.compress.importance={cfg.importance!r}: expected one of {", ".join(IMPORTANCE)}')
   if cfg.distortion not in DISTORTION:
     problems.append(f'config.compress.distortion={cfg.distortion!r}: expected one of {", ".join(DISTORTION)}')
+  if cfg.order not in ORDERS:
+    problems.append(f'config.compress.order={cfg.order!r}: expected one of {", ".join(ORDERS)}')
+  elif cfg.order == 'cost' and not cfg.merge:
+    problems.append(
+      "config.compress.order='cost' with config.compress.merge=False: removal by merge cost needs merge=True"
+    )
   if cfg.reference not in REFERENCES:
     problems.append(f'config.compress.reference={cfg.reference!r}: expected one of {", ".join(REFERENCES)}')
   if cfg.lloyd_steps < 0:
@@ -93,6 +100,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       layers,
       target,
       merge=cfg.merge,
+      order=cfg.order,
       lloyd_steps=cfg.lloyd_steps,
       min_live=cfg.min_live,
       codebook_dtype=qcfg.codebook_dtype,
@@ -114,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
                          f"{info['predicted_bytes']}, budget {target}")  # fmt: skip
 
   meta = dict(job.quantized.meta)
-  meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'importance': cfg.importance}
+  meta['compress'] = {'target_bytes': target, 'merge': cfg.merge, 'order': cfg.order, 'importance': cfg.importance}
   meta['lineage'] = job.links('compress')
   sizes = storage.save(artifact, new_q, meta, qcfg.codebook_dtype, check=check)
   seconds = time.perf_counter() - start
@@ -136,6 +144,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     'importance': cfg.importance,
     'distortion': cfg.distortion,
     'merge': bool(cfg.merge),
+    'order': cfg.order,
     'lloyd_steps': cfg.lloyd_steps,
     'reference': cfg.reference,
     'seconds': round(seconds, 2),

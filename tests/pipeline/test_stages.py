@@ -128,14 +128,17 @@ def test_quantize_rtn_clip_from_config(tmp_path):
   assert reports['mse']['bytes'] == reports['minmax']['bytes']  # same codes, scales and offsets stored
 
 
-def test_compress_needs_only_the_quantized_model(tmp_path):
+@pytest.mark.parametrize('order', ['importance', 'cost'])
+def test_compress_needs_only_the_quantized_model(tmp_path, order):
   config, spec, params = _tiny()  # K=16, d=4 as the quantize test: its k-means compilations are reused
   config.compress.budget = 12.0
+  config.compress.order = order
   rules = surgery.default_rules('pq', 16, 4, pattern=config.quant.pattern)
   q = surgery.quantize_params(params, rules, jax.random.key(0), iters=2, progress=False)
   job = Job(report=_report(params), spec=spec, fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'x'}))
   job = REGISTRY['compress'].run(config, str(tmp_path), job)
-  assert job.quantized.meta['name'] == 'x' and 'compress' in job.quantized.meta
+  assert job.quantized.meta['name'] == 'x' and job.quantized.meta['compress']['order'] == order
+  assert job.report['compress']['order'] == order
   assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
   assert storage.load_meta(str(tmp_path / storage.ARTIFACT_DIR)) == job.quantized.meta
 

@@ -61,6 +61,124 @@ def test_path_removes_lowest_importance_first_to_least_increase(merge):
       alive[k] = False
 
 
+def _greedy_ward(w, m):
+  """Plain greedy Ward agglomeration of one codebook's atoms (float64, the full pair matrix every step), with
+  ward.greedy_path's rules: atoms of no weight first, in index order, to the nearest atom of positive weight
+  (none: atom 0 stays); then the least (cost, a, b) pair, the lower weight dying (ties: the higher index)."""
+  w, m = np.asarray(w, np.float64).copy(), np.asarray(m, np.float64).copy()
+  empty = w <= 0
+  empty[0] &= not empty.all()
+  steps = []
+  for z in np.nonzero(empty)[0]:
+    d2 = ((m[z] - m) ** 2).sum(-1)
+    d2[empty] = np.inf
+    steps.append((z, d2.argmin(), 0.0))
+  alive = ~empty
+  while alive.sum() > 1:
+    cost = w[:, None] * w[None] / np.maximum(w[:, None] + w[None], 1e-300) * ((m[:, None] - m[None]) ** 2).sum(-1)
+    cost[~(alive[:, None] & alive[None])] = np.inf
+    np.fill_diagonal(cost, np.inf)
+    a, b = np.unravel_index(cost.argmin(), cost.shape)  # row-major: the least cost, then the least a, then b
+    dead, survivor = (a, b) if w[a] < w[b] or (w[a] == w[b] and a > b) else (b, a)
+    m[survivor] = (w[dead] * m[dead] + w[survivor] * m[survivor]) / (w[dead] + w[survivor])
+    w[survivor] += w[dead]
+    alive[dead] = False
+    steps.append((dead, survivor, cost[a, b]))
+  return [np.array(col) for col in zip(*steps)]
+
+
+def _random_atoms(num, k, d, seed):
+  """Atoms w [num, k] (integer counts 0..4: ties and zeros), m [num, k, d]; codebook 0 without any weight,
+  codebook 1 with a single weighted atom, codebook 2 with a duplicated centroid (a free merge)."""
+  rng = np.random.default_rng(seed)
+  w = rng.integers(0, 5, (num, k)).astype(np.float32)
+  m = rng.standard_normal((num, k, d)).astype(np.float32)
+  w[0] = 0
+  w[1] = 0
+  w[1, 3] = 2
+  m[2, 5] = m[2, 9]
+  return w, m
+
+
+@pytest.mark.parametrize('k,d', [(16, 2), (32, 3), (16, 8), (32, 5)])
+def test_cost_order_is_the_greedy_ward_agglomeration(k, d):
+  w, m = _random_atoms(12, k, d, seed=k + d)
+  path = compress.paths_of_atoms(w, m, order='cost', chunk=8)  # two chunks, the second padded
+  for c in range(len(w)):
+    removed, target, cost = _greedy_ward(w[c], m[c])
+    np.testing.assert_array_equal(path.removed[c], removed, err_msg=f'codebook {c}')
+    np.testing.assert_array_equal(path.target[c], target, err_msg=f'codebook {c}')
+    np.testing.assert_allclose(path.cost[c], cost, rtol=1e-5, atol=1e-12, err_msg=f'codebook {c}')
+  np.testing.assert_array_equal(path.importance, w)
+  with pytest.raises(ValueError, match="order='cost'.*merge=True"):
+    compress.paths_of_atoms(w, m, merge=False, order='cost')
+  with pytest.raises(ValueError, match="order='magic': expected one of importance, cost"):
+    compress.paths_of_atoms(w, m, order='magic')
+
+
+def test_cost_order_never_removes_a_costlier_codeword_before_a_cheaper_one():
+  """On k-means codebooks with usage counts: replayed in numpy, every step merges a live pair of least Ward
+  increase over all live pairs, so the step costs never decrease (Ward's linkage has no inversions)."""
+  kernel, cb, codes = _fit(64, 256, 32, 4, seed=5)
+  codes = np.where(np.isin(codes, (3, 17)), codes + 1, codes)  # codewords 3 and 17 unused: removed first, free
+  x = pq.to_subvectors(jnp.asarray(kernel), 4)
+  path = compress.removal_path(x, cb, codes, order='cost')
+  w, m = (np.asarray(a, np.float64) for a in compress.atoms(x, cb, codes))
+  assert (w[:, [3, 17]] == 0).all() and (path.cost[:, :2] == 0).all()
+  for c in range(cb.shape[0]):
+    wc, mc, alive = w[c].copy(), m[c].copy(), np.ones(32, bool)
+    for t in range(31):
+      k, s = path.removed[c, t], path.target[c, t]
+      inc = wc[:, None] * wc[None] / np.maximum(wc[:, None] + wc[None], 1e-30) * ((mc[:, None] - mc[None]) ** 2).sum(-1)
+      inc[~(alive[:, None] & alive[None])] = np.inf
+      np.fill_diagonal(inc, np.inf)
+      assert alive[k] and alive[s] and k != s, (c, t)
+      assert inc[k, s] <= inc.min() * (1 + 1e-5) + 1e-12, (c, t, inc[k, s], inc.min())
+      np.testing.assert_allclose(path.cost[c, t], inc[k, s], rtol=1e-4, atol=1e-12)
+      if wc[k] > 0:
+        mc[s] = (wc[k] * mc[k] + wc[s] * mc[s]) / (wc[k] + wc[s])
+      wc[s] += wc[k]
+      alive[k] = False
+  steps = np.diff(path.cost, axis=1)
+  assert (steps >= -1e-5 * path.cost[:, 1:]).all(), steps.min()
+  before = compress.removal_path(x, cb, codes)  # order='importance': no such order
+  assert (np.diff(before.cost, axis=1) < 0).any()
+
+
+def test_cost_order_distorts_less_than_importance_order():
+  """64 codebooks of 256 clustered points, K=32 cut to 8: the greedy Ward path's estimated distortion (its
+  step costs) and the realised squared error are both below the lowest-importance-first path's."""
+  rng = np.random.default_rng(0)
+  centres = rng.standard_normal((64, 12, 4))  # 12 clusters per codebook
+  x = centres[np.arange(64)[:, None], rng.integers(0, 12, (64, 256))] + 0.15 * rng.standard_normal((64, 256, 4))
+  x = jnp.asarray(x, jnp.float32)
+  cb, codes, _ = kmeans.kmeans(x, 32, jax.random.key(0), iters=5)
+  live = jnp.full((64,), 8)
+  got = {}
+  for order in ('importance', 'cost'):
+    path = compress.removal_path(x, cb, codes, order=order)
+    out = compress.realize(x, cb, codes, path, live, lloyd_steps=0)
+    realised = float(jnp.sum(jnp.square(x - jnp.take_along_axis(out.codebooks, out.codes[..., None], axis=1))))
+    got[order] = (float(np.sum(np.asarray(path.cost)[:, :24])), realised)
+  message = ', '.join(f'{o}: steps to K=8 {s:.2f}, realised {r:.2f}' for o, (s, r) in got.items())
+  assert got['cost'][0] <= got['importance'][0] and got['cost'][1] <= got['importance'][1], message
+
+
+def test_bad_order_fails_the_check_with_one_line():
+  from configs import common
+  from dpq_jax.stages import compress as compress_stage
+
+  config = common.base_config()
+  assert compress_stage.check(config) == []
+  config.compress.order = 'magic'
+  assert compress_stage.check(config) == ["config.compress.order='magic': expected one of importance, cost"]
+  config.compress.order = 'cost'
+  assert compress_stage.check(config) == []
+  config.compress.merge = False
+  (line,) = compress_stage.check(config)
+  assert "config.compress.order='cost'" in line and 'merge=False' in line and 'merge=True' in line
+
+
 def _np_nearest(x, cb, alive):
   d2 = ((x[:, :, None, :].astype(np.float64) - cb[:, None].astype(np.float64)) ** 2).sum(-1)
   d2[~np.broadcast_to(alive[:, None, :], d2.shape)] = np.inf
