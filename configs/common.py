@@ -76,7 +76,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.compress.budget_bytes = 0  # bytes (0: unset)
   config.compress.budget_bits = 0.0  # bits per quantized weight, biases included (0: unset)
   config.compress.importance = 'usage'  # 'usage' | 'sensitivity' (usage weighted by input-activation energy)
-  config.compress.distortion = 'relative'  # each layer's error over its sum_i e_i ||W_i||^2; 'absolute': raw
+  # 'relative': each layer's error over its own size (sum_i e_i ||W_i||^2, or its output energy); 'absolute': raw;
+  # 'loss': output error weighted by the squared loss gradient of each output channel (needs objective 'output')
+  config.compress.distortion = 'relative'
   config.compress.merge = True  # removed codeword merges into its least-cost survivor; False: plain re-assignment
   # Removal order along each codebook's path: 'importance' (lowest importance first, to its least-cost survivor)
   # | 'cost' (greedy Ward: the pair of least merge cost first; needs merge=True)

@@ -117,6 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if name.startswith('rtn'):  # RTN's data-aware counterpart: the clipping range searched in the output error
       row['overrides']['quant']['rtn_clip'] = 'mse'
     config.compare.row_defs[f'{name}-out'] = row
+  # ... and the compressed rows with the global allocation by estimated loss (compress.distortion='loss').
+  for name in ('pq-1bit-compressed-out', 'pq-1bit-calibrated-out'):
+    row = config.compare.row_defs[name].to_dict()
+    row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='loss')
+    config.compare.row_defs[name.replace('-out', '-loss')] = row
   if args.full:
     config.compare.rows += (
       'pq-1bit-compressed-fp16', 'pq-1bit-calibrated-fp16', 'pq-1bit-unscaled', 'vq-1bit-unscaled', 'vq-k1024',

@@ -135,12 +135,14 @@ def input_moments(
 
   config = effective_config(config)
   cfg = config.quant
+  gradients = config.compress.distortion == 'loss'
   key = {
     'weights': lineage.weights_digest(job.fp_params),
     'model': config.model.to_dict(),
     'data': config.data.to_dict(),
     'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed],
     'targets': targets,
+    'gradients': gradients,
   }
 
   def collect() -> dict[str, np.ndarray]:
@@ -154,6 +156,8 @@ def input_moments(
     batches = statistics.noisy_batches(
       data.latents, data.labels, cfg.stats_batches, cfg.stats_batch_size, job.spec.num_classes, cfg.seed
     )
-    return statistics.input_moments(model, job.fp_params, targets, batches, cfg.stats_batches, mesh)
+    return statistics.input_moments(
+      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients
+    )
 
-  return statistics.load_or_collect(workdir, key, collect)
+  return statistics.split(statistics.load_or_collect(workdir, key, collect))

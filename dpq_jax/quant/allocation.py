@@ -31,15 +31,18 @@ class Layer:
   energy: np.ndarray | None = None  # [in_features] input-activation energy (sensitivity), or None
   scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
   moments: np.ndarray | None = None  # [num_subvectors, d, d] input moments: compress in the output metric (PQ)
+  grad2: np.ndarray | None = None  # [out_features] output-gradient energies: point weights (distortion 'loss')
 
 
 def layers_of(
-  q, reference: dict | None, energy: dict | None = None, biases: bool = False, moments: dict | None = None
-) -> list[Layer]:
+  q, reference: dict | None, energy: dict | None = None, biases: bool = False, moments: dict | None = None,
+  grad2: dict | None = None,
+) -> list[Layer]:  # fmt: skip
   """One Layer per PQ/VQ layer of q (a QuantizedParams): the weights its codes approximate are the fp kernel of
   `reference` (params), else the decoded codes; energy {name: [in_features]} where sensitivity is used; the fp32
   bytes of the layer's bias when `biases` (inside the budget scope); moments {name: [M, d, d]} where the
-  objective is the layer output (used by PQ layers: VQ's shared codebook has no single metric)."""
+  objective is the layer output (used by PQ layers: VQ's shared codebook has no single metric); grad2
+  {name: [out_features]} where the distortion is the loss estimate."""
   out = []
   for name, w in q.pq.items():
     keys = name.split('/')
@@ -50,7 +53,7 @@ def layers_of(
     layer_moments = (moments or {}).get(name) if codebooks.shape[0] > 1 else None
     out.append(Layer(name, codebooks, codes, np.asarray(kernel, np.float32), 0 if bias is None else 4 * int(np.size(bias)),
                      (energy or {}).get(name), None if w.scale is None else np.asarray(w.scale, np.float32),
-                     layer_moments))  # fmt: skip
+                     layer_moments, (grad2 or {}).get(name)))  # fmt: skip
   return out
 
 
@@ -63,6 +66,9 @@ def _problems(
   With input moments (PQ, objective 'output') points and codebooks are whitened (metric.py): every squared
   distance, Ward merge cost and centroid of compress.py is then the layer-output error, and the codebooks
   are mapped back after realisation.
+  distortion 'loss': each sub-vector of output channel r weighs G_r, the squared gradient of the noise-prediction
+  error with respect to that channel (statistics.input_moments), so a step's cost estimates the loss increase
+  G_r (w - c)^T H_j (w - c) and layers compare by what they cost the loss, not by their own size.
   distortion 'relative': the point weights divided by the layer's own scale, sum_i e_i ||W_i||^2 over input
   channels i (e_i the activation energy, or 1; with moments, the output energy sum_j w_j^T H_j w_j), so every
   layer's squared error counts relative to its size (the allocation across layers no longer favours layers
@@ -79,6 +85,10 @@ def _problems(
   if layer.energy is not None:
     per_position = np.asarray(layer.energy, np.float32).reshape(-1, d).mean(axis=1)  # [M]
     weights = jnp.broadcast_to(jnp.asarray(per_position)[:, None], codes.shape)
+  if distortion == 'loss':
+    if layer.grad2 is None:
+      raise ValueError(f"{layer.name}: distortion 'loss' needs the layer's output-gradient energies (grad2)")
+    weights = jnp.broadcast_to(jnp.asarray(layer.grad2, jnp.float32)[None, :], codes.shape)  # [M, out]
   if distortion == 'relative':
     ref = np.asarray(layer.reference, np.float32)  # [in, out]
     energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)

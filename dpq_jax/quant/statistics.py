@@ -63,7 +63,7 @@ def noisy_batches(
   latents: np.ndarray, labels: np.ndarray, num_batches: int, batch_size: int, num_classes: int, seed: int,
   num_timesteps: int = 1000,
 ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
-  """`num_batches` model inputs {'x' [2B, H, W, C], 't' [2B], 'y' [2B]} (B = batch_size): B latents drawn
+  """`num_batches` model inputs {'x' [2B, H, W, C], 't' [2B], 'y' [2B], 'noise' [2B, H, W, C]} (B = batch_size): B latents drawn
   without replacement (cycling when there are fewer), noised by q_sample at jittered stratified timesteps (batch b,
   row i: stratum i * num_batches + b of num_batches * B equal strata of [0, num_timesteps), so every batch
   spans the schedule and all of them tile it), then the same B noisy inputs with their labels and with the null
@@ -84,50 +84,88 @@ def noisy_batches(
     noise = jax.random.normal(jax.random.fold_in(noise_key, b), x0.shape)
     x = np.asarray(diffusion.q_sample(x0, t, noise), np.float32)
     y = np.asarray(labels[rows], np.int32)
+    noise = np.asarray(noise, np.float32)
     yield {
       'x': np.concatenate([x, x]),
       't': np.concatenate([t_all[b], t_all[b]]),
       'y': np.concatenate([y, np.full_like(y, num_classes)]),
+      'noise': np.concatenate([noise, noise]),  # what the model's eps output should predict
     }
 
 
-def _moment_sums(model, targets: dict[str, int]) -> Callable:
-  """fn(params, x, t, y) -> {name: (sum over tokens of x_j x_j^T [M, d, d], tokens)} of the target layers."""
+GRAD_PREFIX = 'grad2:'  # the flat stats dict's keys of the output-gradient energies ('grad2:' + layer)
+
+
+def _moment_sums(model, targets: dict[str, int], gradients: bool) -> Callable:
+  """fn(params, x, t, y, noise) -> ({name: (sum over tokens of x_j x_j^T [M, d, d], tokens)}, {name: sum over
+  tokens of (dL/dy_r)^2 [out_features]} or {}) of the target layers, L the summed squared error of the predicted
+  noise (the DDPM loss's mse term)."""
   import flax.linen as nn
 
-  def fn(params: dict, x: jax.Array, t: jax.Array, y: jax.Array) -> dict[str, tuple[jax.Array, jax.Array]]:
-    found: dict[str, tuple[jax.Array, jax.Array]] = {}
+  def forward(params, x, t, y, deltas):
+    found: dict[str, Any] = {}
 
     def record(next_fun, args, kwargs, context):
       name = '/'.join(context.module.path)
-      if context.method_name == '__call__' and name in targets:
-        inputs = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)  # [tokens, in_features]
-        d = targets[name]
-        xs = inputs.reshape(inputs.shape[0], -1, d)  # [tokens, M, d]
-        found[name] = (
-          jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST),
-          jnp.float32(inputs.shape[0]),
-        )
-      return next_fun(*args, **kwargs)
+      if context.method_name != '__call__' or name not in targets:
+        return next_fun(*args, **kwargs)
+      inputs = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)  # [tokens, in_features]
+      xs = inputs.reshape(inputs.shape[0], -1, targets[name])  # [tokens, M, d]
+      found[name] = (
+        jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST),
+        jnp.float32(inputs.shape[0]),
+      )
+      out = next_fun(*args, **kwargs)
+      return out if deltas is None else out + deltas[name]  # a zero the gradient reaches the outputs through
 
     with nn.intercept_methods(record):  # runs while tracing: the sums leave the jit as outputs
-      model.apply({'params': params}, x, t, y)
-    return found
+      out = model.apply({'params': params}, x, t, y)
+    return out, found
+
+  def fn(params: dict, x: jax.Array, t: jax.Array, y: jax.Array, noise: jax.Array):
+    if not gradients:
+      return forward(params, x, t, y, None)[1], {}
+    shapes = {}
+
+    def outputs(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      name = '/'.join(context.module.path)
+      if context.method_name == '__call__' and name in targets:
+        shapes[name] = jax.ShapeDtypeStruct(out.shape, out.dtype)
+      return out
+
+    with nn.intercept_methods(outputs):
+      jax.eval_shape(lambda: model.apply({'params': params}, x, t, y))
+    deltas = {name: jnp.zeros(shape.shape, shape.dtype) for name, shape in shapes.items()}
+
+    def loss(deltas):
+      out, found = forward(params, x, t, y, deltas)
+      eps = out[..., : noise.shape[-1]].astype(jnp.float32)
+      return jnp.sum(jnp.square(eps - noise)), found
+
+    grads, found = jax.grad(loss, has_aux=True)(deltas)
+    g2 = {
+      name: jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(-1, g.shape[-1]), axis=0) for name, g in grads.items()
+    }
+    return found, g2
 
   return fn
 
 
 def input_moments(
   model, params: dict, targets: dict[str, int], batches: Iterator[dict[str, np.ndarray]], num_batches: int,
-  mesh: jax.sharding.Mesh | None = None, progress: bool = True,
+  mesh: jax.sharding.Mesh | None = None, progress: bool = True, gradients: bool = False,
 ) -> dict[str, np.ndarray]:  # fmt: skip
-  """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}.
+  """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}; with
+  `gradients` also {GRAD_PREFIX + name: [out_features]}: the squared gradient of the noise-prediction error with
+  respect to each output channel, summed over the layer's tokens and averaged over batches (a diagonal Fisher
+  of the layer's outputs: how much the loss cares about each channel; `split` separates the two).
 
   Sums of one batch are float32 on device (HIGHEST matmul precision), accumulated over batches in float64 on
   the host. With a mesh the batch is split over its devices and XLA sums across them; the result does not
   depend on the device count beyond float32 summation order.
   """
-  fn = _moment_sums(model, targets)
+  fn = _moment_sums(model, targets, gradients)
   if mesh is None:
     jitted = jax.jit(fn)
     place = jnp.asarray
@@ -135,7 +173,7 @@ def input_moments(
     from dpq_jax.calibrate import sharding
 
     batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    jitted = jax.jit(fn, in_shardings=(rep, batch_sh, batch_sh, batch_sh), out_shardings=rep)
+    jitted = jax.jit(fn, in_shardings=(rep,) + (batch_sh,) * 4, out_shardings=rep)
 
     def place(x):
       return jax.make_array_from_callback(x.shape, batch_sh, lambda index: x[index])
@@ -143,16 +181,21 @@ def input_moments(
     params = jax.device_put(params, rep)
   sums: dict[str, np.ndarray] = {}
   tokens: dict[str, float] = {}
+  grad2: dict[str, np.ndarray] = {}
   bar = None
   if progress:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=num_batches, desc='input statistics', unit='batch')
+  batches_seen = 0
   for batch in batches:
-    out = jitted(params, place(batch['x']), place(batch['t']), place(batch['y']))
+    out, g2 = jitted(params, *(place(batch[k]) for k in ('x', 't', 'y', 'noise')))
     for name, (total, count) in out.items():
       sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
       tokens[name] = tokens.get(name, 0.0) + float(count)
+    for name, g in g2.items():
+      grad2[name] = grad2.get(name, 0.0) + np.asarray(g, np.float64)
+    batches_seen += 1
     if bar is not None:
       bar.update(1)
   if bar is not None:
@@ -160,7 +203,16 @@ def input_moments(
   missing = sorted(set(targets) - set(sums))
   if missing:
     raise ValueError(f'input_moments: layers {missing[:3]} never ran in the model')
-  return {name: (sums[name] / tokens[name]).astype(np.float32) for name in sorted(sums)}
+  out = {name: (sums[name] / tokens[name]).astype(np.float32) for name in sorted(sums)}
+  out.update({GRAD_PREFIX + name: (g / batches_seen).astype(np.float32) for name, g in sorted(grad2.items())})
+  return out
+
+
+def split(stats: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(moments {layer: [M, d, d]}, output-gradient energies {layer: [out_features]}) of `input_moments`' dict."""
+  moments = {k: v for k, v in stats.items() if not k.startswith(GRAD_PREFIX)}
+  grad2 = {k[len(GRAD_PREFIX) :]: v for k, v in stats.items() if k.startswith(GRAD_PREFIX)}
+  return moments, grad2
 
 
 def load_or_collect(

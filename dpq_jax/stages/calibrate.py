@@ -101,7 +101,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   metrics = None
   if config.quant.objective == 'output':  # argmin in the metric quantize fitted in (quantize's statistics)
     if job.moments is None:
-      job.moments = source_lib.input_moments(config, workdir, job, surgery.subvector_dims(job.fp_params, rules, 'pq'))
+      dims = surgery.subvector_dims(job.fp_params, rules, 'pq')
+      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
     metrics = {name: metric.factor(job.moments[name], config.quant.damping) for name in q.pq if name in job.moments}
   out = loop_lib.calibrate(
     dynamic_model=dynamic_model,

@@ -23,7 +23,7 @@ from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
 IMPORTANCE = ('usage', 'sensitivity')
-DISTORTION = ('absolute', 'relative')
+DISTORTION = ('absolute', 'relative', 'loss')
 REFERENCES = ('original', 'decoded')
 ORDERS = compress.ORDERS
 
@@ -47,6 +47,11 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
   elif cfg.order == 'cost' and not cfg.merge:
     problems.append(
       "config.compress.order='cost' with config.compress.merge=False: removal by merge cost needs merge=True"
+    )
+  if cfg.distortion == 'loss' and config.quant.objective != 'output':
+    problems.append(
+      f"config.compress.distortion='loss' weights each layer's output error: needs config.quant.objective='output' "
+      f'(got {config.quant.objective!r})'
     )
   if cfg.reference not in REFERENCES:
     problems.append(f'config.compress.reference={cfg.reference!r}: expected one of {", ".join(REFERENCES)}')
@@ -89,9 +94,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       if job.fp_params is None or job.spec is None:
         job.spec, _, job.fp_params = load_lib.load_model(config.model, config.seed)
       dims = surgery.subvector_dims(job.fp_params, job.quantized.rules, qcfg.method)
-      job.moments = source_lib.input_moments(config, workdir, job, dims)
+      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
     moments = job.moments
-  layers = allocation.layers_of(q, reference, energy, biases=True, moments=moments)
+  layers = allocation.layers_of(q, reference, energy, biases=True, moments=moments,
+                                grad2=job.grad2 if cfg.distortion == 'loss' else None)  # fmt: skip
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = allocation.target_bytes(cfg, fp32, quantized)

@@ -40,6 +40,7 @@ class Job:
   samples: str | None = None  # path of the ADM sample batch the sample stage wrote
   chain: list[dict[str, str]] | None = None  # the pipeline's planned lineage of quantize/compress/calibrate
   moments: dict[str, Any] | None = None  # input second moments {layer: [num_subvectors, d, d]} (objective 'output')
+  grad2: dict[str, Any] | None = None  # output-gradient energies {layer: [out_features]} (compress distortion 'loss')
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict) -> Job:

@@ -93,9 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   moments = None
   if cfg.objective == 'output':
     start = time.perf_counter()
-    moments = job.moments = source_lib.input_moments(
-      config, workdir, job, surgery.subvector_dims(params, rules, cfg.method)
-    )
+    dims = surgery.subvector_dims(params, rules, cfg.method)
+    job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
+    moments = job.moments
     job.report['stats_seconds'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
   q = surgery.quantize_params(

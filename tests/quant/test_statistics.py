@@ -116,3 +116,28 @@ def test_layer_paths_are_the_quantized_ones():
   rules = surgery.default_rules('rtn', 1, 1)
   assert surgery.subvector_dims(params, rules, 'rtn') == dict.fromkeys(targets, 1)
   assert all(layers.QuantRules(rules.rules).spec_for(name) for name in targets)
+
+
+def test_output_gradient_energies_equal_per_sample_bias_gradients():
+  """For adaLN_modulation (one token per sample) the summed squared gradient of the noise-prediction error
+  with respect to its outputs is sum_i (dL_i / d bias)^2: each sample's bias gradient, from plain jax.grad."""
+  import jax.numpy as jnp
+
+  model, params, targets, latents, labels = _setup()
+  batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
+  stats = statistics.input_moments(model, params, targets, iter([batch]), 1, None, progress=False, gradients=True)
+  moments, grad2 = statistics.split(stats)
+  assert sorted(moments) == sorted(grad2) == sorted(targets)
+  name = 'blocks_1/adaLN_modulation'
+  want = 0.0
+  for i in range(batch['x'].shape[0]):
+    one = {k: v[i : i + 1] for k, v in batch.items()}
+
+    def loss(p):
+      out = model.apply({'params': p}, one['x'], one['t'], one['y'])
+      return jnp.sum(jnp.square(out[..., : one['noise'].shape[-1]] - one['noise']))
+
+    g = jax.grad(loss)(params)['blocks_1']['adaLN_modulation']['bias']
+    want = want + np.square(np.asarray(g, np.float64))
+  np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
+  assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
