@@ -65,6 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.quant.stats_batches = 8  # batches of config.data for the input statistics ('output')
   config.quant.stats_batch_size = 16  # latents per batch (each run with its label and the null label)
   config.quant.damping = 0.01  # H_j + damping * mean(diag H_j) * I
+  # Guidance scale s of the statistics: each token pair's guided input x_u + s (x_c - x_u) joins the moments, so
+  # the class signal guided sampling relies on is weighed (statistics._moment_sums); 0: x_c and x_u only.
+  config.quant.stats_guidance = 1.5
   config.quant.scale_rule = 'norm'  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective)
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`

@@ -143,6 +143,7 @@ def input_moments(
     'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed],
     'targets': targets,
     'gradients': gradients,
+    'guidance': cfg.stats_guidance,
   }
 
   def collect() -> dict[str, np.ndarray]:
@@ -157,7 +158,7 @@ def input_moments(
       data.latents, data.labels, cfg.stats_batches, cfg.stats_batch_size, job.spec.num_classes, cfg.seed
     )
     return statistics.input_moments(
-      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients
+      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients, guidance=cfg.stats_guidance
     )
 
   return statistics.split(statistics.load_or_collect(workdir, key, collect))

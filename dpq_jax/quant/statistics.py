@@ -96,10 +96,15 @@ def noisy_batches(
 GRAD_PREFIX = 'grad2:'  # the flat stats dict's keys of the output-gradient energies ('grad2:' + layer)
 
 
-def _moment_sums(model, targets: dict[str, int], gradients: bool) -> Callable:
+def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: float = 0.0) -> Callable:
   """fn(params, x, t, y, noise) -> ({name: (sum over tokens of x_j x_j^T [M, d, d], tokens)}, {name: sum over
   tokens of (dL/dy_r)^2 [out_features]} or {}) of the target layers, L the summed squared error of the predicted
-  noise (the DDPM loss's mse term)."""
+  noise (the DDPM loss's mse term).
+
+  guidance s > 0: the batch is [conditional; null-label] halves on the same noisy inputs (noisy_batches), and
+  the guided input x_u + s (x_c - x_u) of every token pair joins x_c and x_u in the sums. A weight error dW
+  changes the guided output by dW^T (x_u + s (x_c - x_u)): the class signal of guided sampling lies in the
+  small difference x_c - x_u, which the moments of x_c and x_u alone weigh by its own (small) energy."""
   import flax.linen as nn
 
   def forward(params, x, t, y, deltas):
@@ -109,7 +114,11 @@ def _moment_sums(model, targets: dict[str, int], gradients: bool) -> Callable:
       name = '/'.join(context.module.path)
       if context.method_name != '__call__' or name not in targets:
         return next_fun(*args, **kwargs)
-      inputs = args[0].reshape(-1, args[0].shape[-1]).astype(jnp.float32)  # [tokens, in_features]
+      inputs = args[0].astype(jnp.float32)  # [batch, ..., in_features]
+      if guidance:
+        cond, null = jnp.split(inputs, 2, axis=0)
+        inputs = jnp.concatenate([inputs, null + guidance * (cond - null)], axis=0)
+      inputs = inputs.reshape(-1, inputs.shape[-1])  # [tokens, in_features]
       xs = inputs.reshape(inputs.shape[0], -1, targets[name])  # [tokens, M, d]
       found[name] = (
         jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST),
@@ -154,18 +163,19 @@ def _moment_sums(model, targets: dict[str, int], gradients: bool) -> Callable:
 
 def input_moments(
   model, params: dict, targets: dict[str, int], batches: Iterator[dict[str, np.ndarray]], num_batches: int,
-  mesh: jax.sharding.Mesh | None = None, progress: bool = True, gradients: bool = False,
+  mesh: jax.sharding.Mesh | None = None, progress: bool = True, gradients: bool = False, guidance: float = 0.0,
 ) -> dict[str, np.ndarray]:  # fmt: skip
   """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}; with
   `gradients` also {GRAD_PREFIX + name: [out_features]}: the squared gradient of the noise-prediction error with
   respect to each output channel, summed over the layer's tokens and averaged over batches (a diagonal Fisher
-  of the layer's outputs: how much the loss cares about each channel; `split` separates the two).
+  of the layer's outputs: how much the loss cares about each channel; `split` separates the two). guidance > 0:
+  the moments include each token pair's guided input (`_moment_sums`; batches from noisy_batches).
 
   Sums of one batch are float32 on device (HIGHEST matmul precision), accumulated over batches in float64 on
   the host. With a mesh the batch is split over its devices and XLA sums across them; the result does not
   depend on the device count beyond float32 summation order.
   """
-  fn = _moment_sums(model, targets, gradients)
+  fn = _moment_sums(model, targets, gradients, guidance)
   if mesh is None:
     jitted = jax.jit(fn)
     place = jnp.asarray

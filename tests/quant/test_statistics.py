@@ -46,15 +46,20 @@ def test_moments_over_8_devices_and_batches_equal_one_numpy_pass():
   batches = list(statistics.noisy_batches(latents, labels, 3, 4, 10, seed=1))
   mesh = sharding.make_mesh((('data', -1), ('fsdp', 1)))
   assert mesh.devices.size == 8
-  got = statistics.input_moments(model, params, targets, iter(batches), 3, mesh, progress=False)
+  got = statistics.input_moments(model, params, targets, iter(batches), 3, mesh, progress=False, guidance=1.5)
   recorded = [_inputs(model, params, b, targets) for b in batches]
+
+  def with_guided(x):  # [cond rows; null rows] of one batch -> + the guided rows null + 1.5 (cond - null)
+    cond, null = np.split(x, 2)
+    return np.concatenate([x, null + 1.5 * (cond - null)])
+
   for name, d in targets.items():
-    x = np.concatenate([r[name] for r in recorded])  # [all tokens, in_features]
+    x = np.concatenate([with_guided(r[name]) for r in recorded])  # [all tokens, in_features]
     xs = x.reshape(x.shape[0], -1, d)
     want = np.einsum('tmd,tme->mde', xs, xs) / x.shape[0]
     np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
   # Deterministic: the same batches on one device give the same moments (up to float32 summation order).
-  again = statistics.input_moments(model, params, targets, iter(batches), 3, None, progress=False)
+  again = statistics.input_moments(model, params, targets, iter(batches), 3, None, progress=False, guidance=1.5)
   for name in targets:
     np.testing.assert_allclose(again[name], got[name], rtol=1e-4, atol=1e-7)
 
@@ -101,6 +106,7 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
     ('stats_batch_size', 0, "config.quant.stats_batch_size=0: expected >= 1 for objective 'output'"),
     ('objective', 'outputs', "config.quant.objective='outputs': expected one of weight, output"),
     ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq"),
+    ('stats_guidance', -1.0, 'config.quant.stats_guidance=-1.0: expected >= 0 (0: no guided inputs)'),
   ],
 )
 def test_bad_statistics_values_fail_with_one_line(key, value, message):
