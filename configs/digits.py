@@ -36,6 +36,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.sample.cfg_scale = 1.5
   config.quant.kmeans_iters = 25
   config.quant.dequantize = 'load'  # the rows measure quality; one jitted sampler serves them all
+  # Data-aware quantization (issue 15): every quantizer minimises each layer's output error under the input
+  # statistics of the trained model on its training digits, guided inputs included (quant.objective='output'),
+  # RTN searches its clipping range in that error, and compression allocates bytes by the estimated loss
+  # increase (compress.distortion='loss'). The `-w` rows (`:full`) are the same quantizers blind to the data.
+  config.quant.objective = 'output'
+  config.quant.rtn_clip = 'mse'
+  config.compress.distortion = 'loss'
   # Every row quantizes the same trained model; index bits per weight in the name.
   config.calibrate.steps = 300
   config.calibrate.batch_size = 64
@@ -108,24 +115,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'overrides': {'quant': {'method': 'vq', 'k': 256, 'd': 8}},
     },
   }
-  # The same rows with the output-aware objective (quant.objective='output': k-means, assignment, channel
-  # scale and compression in each layer's output metric, from input statistics of the trained model on its
-  # training digits; quant/metric.py).
+  # The same rows with the quantizers blind to the data, as before issue 15 (weight-space k-means, min-max RTN,
+  # compression by each layer's relative weight error): `-w`.
   for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
     row = config.compare.row_defs[name].to_dict()
-    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='output')
-    if name.startswith('rtn'):  # RTN's data-aware counterpart: the clipping range searched in the output error
-      row['overrides']['quant']['rtn_clip'] = 'mse'
-    config.compare.row_defs[f'{name}-out'] = row
-  # ... and the compressed rows with the global allocation by estimated loss (compress.distortion='loss').
-  for name in ('pq-1bit-compressed-out', 'pq-1bit-calibrated-out'):
-    row = config.compare.row_defs[name].to_dict()
-    row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='loss')
-    config.compare.row_defs[name.replace('-out', '-loss')] = row
+    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax')
+    if 'compress' in row['stages']:
+      row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='relative')
+    config.compare.row_defs[f'{name}-w'] = row
+  # Output-aware, but the compression budget allocated by each layer's relative output error instead of the
+  # estimated loss: loses the class signal (README).
+  row = config.compare.row_defs['pq-1bit-compressed'].to_dict()
+  row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='relative')
+  config.compare.row_defs['pq-1bit-compressed-rel'] = row
   if args.full:
     config.compare.rows += (
       'pq-1bit-compressed-fp16', 'pq-1bit-calibrated-fp16', 'pq-1bit-unscaled', 'vq-1bit-unscaled', 'vq-k1024',
-      'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated',
+      'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated', 'rtn-1bit-w', 'vq-1bit-w', 'pq-1bit-w',
+      'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel',
     )  # fmt: skip
   if args.tiny:
     config.model.name = 'DiT-1x64x2/2'

@@ -124,26 +124,25 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.Ar
 
 
 def input_moments(
-  config: ml_collections.ConfigDict, workdir: str, job, targets: dict[str, int]
-) -> dict[str, np.ndarray]:
-  """The input second moments {layer: [num_subvectors, d, d]} of `targets` {module path: d} under the job's fp
-  model on config.data (quant/statistics.py: config.quant.stats_batches batches of stats_batch_size latents),
-  reused from DIR/stats/ when they were collected for the same weights, data and settings. The batch is split
-  over config.calibrate.mesh's devices where it divides evenly."""
+  config: ml_collections.ConfigDict, workdir: str, job, targets: dict[str, int], gradients: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """(input second moments {layer: [num_subvectors, d, d]}, output-gradient energies {layer: [out_features]}, or
+  {} without `gradients`) of `targets` {module path: d} under the job's fp model on config.data
+  (quant/statistics.py: config.quant.stats_batches batches of stats_batch_size latents, guided inputs at
+  config.quant.stats_guidance), reused from DIR/stats/ when they were collected for the same weights, data and
+  settings (statistics with gradients serve a call without). The batch is split over config.calibrate.mesh's
+  devices where it divides evenly."""
   from dpq_jax.calibrate import sharding
   from dpq_jax.quant import lineage, statistics
 
   config = effective_config(config)
   cfg = config.quant
-  gradients = config.compress.distortion == 'loss'
   key = {
     'weights': lineage.weights_digest(job.fp_params),
     'model': config.model.to_dict(),
     'data': config.data.to_dict(),
-    'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed],
+    'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed, cfg.stats_guidance],
     'targets': targets,
-    'gradients': gradients,
-    'guidance': cfg.stats_guidance,
   }
 
   def collect() -> dict[str, np.ndarray]:
@@ -161,4 +160,6 @@ def input_moments(
       model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients, guidance=cfg.stats_guidance
     )
 
-  return statistics.split(statistics.load_or_collect(workdir, key, collect))
+  keys = [dict(key, gradients=True)] + ([] if gradients else [dict(key, gradients=False)])
+  moments, grad2 = statistics.split(statistics.load_or_collect(workdir, keys, collect))
+  return moments, grad2 if gradients else {}

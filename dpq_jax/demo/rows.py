@@ -17,6 +17,7 @@ ROW_KEYS = (
   'compression_ratio',
   'compression_ratio_model',
   'weight_rel_mse',
+  'output_rel_err',
 )
 ROW_STAGES = ('quantize', 'compress', 'calibrate')
 

@@ -226,17 +226,19 @@ def split(stats: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str
 
 
 def load_or_collect(
-  workdir: str, key: dict[str, Any], collect: Callable[[], dict[str, np.ndarray]]
+  workdir: str, keys: list[dict[str, Any]], collect: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
-  """DIR/stats/input_moments.npz when it was written for an equal `key` (a JSON-able dict of everything that
-  decides the moments), else `collect()`, written there (process 0, atomically) and returned."""
+  """DIR/stats/input_moments.npz when it was written for one of `keys` (JSON-able dicts of everything that
+  decides the statistics; any of them serves), else `collect()` (what the last key describes), written there
+  under the last key (process 0, atomically) and returned."""
   from dpq_jax import distributed, io_utils
 
-  digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
+  digests = [hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24] for key in keys]
+  digest = digests[-1]
   path = os.path.join(workdir, STATS_DIR, MOMENTS_FILE)
   if io_utils.exists(path):
     with io_utils.load_npz(path) as f:
-      if str(f['__key__']) == digest:
+      if str(f['__key__']) in digests:
         return {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
   moments = collect()
   if distributed.is_writer():

@@ -90,11 +90,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   reference = fp_params if cfg.reference == 'original' else None
   moments = None
   if qcfg.objective == 'output':  # the quantize stage's statistics, or the same ones from DIR/stats
-    if job.moments is None:
+    if job.moments is None or (cfg.distortion == 'loss' and not job.grad2):
       if job.fp_params is None or job.spec is None:
         job.spec, _, job.fp_params = load_lib.load_model(config.model, config.seed)
       dims = surgery.subvector_dims(job.fp_params, job.quantized.rules, qcfg.method)
-      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
+      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims, gradients=cfg.distortion == 'loss')
     moments = job.moments
   layers = allocation.layers_of(q, reference, energy, biases=True, moments=moments,
                                 grad2=job.grad2 if cfg.distortion == 'loss' else None)  # fmt: skip

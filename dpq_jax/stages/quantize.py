@@ -96,7 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   if cfg.objective == 'output':
     start = time.perf_counter()
     dims = surgery.subvector_dims(params, rules, cfg.method)
-    job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
+    loss = config.compress.distortion == 'loss' and 'compress' in config.stages  # compress will need the gradients
+    job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims, gradients=loss)
     moments = job.moments
     job.report['stats_seconds'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
@@ -111,7 +112,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     rtn_clip=cfg.rtn_clip,
     # {module path: h [in_features]}: E[x_i^2] of each RTN layer's inputs (its d=1 moments) weights the clipping
     # search by the layer-output error (objective 'output'); None: plain weight MSE.
-    rtn_weights=None if moments is None or cfg.rtn_clip != 'mse' else {n: m[:, 0, 0] for n, m in moments.items()},
+    rtn_weights=None
+    if moments is None or cfg.method != 'rtn' or cfg.rtn_clip != 'mse'
+    else {n: m[:, 0, 0] for n, m in moments.items()},  # fmt: skip
     codebook_dtype=cfg.codebook_dtype,
     channel_scale=bool(cfg.channel_scale),
     moments=None if cfg.method == 'rtn' else moments,

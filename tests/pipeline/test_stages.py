@@ -157,7 +157,8 @@ def test_output_objective_collects_statistics_once_for_quantize_and_compress(tmp
   from dpq_jax.quant import metric, statistics
 
   config, spec, params = _tiny(objective='output', stats_batches=2, stats_batch_size=4)
-  config.compress.budget = 12.0
+  config.compress.update(budget=12.0, distortion='loss')
+  config.stages = ('quantize', 'compress')  # quantize collects the output gradients compress will weigh by
   rng = np.random.default_rng(0)
   data = {'train_images': rng.normal(size=(8, 8, 8, spec.in_channels)).astype(np.float32),
           'train_labels': rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
@@ -190,7 +191,8 @@ def test_output_objective_collects_statistics_once_for_quantize_and_compress(tmp
   jax.tree.map(np.testing.assert_array_equal, again.moments, job.moments)
   job.moments = None
   job = REGISTRY['compress'].run(config, str(tmp_path), job)
-  assert all('rel_out_err' in row for row in job.report['layers'])
+  assert all('rel_out_err' in row for row in job.report['layers']) and job.report['compress']['distortion'] == 'loss'
+  assert sorted(job.grad2) == names and all(np.all(job.grad2[n] >= 0) for n in names)
   assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
 
 
@@ -216,7 +218,7 @@ def test_compare_needs_only_model_data_and_classifier(tmp_path):
   job = Job(report=_report(params), spec=spec, fp_params=params, data=data, classifier=clf)
   job = REGISTRY['compare'].run(config, str(tmp_path), job)
   rows = {r['name']: r for r in job.report['rows']}
-  assert list(rows) == ['fp', 'rtn-1bit'] and rows['rtn-1bit']['method'] == 'rtn-1bit'
+  assert list(rows) == ['fp', 'rtn-1bit'] and rows['rtn-1bit']['method'] == 'rtn-1bit-mse'  # the demo searches the clip
   assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['rtn-1bit']['metrics']['eps_rel_error'] > 0
   assert job.quantized is None  # rows never hand their models back to the job
   assert (tmp_path / 'compare_grid.png').exists() and (tmp_path / 'rows' / 'rtn-1bit' / 'quantized').is_dir()

@@ -90,11 +90,16 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
 
     return fn
 
-  first = statistics.load_or_collect(str(tmp_path), {'a': 1}, collect(1.0))
-  again = statistics.load_or_collect(str(tmp_path), {'a': 1}, collect(2.0))
+  first = statistics.load_or_collect(str(tmp_path), [{'a': 1}], collect(1.0))
+  again = statistics.load_or_collect(str(tmp_path), [{'a': 1}], collect(2.0))
   np.testing.assert_array_equal(again['blocks_0/attn/qkv'], first['blocks_0/attn/qkv'])
-  other = statistics.load_or_collect(str(tmp_path), {'a': 2}, collect(3.0))
+  other = statistics.load_or_collect(str(tmp_path), [{'a': 2}], collect(3.0))
   assert calls == [1.0, 3.0] and float(other['blocks_0/attn/qkv'][0, 0, 0]) == 3.0
+  # Statistics written for a superset (e.g. with gradients) serve a call that accepts them; the written key is
+  # the last one.
+  statistics.load_or_collect(str(tmp_path), [{'a': 3, 'g': True}], collect(4.0))
+  served = statistics.load_or_collect(str(tmp_path), [{'a': 3, 'g': True}, {'a': 3, 'g': False}], collect(5.0))
+  assert calls == [1.0, 3.0, 4.0] and float(served['blocks_0/attn/qkv'][0, 0, 0]) == 4.0
   assert (tmp_path / statistics.STATS_DIR / statistics.MOMENTS_FILE).exists()
 
 
