@@ -77,8 +77,11 @@ def test_every_shipped_config_passes_the_checks_without_writing(name, arg, needs
 
 
 def _tiny(**quant):
+  """The demo's tiny config with the data-blind quantizers (no statistics pass: the job needs no data), unless
+  `quant` says otherwise."""
   config = digits_config.get_config('tiny')
-  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2)
+  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2, objective='weight', rtn_clip='minmax')
+  config.compress.distortion = 'relative'
   config.quant.update(quant)
   spec = train_lib.spec_of(config)
   params = dit.init_params(spec.create(), jax.random.key(0))
@@ -218,7 +221,7 @@ def test_compare_needs_only_model_data_and_classifier(tmp_path):
   job = Job(report=_report(params), spec=spec, fp_params=params, data=data, classifier=clf)
   job = REGISTRY['compare'].run(config, str(tmp_path), job)
   rows = {r['name']: r for r in job.report['rows']}
-  assert list(rows) == ['fp', 'rtn-1bit'] and rows['rtn-1bit']['method'] == 'rtn-1bit-mse'  # the demo searches the clip
+  assert list(rows) == ['fp', 'rtn-1bit'] and rows['rtn-1bit']['method'] == 'rtn-1bit'
   assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['rtn-1bit']['metrics']['eps_rel_error'] > 0
   assert job.quantized is None  # rows never hand their models back to the job
   assert (tmp_path / 'compare_grid.png').exists() and (tmp_path / 'rows' / 'rtn-1bit' / 'quantized').is_dir()
