@@ -1,21 +1,23 @@
 # make demo: the embedded default job.  make test: lint + the test suite.
-# Both create .venv and install what they need on a fresh machine.
+# Both create .venv and install what they need on a fresh machine, from pyproject.toml (the one list of
+# dependencies): the project itself in editable mode, so the checkout's code is what runs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# The torch pin of pyproject's `eval` extra, installed first: an unpinned torch pulls a multi-GB CUDA build.
+TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | head -n1 | tr -d '"')
 
 .PHONY: demo test lint format clean
 
-$(VENV)/.runtime: requirements.txt
+$(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) -r requirements.txt
+	$(PIP) -e .
 	touch $@
 
-# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
-	$(PIP) torch==2.13.0
-	$(PIP) -r requirements-dev.txt
+$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
+	$(PIP) $(TORCH)
+	$(PIP) -e '.[dev]'
 	touch $@
 
 demo: $(VENV)/.runtime
@@ -33,4 +35,4 @@ format: $(VENV)/.dev
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs build *.egg-info

@@ -106,7 +106,7 @@ def main(argv=None) -> None:
   try:
     import faiss
   except ImportError:
-    sys.exit('faiss-cpu is not installed: .venv/bin/pip install -r requirements-dev.txt')
+    sys.exit('faiss-cpu is not installed: .venv/bin/pip install -e ".[dev]"')
 
   print(f'jax {jax.__version__} ({jax.devices()[0].platform}), faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads), '
         f'{os.cpu_count()} CPUs, {args.iters} iterations, all points used on both sides, best of {args.repeats} runs\n')  # fmt: skip

@@ -1,15 +1,9 @@
-r"""DiT-XL/2 256x256 at 2 bits of index per weight: PQ K=256, d=4 (RTN variant: 2 bits).
+"""DiT-XL/2 256x256 at 2 bits of index per weight: PQ K=256, d=4 (RTN variant: 2 bits).
 
-python -m dpq_jax.main --config=configs/dit_xl_2bit.py --config.model.checkpoint=ckpt/dit_xl_2_256
-python -m dpq_jax.main --config=configs/dit_xl_2bit.py:method=vq,smoke   # CPU smoke run (common.smoke)
+The config itself ships in the package, dpq_jax/configs/dit_xl_2bit.py; this file keeps its path in a checkout
+(`--config=configs/dit_xl_2bit.py`, `from configs import dit_xl_2bit`). Installed, `--config=dit_xl_2bit` names it.
 """
 
-import ml_collections
+from dpq_jax.configs.dit_xl_2bit import get_config
 
-from configs import common
-
-
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, method='pq', k=256, d=4, bits=2, runlocal=False, smoke=False)
-  config = common.quant_job(f'dit_xl_2bit_{args.method}', args)
-  return common.smoke(config) if args.smoke else config
+__all__ = ['get_config']

@@ -1,38 +1,61 @@
-r"""Entry point: `python -m dpq_jax.main --config=configs/NAME.py --workdir=DIR`.
+r"""Entry point: `python -m dpq_jax.main --config=NAME[:arg] --workdir=DIR [--config.KEY=VALUE ...]`.
 
-With no flags it runs the embedded default job into runs/<config name>/. `--config=NAME[:arg]` (or
-`NAME.py`) names a shipped config of configs/ when no such path exists here.
+With no flags it runs the embedded default job (the digits demo) into runs/<config name>/. `--config` is a
+config file's path, or the name of a shipped config (`dit_xl_1bit`, `dit_xl_1bit.py`, `dit_xl_1bit:smoke`)
+when no such path exists here.
 """
 
+import ast
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CONFIG = os.path.join(_ROOT, 'configs', 'digits.py')
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)  # configs/ imports configs.common
+from dpq_jax import configs
 
-_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Job config file (ml_collections).')
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = configs.path('digits')
+HELP_FLAGS = ('--help', '--helpshort', '--helpfull', '-h', '-?')
+
+_CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Job config: a file or a shipped name (above).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs/<config name>).')
 
 
 def shipped_config(argv: list[str]) -> list[str]:
-  """argv with `--config=NAME[.py][:arg]` pointing at configs/NAME.py when NAME is no path that exists."""
+  """argv with `--config=NAME[.py][:arg]` pointing at the shipped config NAME when NAME is no path that exists
+  (configs.resolve; ValueError naming the shipped configs when there is none)."""
   out, pending = [], False
   for a in argv:
-    prefix = '--config=' if a.startswith('--config=') else '' if pending else None
+    if a.startswith('--config='):
+      a = '--config=' + configs.resolve(a[len('--config=') :])
+    elif pending:
+      a = configs.resolve(a)
     pending = a == '--config'
-    if prefix is not None:
-      path, sep, arg = a[len(prefix) :].partition(':')
-      folder, name = os.path.split(path)
-      shipped = os.path.join(_ROOT, 'configs', name if name.endswith('.py') else f'{name}.py')
-      if not os.path.exists(path) and folder in ('', 'configs') and os.path.isfile(shipped):
-        a = f'{prefix}{shipped}{sep}{arg}'
     out.append(a)
   return out
+
+
+def _doc_line(path: str) -> str:
+  """The first line of a module's docstring, read without importing it (help stays fast: no jax)."""
+  with open(path) as f:
+    return (ast.get_docstring(ast.parse(f.read())) or '').partition('\n')[0]
+
+
+def usage() -> str:
+  """This module's docstring with the stages and the shipped configs, for --help and --helpshort."""
+  with open(os.path.join(_PACKAGE, 'stages', '__init__.py')) as f:  # the REGISTRY's order, without importing it
+    registry = next(n.value for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.Assign)
+                    and getattr(n.targets[0], 'id', '') == 'REGISTRY')  # fmt: skip
+  lines = [__doc__, "Stages (config.stages, in order: a tuple or 'load,quantize'; a stage that needs a model"
+           ' implies load):']  # fmt: skip
+  for key in registry.keys:
+    doc = _doc_line(os.path.join(_PACKAGE, 'stages', f'{key.value}.py'))
+    lines.append(f'  {key.value:10} {doc.partition(": ")[2]}')
+  lines.append('\nShipped configs (--config=NAME or NAME:arg; dpq_jax/configs/NAME.py):')
+  lines += [f'  {name:12} {_doc_line(configs.path(name))}' for name in configs.names()]
+  lines.append('\nREADME.md explains them: "Running jobs", "The demo", "Quantization", "Python API".\n')
+  return '\n'.join(lines)
 
 
 def main(argv):
@@ -55,5 +78,11 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  sys.argv = shipped_config(sys.argv)
+  if any(a in HELP_FLAGS for a in sys.argv[1:]):
+    __doc__ = usage()  # absl prints __main__'s docstring above the flags
+  try:
+    sys.argv = shipped_config(sys.argv)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
   app.run(main)

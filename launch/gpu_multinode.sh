@@ -13,7 +13,7 @@
 # reports by process 0). --dry-run prints the environment and the command instead of running them.
 set -euo pipefail
 
-COORD="" NPROC="" PID="" PORT=12355 WORKDIR="" CONFIG="configs/dit_xl_1bit.py" PYTHON="${PYTHON:-python3}" DRY=0 EXTRA=()
+COORD="" NPROC="" PID="" PORT=12355 WORKDIR="" CONFIG="dit_xl_1bit" PYTHON="${PYTHON:-python3}" DRY=0 EXTRA=()
 die() { echo "gpu_multinode.sh: $*" >&2; exit 2; }
 while [[ $# -gt 0 ]]; do
   case "$1" in

@@ -17,7 +17,7 @@
 set -euo pipefail
 
 NAME="" ZONE="" PROJECT="" ACCEL="v5litepod-8" RUNTIME="" WORKDIR="" CHECKPOINT="" DATA_DIR="" VAE=""
-CONFIG="configs/dit_xl_1bit.py" QUEUED=0 SPOT=0 DRY=0 FUSE=0 EXTRA=()
+CONFIG="dit_xl_1bit" QUEUED=0 SPOT=0 DRY=0 FUSE=0 EXTRA=()
 usage() { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; }
 die() { echo "tpu_vm.sh: $*" >&2; exit 2; }
 
@@ -86,7 +86,7 @@ TARBALL="/tmp/dpq_jax-$NAME.tar.gz"
 run git -C "$ROOT" archive --format=tar.gz --prefix=dpq_jax/ -o "$TARBALL" HEAD
 run "${GCLOUD[@]}" compute tpus tpu-vm scp "$TARBALL" "$NAME:dpq_jax.tar.gz" --zone "$ZONE" --worker=all
 
-# 3. Install on every worker: the project's requirements, jax for TPUs and gcsfs (gs:// for etils.epath);
+# 3. Install on every worker: the project with its extras tpu (jax[tpu]) and gcs (gcsfs: gs:// for etils.epath);
 #    with --gcsfuse, mount the buckets.
 mounted() { [[ $FUSE -eq 1 && "$1" == gs://* ]] && echo "/gcs/${1#gs://}" || echo "$1"; }
 MOUNTS=""
@@ -96,7 +96,7 @@ for path in "$WORKDIR" "$CHECKPOINT" "$DATA_DIR" "$VAE"; do
     [[ "$MOUNTS" == *"/gcs/$bucket "* ]] || MOUNTS+="sudo mkdir -p /gcs/$bucket && sudo chmod 777 /gcs/$bucket && (mountpoint -q /gcs/$bucket || gcsfuse --implicit-dirs $bucket /gcs/$bucket) && "
   fi
 done
-INSTALL="${MOUNTS}rm -rf dpq_jax && tar xzf dpq_jax.tar.gz && cd dpq_jax && python3 -m pip install -q -r requirements.txt 'jax[tpu]' gcsfs"
+INSTALL="${MOUNTS}rm -rf dpq_jax && tar xzf dpq_jax.tar.gz && cd dpq_jax && python3 -m pip install -q '.[tpu,gcs]'"
 run "${GCLOUD[@]}" compute tpus tpu-vm ssh "$NAME" --zone "$ZONE" --worker=all --command "$INSTALL"
 
 # 4. The job, on all workers at once (jax.distributed finds the pod's workers by itself).

@@ -208,6 +208,11 @@ def default_rules(method: str, k: int, d: int, overrides: tuple[str, ...] = (), 
   return layers.QuantRules(tuple(rules))
 
 
+def rules_of(meta: dict[str, Any]) -> layers.QuantRules:
+  """The rules an artifact was quantized with, as its meta records them (`rules`: [regex, K, d, shared] rows)."""
+  return layers.QuantRules(tuple((p, pq.CodebookSpec(k, d, shared)) for p, k, d, shared in meta['rules']))
+
+
 def runtime_model(spec, q: QuantizedParams, rules: layers.QuantRules, cfg, dtype) -> tuple[dict, Any]:
   """(variables, module) that run the quantized model: PQDense decoding on the fly, or the plain
   DiT on weights dequantized once (config.quant.dequantize == 'load'; always for RTN). `cfg` is

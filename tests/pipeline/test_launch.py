@@ -49,11 +49,11 @@ def test_tpu_dry_run_commands():
   assert '--worker=all' in scp and '--worker=all' in install and '--worker=all' in job
   remote_install = install[install.index('--command') + 1]
   assert 'gcsfuse' not in remote_install and 'mkdir' not in remote_install  # gs:// goes to the job as it is
-  assert shlex.split(remote_install)[-3:] == ['requirements.txt', 'jax[tpu]', 'gcsfs']  # gcsfs: epath's gs://
+  assert shlex.split(remote_install)[-1] == '.[tpu,gcs]'  # pyproject's extras: jax[tpu], gcsfs (epath's gs://)
   remote_job = shlex.split(job[job.index('--command') + 1])
   assert remote_job[:4] == ['cd', 'dpq_jax', '&&', 'DPQ_DISTRIBUTED=1']
   assert remote_job[4:] == [
-    'python3', '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py', '--workdir=gs://bkt/runs/a',
+    'python3', '-m', 'dpq_jax.main', '--config=dit_xl_1bit', '--workdir=gs://bkt/runs/a',
     '--config.model.checkpoint=gs://bkt/ckpt/xl', '--config.data.data_dir=gs://data/tfds', '--config.calibrate.steps=7',
   ]  # fmt: skip
 
@@ -70,7 +70,7 @@ def test_tpu_dry_run_gcsfuse_mounts_the_buckets():
   )
   assert remote_install.count('gcsfuse') == 2  # one mount per bucket
   assert shlex.split(job[job.index('--command') + 1])[4:] == [
-    'python3', '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py', '--workdir=/gcs/bkt/runs/a',
+    'python3', '-m', 'dpq_jax.main', '--config=dit_xl_1bit', '--workdir=/gcs/bkt/runs/a',
     '--config.model.checkpoint=/gcs/bkt/ckpt/xl', '--config.data.data_dir=/gcs/data/tfds',
     '--config.vae.checkpoint=/local/vae',
   ]  # fmt: skip
@@ -107,7 +107,7 @@ def test_gpu_explicit_and_slurm():
   assert r.returncode == 0, r.stderr
   (cmd,) = _commands(r.stdout)
   assert cmd[:3] == ['JAX_COORDINATOR_ADDRESS=h0:1234', 'JAX_NUM_PROCESSES=4', 'JAX_PROCESS_ID=2']
-  assert cmd[3:] == ['python3', '-m', 'dpq_jax.main', '--config=configs/dit_xl_1bit.py', '--workdir=/shared/x',
+  assert cmd[3:] == ['python3', '-m', 'dpq_jax.main', '--config=dit_xl_1bit', '--workdir=/shared/x',
                      '--config.calibrate.steps=5']  # fmt: skip
   for nodelist, first in (('gpu[01-04]', 'gpu01'), ('n1,n2', 'n1'), ('gpu[07,09]', 'gpu07'), ('node5', 'node5')):
     env = {'SLURM_JOB_NODELIST': nodelist, 'SLURM_NTASKS': '2', 'SLURM_PROCID': '1', 'PATH': '/usr/bin:/bin'}

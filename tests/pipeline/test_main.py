@@ -75,18 +75,75 @@ def test_stage_lists(given, want):
   assert config.stages == given  # the caller's config is left as it was
 
 
-def test_shipped_configs_by_name(tmp_path, monkeypatch):
+def _parsed_config(*overrides: str):
+  """The config `python -m dpq_jax.main --config=smoke OVERRIDES...` runs, parsed as main parses it (in-process)."""
+  from absl import flags
+  from ml_collections import config_flags
+
   from dpq_jax import main
 
+  argv = main.shipped_config(['main', '--config=smoke', *overrides])
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file('config', flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+  return holder.value
+
+
+def test_comma_list_tuple_and_implied_load_write_the_same_report(tmp_path):
+  """`--config.stages=load,quantize`, the tuple syntax and `quantize` alone run the same job: equal report.json
+  (times aside), whose `stages` lists what ran."""
+  from dpq_jax import pipeline
+
+  tiny = helpers.tiny_pipeline_config()
+  keys = [f'--config.{k}={v}' for k, v in (('model.name', tiny.model.name), ('model.input_size', 8),
+          ('model.num_classes', 10), ('quant.k', 16), ('quant.d', 4), ('quant.kmeans_iters', 4),
+          ('quant.pattern', tiny.quant.pattern))]  # fmt: skip
+  reports = []
+  for stages in ('load,quantize', "('load','quantize')", 'quantize'):
+    workdir = tmp_path / str(len(reports))
+    pipeline.run(_parsed_config(*keys, f'--config.stages={stages}'), str(workdir))
+    report = json.loads((workdir / 'report.json').read_text())
+    reports.append({k: v for k, v in report.items() if k != 'timings_s' and not k.endswith('seconds')})
+    assert list(report['timings_s']) == ['load', 'quantize']
+  assert reports[0]['stages'] == ['load', 'quantize'] and reports[0]['method'] == 'pq-k16-d4'
+  assert reports[0] == reports[1] == reports[2]
+
+
+def test_shipped_configs_by_name(tmp_path, monkeypatch):
+  from dpq_jax import configs, main
+
   monkeypatch.chdir(tmp_path)  # no configs/ here
-  shipped = os.path.join(helpers.ROOT, 'configs', 'dit_xl_1bit.py')
+  shipped = os.path.join(helpers.ROOT, 'dpq_jax', 'configs', 'dit_xl_1bit.py')
   assert main.shipped_config(['m', '--config=dit_xl_1bit:smoke', '--config.seed=1']) == [
     'm', f'--config={shipped}:smoke', '--config.seed=1']  # fmt: skip
   assert main.shipped_config(['m', '--config', 'dit_xl_1bit.py']) == ['m', '--config', shipped]
   assert main.shipped_config(['m', '--config=configs/dit_xl_1bit.py:runlocal']) == ['m', f'--config={shipped}:runlocal']
   (tmp_path / 'dit_xl_1bit.py').write_text('')  # a path that exists wins
   assert main.shipped_config(['m', '--config=dit_xl_1bit.py']) == ['m', '--config=dit_xl_1bit.py']
-  assert main.shipped_config(['m', '--config=nosuch']) == ['m', '--config=nosuch']  # absl names it
+  assert main.shipped_config(['m', '--config=/elsewhere/x.py']) == ['m', '--config=/elsewhere/x.py']  # absl names it
+  assert configs.names() == ['digits', 'dit_xl_1bit', 'dit_xl_2bit', 'dit_xl_eval', 'smoke']
+  with pytest.raises(ValueError, match=r"no shipped config 'nosuch'; shipped: digits, dit_xl_1bit, .*smoke"):
+    main.shipped_config(['m', '--config=nosuch:smoke'])
+
+
+def test_checkout_configs_are_the_shipped_ones():
+  """configs/NAME.py (the checkout's paths) re-export the package's configs: one config, two paths."""
+  import importlib
+
+  from dpq_jax import configs
+
+  for name in configs.names():
+    assert importlib.import_module(f'configs.{name}').get_config is importlib.import_module(
+      f'dpq_jax.configs.{name}').get_config  # fmt: skip
+
+
+def test_help_lists_stages_and_configs(tmp_path):
+  r = helpers.run_python('-m', 'dpq_jax.main', '--helpshort')  # absl exits 1 after help
+  for word in ('load', 'quantize', 'compress', 'calibrate', 'sample', 'evaluate', 'compare', 'train',
+               'dit_xl_1bit', 'digits', 'smoke', 'README.md', '--workdir'):  # fmt: skip
+    assert word in r.stdout, word
+  r = helpers.run_main(tmp_path / 'w', config='nosuch')
+  helpers.assert_refused(r, tmp_path / 'w', 'shipped: digits, dit_xl_1bit')
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_assign_is_exact_argmin_even_with_an_offset():
 
 
 def test_quality_vs_faiss():
-  faiss = pytest.importorskip('faiss', reason='faiss-cpu not installed (pip install -r requirements-dev.txt)')
+  faiss = pytest.importorskip('faiss', reason='faiss-cpu not installed (pip install -e ".[dev]")')
   w = _heavy((1024, 128), seed=5, scale=0.02)  # PyTorch layout [C_out, C_in], sub-vectors along C_in
   iters, d = 25, 4
   # PQ: one codebook per sub-vector position.

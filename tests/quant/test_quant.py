@@ -75,7 +75,7 @@ def test_bad_kmeans_args():
 
 
 def test_quality_vs_faiss():
-  faiss = pytest.importorskip('faiss', reason='faiss-cpu not installed (requirements-dev.txt)')
+  faiss = pytest.importorskip('faiss', reason='faiss-cpu not installed (pip install -e ".[dev]")')
   w = helpers.heavy_tailed((512, 256), 5)  # PyTorch layout [out, in]
   spec = pq.CodebookSpec(64, 4)
   codebooks, codes, _ = pq.fit(jnp.asarray(w.T), spec, jax.random.key(0), iters=20)
