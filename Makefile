@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # The torch pin of pyproject's `eval` extra, installed first: an unpinned torch pulls a multi-GB CUDA build.
 TORCH := $(shell grep -o '"torch==[^"]*"' pyproject.toml | head -n1 | tr -d '"')
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean requirements
 
 $(VENV)/.runtime: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: lint
 format: $(VENV)/.dev
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
+
+# requirements.txt: pyproject's runtime dependencies for tools that read only that file (tests check they agree).
+requirements:
+	$(PYTHON) -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; \
+	  open('requirements.txt', 'w').write('# Generated from pyproject.toml by make requirements; edit pyproject.toml.\n' + '\n'.join(d) + '\n')"
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -100,3 +100,14 @@ def test_wheel_installs_with_its_dependencies_and_runs_outside_the_tree(tmp_path
        cwd=outside)  # fmt: skip
   report = json.loads((outside / 'run' / 'report.json').read_text())
   assert report['config_name'] == 'digits' and report['stages'] == ['train'] and report['train']['cached'] is False
+
+
+def test_requirements_txt_lists_pyproject_runtime_dependencies():
+  """requirements.txt (the top-level file users look for) is generated from pyproject.toml: `make requirements`."""
+  import tomllib
+
+  with open(os.path.join(helpers.ROOT, 'pyproject.toml'), 'rb') as f:
+    declared = tomllib.load(f)['project']['dependencies']
+  with open(os.path.join(helpers.ROOT, 'requirements.txt')) as f:
+    listed = [line.strip() for line in f if line.strip() and not line.startswith('#')]
+  assert listed == declared, 'requirements.txt is stale: run `make requirements`'
