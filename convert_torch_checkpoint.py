@@ -31,10 +31,10 @@ def main(argv=None) -> int:
       parser.error('--model and --image-size describe a DiT; they do not apply with --vae')
     return _convert_vae(args.checkpoint, args.output)
 
-  from dpq_jax import convert
+  from dpq_jax import convert, errors
   from dpq_jax.models import dit
 
-  try:
+  with errors.reported(also=(ValueError, OSError)):
     if args.model is not None:
       dit.parse_name(args.model)
     convert.check_writable_dir_parent(args.output)
@@ -42,24 +42,18 @@ def main(argv=None) -> int:
       args.checkpoint, args.model, None if args.image_size is None else args.image_size // 8
     )
     convert.save_converted(args.output, spec, params, source=args.checkpoint)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   n = sum(v.size for v in _leaves(params))
   print(f'converted {args.checkpoint} -> {args.output}: {spec.name}, {spec.input_size * 8}px, {n:,} params')
   return 0
 
 
 def _convert_vae(checkpoint: str, output: str) -> int:
-  from dpq_jax import convert
+  from dpq_jax import convert, errors
 
-  try:
+  with errors.reported(also=(ValueError, OSError)):
     convert.check_writable_dir_parent(output)
     config, params = convert.load_torch_vae(checkpoint)
     convert.save_converted_vae(output, config, params, source=checkpoint)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
   n = sum(v.size for v in _leaves(params))
   print(f'converted VAE {checkpoint} -> {output}: block_out_channels {list(config.block_out_channels)}, {n:,} params')
   return 0

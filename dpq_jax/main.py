@@ -58,20 +58,39 @@ def usage() -> str:
   return '\n'.join(lines)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, where a bad flag, config argument or config key is one line and exit status 2 (absl
+  would print the config file's traceback, or ml_collections three chained ones for an unknown key)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    message = lines[0] + (f' ({lines[-1]})' if len(lines) > 1 else '')  # the config file's own error, last
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the config does not have
+    key = str(e).strip('"\'')
+    given = next((a for a in argv[1:] if a.startswith('--config.') and key in a), '--config')
+    message = f'{given}: the config has no key {key!r}'
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; --verbosity=0 brings it back
-  from dpq_jax import errors, pipeline  # Imports jax: after flag parsing, so --help stays fast.
+  from dpq_jax import errors
 
-  config = _CONFIG.value
-  workdir = _WORKDIR.value or os.path.join('runs', config.name)
-  try:
+  with errors.reported():  # user faults (errors.UserError, a full disk, ...): one line, exit 2; bugs: a traceback
+    config = _CONFIG.value
+    try:
+      name = config.name
+    except OSError as e:  # ml_collections reports a config file it could not load at the first access
+      raise errors.ConfigError(f'--config: {" ".join(str(e).split())}') from None
+    workdir = _WORKDIR.value or os.path.join('runs', name)
+    from dpq_jax import pipeline  # Imports jax: after flags and config, so --help and their errors stay fast.
+
     report = pipeline.run(config, workdir)
-  except (errors.ConfigError, errors.CheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
   print(
     f'wrote {os.path.join(workdir, "report.md")} ({", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items())})'
   )
@@ -85,4 +104,4 @@ if __name__ == '__main__':
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
