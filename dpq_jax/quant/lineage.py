@@ -4,10 +4,10 @@ The stages that write DIR/quantized/ (quantize, then compress and calibrate, in 
 chain. Each link's fingerprint hashes the previous link's, the stage name and the config sections that
 decide its output (and, for the first, the full-precision weights' digest), so equal fingerprints mean
 equal inputs all the way up. Every chain stage stores the fingerprints up to itself in the artifact's
-index.json (`lineage`), and the pipeline writes DIR/lineage.json (the same list plus the report as it
-stood after that stage) once the stage is done. A rerun whose whole planned chain equals both loads the
-artifact instead of recomputing it and restores those report sections; any difference (a config value,
-other weights, a run stopped inside the chain) recomputes the chain, where calibration still resumes
+index.json (`lineage`), and the pipeline writes DIR/lineage.json (the same list, the artifact's digest and
+the report as it stood after that stage) once the stage is done. A rerun whose whole planned chain equals
+both, on an artifact whose digest is the recorded one, loads the artifact instead of recomputing it and restores those report sections; any difference (a config value,
+other weights, a run stopped inside the chain, an artifact edited or damaged since) recomputes the chain, where calibration still resumes
 from its own checkpoints.
 """
 
@@ -83,16 +83,24 @@ def fingerprint(chain: list[dict[str, str]] | None) -> str | None:
   return chain[-1]['fingerprint'] if chain else None
 
 
-def record(workdir: str, chain: list[dict[str, str]], report: dict) -> None:
-  """DIR/lineage.json after a chain stage: its links so far and the report as it stands (no timings)."""
+def record(workdir: str, chain: list[dict[str, str]], report: dict, artifact_digest: str) -> None:
+  """DIR/lineage.json after a chain stage: its links so far, the artifact's digest and the report as it stands
+  (no timings)."""
   kept = {k: v for k, v in report.items() if k not in ('timings_s', 'stages', 'config_name')}
-  io_utils.write_json(os.path.join(workdir, FILE), {'lineage': chain, 'report': kept})
+  io_utils.write_json(os.path.join(workdir, FILE), {'lineage': chain, 'artifact': artifact_digest, 'report': kept})
 
 
-def finished(workdir: str, artifact_meta: dict | None, chain: list[dict[str, str]]) -> dict | None:
-  """The report sections of a finished chain equal to `chain` (artifact and lineage.json agree), else None."""
+def finished(
+  workdir: str, artifact_meta: dict | None, chain: list[dict[str, str]], artifact_digest: str
+) -> dict | None:
+  """The report sections of a finished chain equal to `chain` (artifact, its digest and lineage.json agree), else
+  None; an unreadable lineage.json is no record (the chain is recomputed)."""
   path = os.path.join(workdir, FILE)
   if not chain or artifact_meta is None or artifact_meta.get('lineage') != chain or not io_utils.exists(path):
     return None
-  saved = io_utils.read_json(path)
-  return saved['report'] if saved.get('lineage') == chain else None
+  try:
+    saved = io_utils.read_json(path)
+    same = saved['lineage'] == chain and saved['artifact'] == artifact_digest
+    return saved['report'] if same else None
+  except (ValueError, KeyError, TypeError):
+    return None

@@ -10,7 +10,10 @@ DIR/ holds four files, written into a temporary sibling and renamed into place:
                        scalars float16; a compressed layer: K' per codebook (`codebook_sizes`, uint16) and
                        only the live rows
   full_precision.bin   everything else (biases, embedders, final layer), float32
-  index.json           model spec and, per array, its file, offset, shape, dtype and bits
+  index.json           model spec, per array its file, offset, shape, dtype and bits, and per file its size
+                       and blake2b digest (`files`): load verifies them before using a byte, so a damaged or
+                       truncated file is named (ArtifactError), never used; digest(DIR) covers index.json too
+save refuses weights holding NaN/Inf before writing anything (NonFiniteError naming the tensor).
 `bytes` in report.json are these files' sizes, so the artifact is exactly as small as stated.
 DIR may be a gs:// (any etils.epath) URL: the files are built locally and uploaded with index.json last
 (io_utils.replace_dir). In a multi-process run only process 0 puts the artifact in place; every process
@@ -19,6 +22,7 @@ builds it (in a local temp dir) to measure the same sizes, and all wait until it
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +32,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from dpq_jax import distributed, io_utils, tree_utils
+from dpq_jax import distributed, errors, integrity, io_utils, tree_utils
 from dpq_jax.quant import codebook_values, compress, packing
 from dpq_jax.quant.qweight import PQWeight, RTNWeight
 from dpq_jax.quant.surgery import QuantizedParams
@@ -50,6 +54,7 @@ RTN_SIDE = ('rtn_scale', 'rtn_offset')  # codebooks.bin: an RTN layer's scale an
 class _Writer:
   def __init__(self, directory: str):
     self.handles = {k: open(os.path.join(directory, f), 'wb') for k, f in FILES.items()}
+    self.hashes = {k: hashlib.blake2b(digest_size=16) for k in FILES}  # integrity.digest_bytes, as written
     self.entries: list[dict[str, Any]] = []
 
   def add(self, kind: str, path: str, data: np.ndarray, **meta: Any) -> None:
@@ -57,10 +62,15 @@ class _Writer:
     raw = np.ascontiguousarray(data).tobytes()
     self.entries.append({'path': path, 'file': kind, 'offset': f.tell(), 'nbytes': len(raw), **meta})
     f.write(raw)
+    self.hashes[kind].update(raw)
 
-  def close(self) -> None:
-    for f in self.handles.values():
+  def close(self) -> dict[str, dict[str, Any]]:
+    """Closes the files; returns index.json's `files`: {file name: {'bytes', 'blake2b'}}."""
+    out = {}
+    for kind, f in self.handles.items():
+      out[FILES[kind]] = {'bytes': f.tell(), 'blake2b': self.hashes[kind].hexdigest()}
       f.close()
+    return out
 
 
 def _layout(q: QuantizedParams) -> list[tuple[tuple[str, ...], str, str]]:
@@ -114,6 +124,7 @@ def save(
   side_dtype = codebook_values.side_dtype(codebook_dtype)  # channel scales, RTN scale/offset: never int8
   commit = distributed.is_writer() if commit is None else commit
   directory = io_utils.abspath(directory)
+  integrity.check_finite({'fp': q.fp, 'pq': q.pq, 'rtn': q.rtn}, f'quantized model (not written to {directory})')
   parent = None  # object stores and measure-only builds: the local temp dir
   if commit and not io_utils.is_remote(directory):
     parent = os.path.dirname(directory)
@@ -138,11 +149,11 @@ def save(
         for name, arr in zip(RTN_SIDE, (r.scale, r.offset)):
           arr = np.asarray(arr)
           w.add('codebooks', f'{path}/{name}', arr.astype(side_dtype), shape=list(arr.shape), dtype=side_dtype)
-    w.close()
+    files = w.close()
     if check is not None:
       check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
     with open(os.path.join(tmp, INDEX), 'w') as f:
-      json.dump({'model': model_meta, 'entries': w.entries}, f)
+      json.dump({'model': model_meta, 'entries': w.entries, 'files': files}, f)
     sizes = sizes_on_disk(tmp)  # the same bytes that land in `directory`
     if commit:
       io_utils.replace_dir(tmp, directory, commit_file=INDEX)
@@ -210,15 +221,55 @@ def _read_blob(path: str) -> np.ndarray:
   return np.fromfile(path, np.uint8)
 
 
+def _fix(directory: str) -> str:
+  return f'delete {directory} or rerun the job that wrote it (a rerun recomputes it instead of loading it)'
+
+
+def _read_index(directory: str) -> dict[str, Any]:
+  path = os.path.join(directory, INDEX)
+  try:
+    index = io_utils.read_json(path)
+    if not isinstance(index, dict) or not {'model', 'entries', 'files'} <= set(index):
+      raise ValueError('expected an object with model, entries and files (per-file digests)')
+  except (OSError, ValueError) as e:
+    raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {_fix(directory)}') from None
+  return index
+
+
+def digest(directory: str) -> str:
+  """The artifact's digest: index.json's, which holds every other file's (what the lineage records)."""
+  return integrity.file_digest(os.path.join(directory, INDEX))['blake2b']
+
+
 def load_meta(directory: str) -> dict[str, Any]:
   """The model meta of an artifact (index.json's `model`)."""
-  return io_utils.read_json(os.path.join(directory, INDEX))['model']
+  return _read_index(directory)['model']
 
 
 def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
-  """Reads an artifact back: (model meta, QuantizedParams with rows empty)."""
-  index = io_utils.read_json(os.path.join(directory, INDEX))
-  blobs = {k: _read_blob(os.path.join(directory, f)) for k, f in FILES.items()}
+  """Reads an artifact back: (model meta, QuantizedParams with rows empty).
+
+  Raises:
+    ArtifactError naming the file when one is missing, damaged (digest), truncated or malformed.
+  """
+  index = _read_index(directory)
+  blobs = {}
+  for k, f in FILES.items():
+    path = os.path.join(directory, f)
+    try:
+      blobs[k] = _read_blob(path)
+      integrity.check(path, blobs[k], index['files'][f], _fix(directory))
+    except (OSError, KeyError, TypeError) as e:
+      raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {_fix(directory)}') from None
+  try:
+    return _parse(index, blobs, directory)
+  except (KeyError, ValueError, IndexError, TypeError) as e:
+    raise errors.ArtifactError(
+      f'{os.path.join(directory, INDEX)}: malformed entries ({type(e).__name__}: {e}); {_fix(directory)}'
+    ) from None
+
+
+def _parse(index: dict[str, Any], blobs: dict[str, np.ndarray], directory: str) -> tuple[dict, QuantizedParams]:
   fp: dict = {}
   codebooks: dict[str, np.ndarray] = {}  # by module path
   codes: dict[str, np.ndarray] = {}

@@ -1,0 +1,92 @@
+"""The run's workdir: usable before any work starts, held by one run at a time, cleared of dead runs' temps.
+
+`check` finds what would fail later (a file where the directory should be, no write permission) before any
+stage runs; `hold` takes an advisory fcntl lock on DIR/.lock (the holder's pid inside) before anything is
+written, so a second run on the same workdir is refused instead of rewriting what the first one uses, and
+then removes the temp files and directories that killed runs left (atomic writers' `.NAME.*.tmp` files,
+`.NAME.tmp-*` directories and `quantized.old` copies: none can belong to a live run while the lock is held).
+Object-store workdirs (gs://) are checked for being a file only and are not locked: fcntl needs a local file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import shutil
+from typing import Iterator
+
+from dpq_jax import errors, io_utils
+
+LOCK = '.lock'
+# Temp names of io_utils.atomic_write ('.report.json.ab12cd.tmp'), mkdtemp-built dirs ('.quantized.tmp-ab12')
+# and replace_dir's aside copy ('quantized.old').
+_STALE = re.compile(r'\..+\.tmp(-[A-Za-z0-9_]+)?|quantized\.old')
+_STALE_DEPTH = 3  # DIR, DIR/samples, DIR/rows/<name>: where the writers put temps
+
+
+def check(workdir: str, what: str = '--workdir') -> None:
+  """Raises WorkdirError unless `workdir` is, or can be created as, a writable directory."""
+  if io_utils.is_remote(workdir):
+    if io_utils.isfile(workdir):
+      raise errors.WorkdirError(f'{what}={workdir}: exists and is not a directory')
+    return
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise errors.WorkdirError(f'{what}={workdir}: exists and is not a directory')
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise errors.WorkdirError(f'{what}={workdir}: {probe} is a file, so no directory can be made under it')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise errors.WorkdirError(f'{what}={workdir}: {probe} is not writable; choose another directory')
+
+
+@contextlib.contextmanager
+def hold(workdir: str) -> Iterator[None]:
+  """Creates `workdir`, locks it for this process and removes dead runs' temps; WorkdirError if held."""
+  if io_utils.is_remote(workdir):
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+      raise errors.WorkdirError(
+        f'--workdir={workdir} is in use by another run (pid {holder}, {path}); wait for it or choose another workdir'
+      ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    remove_stale(workdir)
+    yield
+  finally:
+    os.close(fd)  # closing releases the lock; the file stays (unlinking it would race a waiting run)
+
+
+def remove_stale(workdir: str) -> list[str]:
+  """Removes the temps of killed runs under `workdir` (see the module doc); returns their paths."""
+  removed = []
+  base = workdir.rstrip(os.sep).count(os.sep)
+  for root, dirs, files in os.walk(workdir):
+    for name in [d for d in dirs if _STALE.fullmatch(d)] + [f for f in files if _STALE.fullmatch(f)]:
+      target = os.path.join(root, name)
+      if name.endswith('.old') and not os.path.exists(target[: -len('.old')]):
+        os.rename(target, target[: -len('.old')])  # killed between replace_dir's renames: the old copy is whole
+        continue
+      shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+      removed.append(target)
+    dirs[:] = [d for d in dirs if not _STALE.fullmatch(d)]
+    if root.count(os.sep) - base >= _STALE_DEPTH - 1:
+      dirs[:] = []
+  return removed
+
+
+def only_lock(workdir: str) -> bool:
+  """Whether `workdir` holds nothing but the lock file (a run that failed before writing anything)."""
+  return not io_utils.is_remote(workdir) and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {LOCK}
