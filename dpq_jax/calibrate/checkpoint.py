@@ -1,7 +1,9 @@
 """Calibration checkpoints: an orbax CheckpointManager, and SIGTERM/SIGINT -> save and stop.
 
 A checkpoint holds the train state (trainable params, optimizer state, step, rng, mutable
-`quant` collection) and the data iterator's state as JSON. `save` is called after every step
+`quant` collection) and, as JSON, the data iterator's state and the fingerprint of the calibration that
+wrote it (quant/lineage.py): each checkpoint says which job it belongs to, and one of another job, or
+without a fingerprint, is refused rather than resumed. `save` is called after every step
 and the manager decides (save_interval_steps), so a forced preemption save is never skipped;
 orbax commits a step atomically (temporary directory, then rename), so a save killed half-way
 never replaces the last good checkpoint.
@@ -72,6 +74,26 @@ class Checkpointer:
           f'this run expects {np.dtype(a.dtype).name}{list(a.shape)}; it was written by a different config'
         )
     return state, dict(restored['data']), int(step)
+
+  def check_fingerprint(self, step: int, fingerprint: str) -> None:
+    """CheckpointError unless checkpoint `step` was written by the calibration `fingerprint` names."""
+    where = os.path.join(self.directory, str(step))
+    try:
+      data = dict(self.manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data'])
+    except Exception as e:  # orbax raises many types; all mean the same thing here
+      raise errors.CheckpointError(f'checkpoint {where} cannot be read ({type(e).__name__}); delete it') from None
+    old = data.get('fingerprint')
+    if old is None:
+      raise errors.CheckpointError(
+        f'{self.directory} holds a checkpoint without a fingerprint (step {step}: written by an older dpq_jax or '
+        'another program); delete it to start over'
+      )
+    if old != fingerprint:
+      raise errors.CheckpointError(
+        f'{self.directory} holds checkpoints of another calibration (step {step}: fingerprint {old}, this job '
+        f'{fingerprint}: the weights or the quant/compress/calibrate/data config differ); delete it to start over, '
+        "or rerun with that job's config to resume it"
+      )
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

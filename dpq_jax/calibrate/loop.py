@@ -69,8 +69,8 @@ def calibrate(
   metrics: {module path: whitening factors [num_subvectors, d, d]}: the dynamic assignment's metric
   (train_step.attach_latent), as quantize fitted in; None: Euclidean.
 
-  fingerprint: what decided the model being calibrated and how (quant/lineage.py); kept next to the
-  checkpoints, and checkpoints written under another one are refused (CheckpointError), never resumed.
+  fingerprint: what decided the model being calibrated and how (quant/lineage.py); kept inside each
+  checkpoint, and a checkpoint written under another one, or none, is refused (CheckpointError), never resumed.
 
   Returns:
     {'params': calibrated params (no latent weights), 'quant': the `quant` collection with the
@@ -105,7 +105,8 @@ def calibrate(
   metrics_path = os.path.join(workdir, METRICS_FILE)
   writer = distributed.is_writer()
   start = checkpointer.latest_step()
-  _check_fingerprint(checkpointer.directory, fingerprint, start is not None, writer)
+  if start is not None and fingerprint is not None:
+    checkpointer.check_fingerprint(start, fingerprint)
   if start is not None:
     state, data_state, start = checkpointer.restore(_abstract(state, state_sh))
     try:
@@ -121,6 +122,10 @@ def calibrate(
     start = 0
   history: list[dict[str, Any]] = []
   step = start
+
+  def data_state() -> dict:
+    return {'iterator': iterator.get_state().decode(), 'fingerprint': fingerprint}
+
   board = None
   if writer:
     from tensorboardX import SummaryWriter
@@ -145,7 +150,7 @@ def calibrate(
           compile_s = time.perf_counter() - tick
           tick, tick_step = time.perf_counter(), step
         pending.append((step, metrics))
-        checkpointer.save(step, state, {'iterator': iterator.get_state().decode()}, force=step == cfg.steps)
+        checkpointer.save(step, state, data_state(), force=step == cfg.steps)
         if bar is not None:
           bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -158,8 +163,9 @@ def calibrate(
           tick, tick_step = now, step
           bad = [r['step'] for r in rows if not math.isfinite(r['loss'])]
           if bad:
-            raise FloatingPointError(
-              f'calibration loss is not finite at step {bad[0]} (steps {rows[0]["step"]}..{step})'
+            raise errors.NonFiniteError(
+              f'calibration loss is not finite at step {bad[0]} (steps {rows[0]["step"]}..{step}); '
+              f'try a lower config.calibrate.lr than {cfg.lr}'
             )
           history += rows
           pending = []
@@ -175,7 +181,7 @@ def calibrate(
         if guard.requested():
           checkpointer.wait()
           if checkpointer.latest_step() != step:
-            checkpointer.save(step, state, {'iterator': iterator.get_state().decode()}, force=True)
+            checkpointer.save(step, state, data_state(), force=True)
             checkpointer.wait()
           name = 'SIGTERM' if guard.signum == 15 else f'signal {guard.signum}'
           print(f'calibrate: {name} at step {step}: checkpoint saved in {checkpointer.directory}; '
@@ -213,32 +219,18 @@ def calibrate(
   }
 
 
-FINGERPRINT_FILE = 'calibration.json'
-
-
-def check_checkpoints(workdir: str, fingerprint: str) -> None:
-  """Before a job rewrites anything: CheckpointError if DIR/checkpoints holds another calibration's steps."""
+def check_checkpoints(workdir: str, fingerprint: str | None) -> None:
+  """Before a job rewrites anything: CheckpointError if DIR/checkpoints' latest step is another calibration's."""
   directory = os.path.join(workdir, CHECKPOINT_DIR)
-  steps = [n for n in io_utils.listdir(directory) if n.isdigit()] if io_utils.isdir(directory) else []
-  _check_fingerprint(directory, fingerprint, bool(steps), writer=False)
-
-
-def _check_fingerprint(directory: str, fingerprint: str | None, resuming: bool, writer: bool) -> None:
-  """Refuses checkpoints of another calibration; records this one's fingerprint when starting fresh."""
-  if fingerprint is None:
+  if fingerprint is None or not io_utils.isdir(directory):
     return
-  path = os.path.join(directory, FINGERPRINT_FILE)
-  if resuming and io_utils.exists(path):
-    old = io_utils.read_json(path).get('fingerprint')
-    if old != fingerprint:
-      raise errors.CheckpointError(
-        f'{directory} holds checkpoints of another calibration (fingerprint {old}, this job {fingerprint}: the '
-        'weights or the quant/compress/calibrate/data config differ); delete it to start over, or rerun with '
-        "that job's config to resume it"
-      )
-  elif writer and not resuming:
-    io_utils.makedirs(directory)
-    io_utils.write_json(path, {'fingerprint': fingerprint})
+  checkpointer = ckpt_lib.Checkpointer(directory, 1, 0, async_save=False)
+  try:
+    step = checkpointer.latest_step()
+    if step is not None:
+      checkpointer.check_fingerprint(step, fingerprint)
+  finally:
+    checkpointer.close()
 
 
 def _round_codebooks(params: dict, quant: dict, dtype: Any) -> dict:

@@ -2,7 +2,9 @@
 
 A DiT's model.json is its ModelSpec plus `source`; a VAE's is {'kind': 'vae', 'config': ...}.
 A directory is written in a temp dir and renamed into place (io_utils.replace_dir), so a failed
-write leaves any existing DIR intact.
+write leaves any existing DIR intact. model.json also records the size and digest of every file of
+params/ (`files`), verified before orbax reads them: a damaged or truncated file is named, never restored
+(directories converted before digests were recorded are read unverified).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import json
 import os
 from typing import Any
 
-from dpq_jax import io_utils
+import numpy as np
+
+from dpq_jax import errors, integrity, io_utils, workdir
 from dpq_jax.convert import dit
 from dpq_jax.errors import CheckpointError
+from dpq_jax.models import dit as dit_lib
 from dpq_jax.models.spec import ModelSpec
 
 Params = dict[str, Any]
@@ -46,7 +51,7 @@ def save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
-      json.dump(meta, f, indent=2)
+      json.dump({**meta, 'files': integrity.tree_digests(os.path.join(tmp, PARAMS_DIR))}, f, indent=2)
     io_utils.replace_dir(tmp, output_dir, commit_file=SPEC_FILE)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,23 +59,16 @@ def save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
 
 
 def check_writable_dir_parent(output_dir: str) -> str:
-  """Returns the parent of `output_dir`; raises unless it is, or can be created as, a writable dir.
+  """Returns the parent of `output_dir`; raises CheckpointError unless it is, or can be created as, a writable dir.
 
   A gs:// URL is only checked not to be a file (write permission shows at the upload)."""
+  try:
+    workdir.check(output_dir, what='output')
+  except errors.WorkdirError as e:
+    raise CheckpointError(str(e)) from None
   if io_utils.is_remote(output_dir):
-    if io_utils.isfile(output_dir):
-      raise CheckpointError(f'output {output_dir!r} exists and is not a directory')
     return output_dir.rstrip('/').rsplit('/', 1)[0]
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-    raise CheckpointError(f'output {output_dir!r} exists and is not a directory')
-  parent = os.path.dirname(output_dir)
-  probe = parent
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-    raise CheckpointError(f'output directory {output_dir!r} is not writable (at {probe!r})')
-  return parent
+  return os.path.dirname(os.path.abspath(output_dir))
 
 
 def is_converted(path: str) -> bool:
@@ -78,28 +76,64 @@ def is_converted(path: str) -> bool:
 
 
 def read_meta(path: str) -> dict[str, Any]:
-  """DIR/model.json of a converted directory."""
-  return io_utils.read_json(os.path.join(path, SPEC_FILE))
+  """DIR/model.json of a converted directory (`files`, the digests of params/, left out)."""
+  where = os.path.join(path, SPEC_FILE)
+  try:
+    meta = io_utils.read_json(where)
+    if not isinstance(meta, dict):
+      raise ValueError('expected a JSON object')
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f'{where}: unreadable ({type(e).__name__}: {e}); convert the checkpoint again') from None
+  meta.pop('files', None)
+  return meta
 
 
 def restore_params(path: str) -> Params:
-  """DIR/params of a converted directory (orbax reads gs:// itself)."""
+  """DIR/params of a converted directory (orbax reads gs:// itself), its files verified against model.json."""
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(os.path.join(io_utils.abspath(path), PARAMS_DIR))
+  params_dir = os.path.join(io_utils.abspath(path), PARAMS_DIR)
+  fix = f'convert the checkpoint again into {path}'
+  recorded = io_utils.read_json(os.path.join(path, SPEC_FILE)).get('files')
+  if recorded is not None:
+    try:
+      integrity.check_tree(params_dir, recorded, fix)
+    except errors.ArtifactError as e:
+      raise CheckpointError(str(e)) from None
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir)
+  except Exception as e:  # orbax raises many types for a damaged tree; all mean the same thing here
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise CheckpointError(f'{params_dir}: cannot be restored ({type(e).__name__}: {first}); {fix}') from None
+  integrity.check_finite(params, params_dir)
+  return params
 
 
 def load_converted(path: str) -> tuple[ModelSpec, Params]:
-  """Reads a directory written by `save_converted`."""
+  """Reads a directory written by `save_converted`, checked against the model its model.json names."""
+  import jax
+
   if not is_converted(path):
     raise CheckpointError(f'{path!r} is not a converted checkpoint (expected {SPEC_FILE} and {PARAMS_DIR}/)')
   meta = read_meta(path)
   meta.pop('source', None)
   if meta.get('kind') == 'vae':
     raise CheckpointError(f'{path!r} is a converted VAE, not a DiT (give it as config.vae.checkpoint)')
-  spec = ModelSpec(**meta)
-  return spec, restore_params(path)
+  try:
+    spec = ModelSpec(**meta)
+    expected = jax.eval_shape(lambda: dit_lib.init_params(spec.create(), jax.random.key(0)))
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f'{os.path.join(path, SPEC_FILE)}: not a model description ({e})') from None
+  params = restore_params(path)
+  shapes = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  for p, want in jax.tree_util.tree_leaves_with_path(expected):
+    if shapes.pop(jax.tree_util.keystr(p), None) != want.shape:
+      raise CheckpointError(f'{path}: params{jax.tree_util.keystr(p)} is missing or not {want.shape}, as '
+                            f'{spec.name} ({SPEC_FILE}) needs; convert the checkpoint again')  # fmt: skip
+  if shapes:
+    raise CheckpointError(f'{path}: params{next(iter(shapes))} is not part of {spec.name} ({SPEC_FILE})')
+  return spec, params
 
 
 def load_any(path: str, name: str | None = None, input_size: int | None = None) -> tuple[ModelSpec, Params]:

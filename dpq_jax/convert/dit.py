@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from dpq_jax import io_utils
+from dpq_jax import integrity, io_utils
 from dpq_jax.convert.io import nest_checked, read_safetensors, read_torch_state_dict
 from dpq_jax.errors import CheckpointError
 from dpq_jax.models import dit as dit_lib
@@ -39,8 +39,14 @@ def read_diffusers_folder(path: str) -> tuple[dict[str, np.ndarray], dict[str, A
   cfg_path = os.path.join(path, 'config.json')
   if not os.path.isfile(cfg_path):
     raise CheckpointError(f'{path!r} is not a diffusers model folder: no config.json')
-  with open(cfg_path) as f:
-    config = json.load(f)
+  try:
+    with open(cfg_path) as f:
+      config = json.load(f)
+    size = config.get('sample_size') if isinstance(config, dict) else 'no JSON object'
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+      raise ValueError(f'sample_size={size!r}, expected a positive latent size')
+  except ValueError as e:  # (json's decode errors are ValueErrors)
+    raise CheckpointError(f'{cfg_path}: not a diffusers DiT config ({e})') from None
   files = sorted(f for f in os.listdir(path) if f.endswith('.safetensors'))
   if not files:
     raise CheckpointError(f'{path!r} holds no .safetensors weights (only safetensors are read, never pickles)')
@@ -236,6 +242,7 @@ def load_torch_checkpoint(
     input_size = input_size or size
   else:
     state = read_torch_state_dict(path)
+  integrity.check_finite(state, f'checkpoint {path}')
   spec = infer_spec(state, name, input_size)
   return spec, original_to_flax(state, spec)
 

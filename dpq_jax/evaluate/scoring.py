@@ -17,6 +17,7 @@ note), and report['evaluate'] with the counts and paths.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -55,8 +56,27 @@ def _read_header(f) -> tuple[tuple[int, ...], bool, np.dtype]:
   raise ValueError(f'npy format version {version}: expected 1.0 or 2.0')
 
 
-def iter_npz_batches(path: str, key: str, batch_size: int) -> Iterator[np.ndarray]:
+@contextlib.contextmanager
+def _reading(path: str, what: str) -> Iterator[None]:
+  """A damaged input file (bad zip or CRC, a corrupt image, a truncated array) as one ConfigError naming it."""
+  from PIL import UnidentifiedImageError
+
+  try:
+    yield
+  except (zipfile.BadZipFile, UnidentifiedImageError, EOFError, KeyError, ValueError, OSError) as e:
+    if isinstance(e, errors.UserError) or (isinstance(e, OSError) and errors.user_message(e)):
+      raise
+    first = (str(e).strip().splitlines() or [''])[0][:200]
+    raise errors.ConfigError(f'{what}: {path} cannot be read ({type(e).__name__}: {first}); replace it') from None
+
+
+def iter_npz_batches(path: str, key: str, batch_size: int, what: str = 'npz') -> Iterator[np.ndarray]:
   """Streams arr[key] in batches along axis 0 without loading the whole array (50k images are 9.8 GB)."""
+  with _reading(path, what):
+    yield from _iter_npz_batches(path, key, batch_size)
+
+
+def _iter_npz_batches(path: str, key: str, batch_size: int) -> Iterator[np.ndarray]:
   with io_utils.open_file(path, 'rb') as raw, zipfile.ZipFile(raw) as z, z.open(f'{key}.npy') as f:
     shape, fortran, dtype = _read_header(f)
     if fortran or dtype.hasobject:  # not streamable: load it (small, unusual files)
@@ -85,11 +105,12 @@ class Images:
         raise errors.ConfigError(f'{what}={path!r}: folder has no {"/".join(IMAGE_EXTENSIONS)} images')
       from PIL import Image
 
-      with io_utils.open_file(self.files[0], 'rb') as fh, Image.open(fh) as im:
+      with _reading(self.files[0], what), io_utils.open_file(self.files[0], 'rb') as fh, Image.open(fh) as im:
         self.shape = (len(self.files), im.height, im.width, 3)
       self.dtype = np.dtype(np.uint8)
     else:
-      shape, self.dtype = adm_npz.read_headers(path)['arr_0']
+      with _reading(path, what):
+        shape, self.dtype = adm_npz.read_headers(path)['arr_0']
       self.shape = tuple(shape)
 
   def __len__(self) -> int:
@@ -97,14 +118,14 @@ class Images:
 
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     if not self.files:
-      yield from iter_npz_batches(self.path, 'arr_0', batch_size)
+      yield from iter_npz_batches(self.path, 'arr_0', batch_size, self.what)
       return
     from PIL import Image
 
     for start in range(0, len(self.files), batch_size):
       batch = []
       for p in self.files[start : start + batch_size]:
-        with io_utils.open_file(p, 'rb') as fh, Image.open(fh) as im:
+        with _reading(p, self.what), io_utils.open_file(p, 'rb') as fh, Image.open(fh) as im:
           a = np.asarray(im.convert('RGB'))
         if a.shape != self.shape[1:]:
           raise errors.ConfigError(

@@ -21,7 +21,11 @@ def check_config(cfg: ml_collections.ConfigDict) -> list[str]:
     errors.append(f"config.model.init={cfg.init!r}: expected 'checkpoint' or 'random'")
   if cfg.name:
     try:
-      dit.parse_name(cfg.name)
+      patch = dit.parse_name(cfg.name)[1]
+      if cfg.input_size > 0 and cfg.input_size % patch:
+        errors.append(
+          f'config.model.input_size={cfg.input_size}: expected a multiple of the patch size {patch} of {cfg.name}'
+        )
     except ValueError as e:
       errors.append(f'config.model.name={cfg.name!r}: {str(e).partition("; ")[2]}')
   if cfg.init == 'checkpoint':

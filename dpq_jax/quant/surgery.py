@@ -10,6 +10,7 @@ plain DiT.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -205,6 +206,12 @@ def default_rules(method: str, k: int, d: int, overrides: tuple[str, ...] = (), 
     rules.append((pattern, pq.CodebookSpec(1, 1, False)))
   else:
     rules.append((pattern, pq.CodebookSpec(k, d, shared)))
+  for regex, _ in rules:
+    try:
+      re.compile(regex)
+    except re.error as e:
+      key = 'pattern' if regex == pattern else 'overrides'
+      raise ValueError(f'config.quant.{key}: {regex!r} is not a valid regex ({e})') from None
   return layers.QuantRules(tuple(rules))
 
 

@@ -14,10 +14,10 @@ import time
 import ml_collections
 import numpy as np
 
-from dpq_jax import errors, io_utils
+from dpq_jax import errors, io_utils, tree_utils
 from dpq_jax.calibrate import source as source_lib
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import allocation, compress, statistics, storage, surgery
+from dpq_jax.quant import allocation, codebook_values, compress, statistics, storage, surgery
 from dpq_jax.quant import layers as layers_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
@@ -62,6 +62,39 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
   if cfg.sensitivity_batches < 1:
     problems.append(f'config.compress.sensitivity_batches={cfg.sensitivity_batches}: expected >= 1')
   return problems
+
+
+def check_model(config: ml_collections.ConfigDict, params: dict) -> list[str]:
+  """The budget is reachable, from the model's shapes alone (before any k-means): the smallest artifact compress
+  can make, every codebook at min_live codewords plus the biases and channel scales, fits the target."""
+  cfg, qcfg = config.compress, config.quant
+  if qcfg.method not in ('pq', 'vq'):
+    return []
+  rules = surgery.default_rules(qcfg.method, qcfg.k, qcfg.d, tuple(qcfg.overrides), qcfg.pattern)
+  value_bytes = codebook_values.value_bytes(qcfg.codebook_dtype)
+  overhead = codebook_values.overhead_bytes(qcfg.codebook_dtype)
+  side_bytes = np.dtype(codebook_values.side_dtype(qcfg.codebook_dtype)).itemsize
+  minimum = fixed = quantized = 0
+  for path, kernel in surgery.module_kernels(params):
+    spec = rules.spec_for('/'.join(path))
+    if spec is None:
+      continue
+    in_f, out_f = kernel.shape
+    positions = in_f // spec.subvector_dim
+    codebooks, points = (1, positions * out_f) if spec.shared else (positions, out_f)
+    per = compress.codebook_bytes(np.array([min(cfg.min_live, spec.codebook_size)]), points, spec.subvector_dim,
+                                  value_bytes, compress.size_dtype(spec.codebook_size).itemsize, overhead)  # fmt: skip
+    bias = tree_utils.get_path(params, list(path) + ['bias'])
+    fixed += 0 if bias is None else 4 * int(np.size(bias))
+    minimum += codebooks * int(per[0]) + (out_f * side_bytes if qcfg.channel_scale else 0)
+    quantized += in_f * out_f
+  target = allocation.target_bytes(cfg, 4 * quantized + fixed, quantized)
+  if quantized and minimum + fixed > target:
+    return [
+      f'config.compress: a budget of {target} bytes is below the smallest reachable size, {minimum + fixed} bytes '
+      f'({cfg.min_live} live codeword(s) per codebook and {fixed} bytes of full-precision biases); raise it'
+    ]
+  return []
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:

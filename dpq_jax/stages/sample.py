@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dpq_jax import convert, distributed, errors, io_utils
+from dpq_jax import convert, distributed, errors, integrity, io_utils
 from dpq_jax.evaluate import sample_batch, sampler
 from dpq_jax.models import vae as vae_lib
 from dpq_jax.stages.job import Job
@@ -87,12 +87,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       t0 = time.perf_counter()
       latents = batch.latents(start, progress=writer)  # sharded over every process's devices
       arrays = {'latents': distributed.to_host(latents)}
+      n = min(cfg.batch_size, cfg.num_samples - start)
+      integrity.check_finite(arrays, f'samples {start}..{start + n - 1} (not written: the model makes NaN/Inf)')
       if vae is not None:
         arrays['images'] = batch.decode(latents)
       sampling_s += time.perf_counter() - t0
       if writer:
         io_utils.write_npz(path, labels=batch.chunk_indices(start)[1], **arrays)
-      n = min(cfg.batch_size, cfg.num_samples - start)
       done += n
       bar.update(n)
 
