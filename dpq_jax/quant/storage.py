@@ -11,8 +11,9 @@ DIR/ holds four files, written into a temporary sibling and renamed into place:
                        only the live rows
   full_precision.bin   everything else (biases, embedders, final layer), float32
   index.json           model spec, per array its file, offset, shape, dtype and bits, and per file its size
-                       and blake2b digest (`files`): load verifies them before using a byte, so a damaged or
-                       truncated file is named (ArtifactError), never used; digest(DIR) covers index.json too
+                       and sha256 (`files`): load verifies them (on other threads while it unpacks) before it
+                       returns, so a damaged or truncated file is named (ArtifactError), never used;
+                       digest(DIR), index.json's own, covers them all
 save refuses weights holding NaN/Inf before writing anything (NonFiniteError naming the tensor).
 `bytes` in report.json are these files' sizes, so the artifact is exactly as small as stated.
 DIR may be a gs:// (any etils.epath) URL: the files are built locally and uploaded with index.json last
@@ -22,7 +23,7 @@ builds it (in a local temp dir) to measure the same sizes, and all wait until it
 
 from __future__ import annotations
 
-import hashlib
+import concurrent.futures
 import json
 import os
 import shutil
@@ -54,7 +55,7 @@ RTN_SIDE = ('rtn_scale', 'rtn_offset')  # codebooks.bin: an RTN layer's scale an
 class _Writer:
   def __init__(self, directory: str):
     self.handles = {k: open(os.path.join(directory, f), 'wb') for k, f in FILES.items()}
-    self.hashes = {k: hashlib.blake2b(digest_size=16) for k in FILES}  # integrity.digest_bytes, as written
+    self.hashes = {k: integrity.hasher() for k in FILES}  # the files' digests, computed as they are written
     self.entries: list[dict[str, Any]] = []
 
   def add(self, kind: str, path: str, data: np.ndarray, **meta: Any) -> None:
@@ -65,10 +66,10 @@ class _Writer:
     self.hashes[kind].update(raw)
 
   def close(self) -> dict[str, dict[str, Any]]:
-    """Closes the files; returns index.json's `files`: {file name: {'bytes', 'blake2b'}}."""
+    """Closes the files; returns index.json's `files`: {file name: {'bytes', digest}}."""
     out = {}
     for kind, f in self.handles.items():
-      out[FILES[kind]] = {'bytes': f.tell(), 'blake2b': self.hashes[kind].hexdigest()}
+      out[FILES[kind]] = {'bytes': f.tell(), integrity.ALGORITHM: self.hashes[kind].hexdigest()}
       f.close()
     return out
 
@@ -238,7 +239,7 @@ def _read_index(directory: str) -> dict[str, Any]:
 
 def digest(directory: str) -> str:
   """The artifact's digest: index.json's, which holds every other file's (what the lineage records)."""
-  return integrity.file_digest(os.path.join(directory, INDEX))['blake2b']
+  return integrity.file_digest(os.path.join(directory, INDEX))[integrity.ALGORITHM]
 
 
 def load_meta(directory: str) -> dict[str, Any]:
@@ -253,20 +254,27 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
     ArtifactError naming the file when one is missing, damaged (digest), truncated or malformed.
   """
   index = _read_index(directory)
-  blobs = {}
-  for k, f in FILES.items():
-    path = os.path.join(directory, f)
+  blobs, fix = {}, _fix(directory)
+  with concurrent.futures.ThreadPoolExecutor(len(FILES)) as pool:  # hashlib releases the GIL: hashed meanwhile
+    checks = []
+    for k, f in FILES.items():
+      path = os.path.join(directory, f)
+      try:
+        blobs[k] = _read_blob(path)
+        checks.append(pool.submit(integrity.check, path, blobs[k], index['files'][f], fix))
+      except (OSError, KeyError, TypeError) as e:
+        raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {fix}') from None
     try:
-      blobs[k] = _read_blob(path)
-      integrity.check(path, blobs[k], index['files'][f], _fix(directory))
-    except (OSError, KeyError, TypeError) as e:
-      raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {_fix(directory)}') from None
-  try:
-    return _parse(index, blobs, directory)
-  except (KeyError, ValueError, IndexError, TypeError) as e:
-    raise errors.ArtifactError(
-      f'{os.path.join(directory, INDEX)}: malformed entries ({type(e).__name__}: {e}); {_fix(directory)}'
-    ) from None
+      out = _parse(index, blobs, directory)
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+      for c in checks:
+        c.result()  # a damaged file explains a malformed entry: named first
+      raise errors.ArtifactError(
+        f'{os.path.join(directory, INDEX)}: malformed entries ({type(e).__name__}: {e}); {fix}'
+      ) from None
+    for c in checks:
+      c.result()  # raises ArtifactError: nothing parsed from a damaged file is returned
+  return out
 
 
 def _parse(index: dict[str, Any], blobs: dict[str, np.ndarray], directory: str) -> tuple[dict, QuantizedParams]:

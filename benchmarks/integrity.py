@@ -1,0 +1,106 @@
+r"""What verifying an artifact's digests costs: loading DIR/quantized/ of a DiT-XL/2 with and without the check.
+
+  .venv/bin/python -m benchmarks.integrity                 # 1-bit PQ (K=256, d=8), all 28 blocks
+  .venv/bin/python -m benchmarks.integrity --blocks 4      # a quicker look
+
+Wall and CPU seconds: storage.load hashes on other threads while it unpacks (hashlib releases the GIL), so
+the wall-clock cost is what the hashing adds past the unpacking, and the CPU cost is the hashing itself.
+
+The artifact has DiT-XL/2's shapes (every block's 5 linear layers as PQ codes + float16 codebooks + channel
+scales; biases, embedders and the final layer in float32) with random values: no k-means runs, so building it
+takes seconds. Both loads read the same files from the page cache (warm: the best of --repeats interleaved
+rounds), which makes the digest's share as large as it gets; a cold read from disk only adds to the load.
+The last rows time a hash alone over the files' bytes: sha256 (what storage uses: hardware-accelerated on
+x86 with SHA extensions) and blake2b-128, the other candidate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+
+import numpy as np
+
+from benchmarks import _common
+from dpq_jax import integrity, tree_utils
+from dpq_jax.quant import storage
+from dpq_jax.quant.qweight import PQWeight
+from dpq_jax.quant.surgery import QuantizedParams
+
+HIDDEN, PATCH, CHANNELS, CLASSES, FREQ = 1152, 2, 4, 1000, 256
+
+
+def xl_artifact(blocks: int, k: int, d: int, seed: int = 0) -> QuantizedParams:
+  """A QuantizedParams with DiT-XL/2's shapes: `blocks` PQ-quantized blocks and the full-precision rest."""
+  rng = np.random.default_rng(seed)
+  fp: dict = {}
+  pq = {}
+  for b in range(blocks):
+    for name, (c_out, c_in) in _common.DIT_XL_BLOCK_LAYERS.items():
+      module = f'blocks_{b}/{name}'
+      codebooks = _common.heavy_tailed(rng, (c_in // d, k, d))  # [num_subvectors, K, d]
+      codes = rng.integers(0, k, (c_in // d, c_out)).astype(np.uint8 if k <= 256 else np.uint16)
+      pq[module] = PQWeight(codebooks, codes, None, np.ones(c_out, np.float32))
+      tree_utils.set_path(fp, module.split('/') + ['bias'], np.zeros(c_out, np.float32))
+  leftovers = {
+    'x_embedder/proj/kernel': (PATCH, PATCH, CHANNELS, HIDDEN),
+    't_embedder/mlp_0/kernel': (FREQ, HIDDEN),
+    't_embedder/mlp_2/kernel': (HIDDEN, HIDDEN),
+    'y_embedder/embedding_table/embedding': (CLASSES + 1, HIDDEN),
+    'final_layer/adaLN_modulation/kernel': (HIDDEN, 2 * HIDDEN),
+    'final_layer/linear/kernel': (HIDDEN, PATCH * PATCH * 2 * CHANNELS),
+  }
+  for path, shape in leftovers.items():
+    tree_utils.set_path(fp, path.split('/'), _common.heavy_tailed(rng, shape))
+  return QuantizedParams(fp, pq, {}, [])
+
+
+def main() -> None:
+  parser = _common.parser(__doc__)
+  parser.add_argument('--blocks', type=_common.integer(1, 28), default=28, help='DiT-XL/2 blocks (default 28)')
+  parser.add_argument('--k', type=_common.integer(2, 65536), default=256)
+  parser.add_argument('--d', type=_common.integer(1), default=8)
+  parser.add_argument('--repeats', type=_common.integer(1), default=3)
+  args = parser.parse_args()
+
+  with tempfile.TemporaryDirectory(prefix='dpq_jax-integrity-') as tmp:
+    artifact = os.path.join(tmp, storage.ARTIFACT_DIR)
+    sizes = storage.save(artifact, xl_artifact(args.blocks, args.k, args.d), {'name': 'DiT-XL/2'}, commit=True)
+    blobs = [np.fromfile(os.path.join(artifact, f), np.uint8) for f in storage.FILES.values()]
+    check = integrity.check
+
+    def unverified():
+      integrity.check = lambda *a, **k: None
+      try:
+        return storage.load(artifact)
+      finally:
+        integrity.check = check
+
+    calls = {
+      'load, verified': lambda: storage.load(artifact),
+      'load, unverified': unverified,
+      'sha256 alone': lambda: [hashlib.sha256(memoryview(b)).hexdigest() for b in blobs],
+      'blake2b alone': lambda: [hashlib.blake2b(memoryview(b), digest_size=16).hexdigest() for b in blobs],
+    }
+    best = {name: (float('inf'), float('inf')) for name in calls}
+    for _ in range(args.repeats):  # interleaved, so machine noise hits every call alike
+      for name, fn in calls.items():
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        best[name] = min(best[name], (time.perf_counter() - wall, time.process_time() - cpu))
+
+  print(f'DiT-XL/2 artifact ({args.blocks} blocks, PQ K={args.k} d={args.d}): {sizes["total"] / 2**20:.1f} MiB '
+        f'({_common.platform()}, best of {args.repeats}, warm page cache)\n')  # fmt: skip
+  _common.print_header(['measure', 'wall s', 'CPU s (all threads)', 'wall, share of the unverified load'])
+  base = best['load, unverified']
+  for name, (wall, cpu) in best.items():
+    print(f'| {name} | {wall:.3f} | {cpu:.3f} | {wall / base[0]:.1%} |')
+  verified = best['load, verified']
+  print(f'\nverification: {(verified[0] - base[0]) / base[0]:+.1%} wall, {(verified[1] - base[1]) / base[1]:+.1%} CPU '
+        'of the unverified load')  # fmt: skip
+
+
+if __name__ == '__main__':
+  main()
