@@ -3,7 +3,8 @@ r"""What verifying an artifact's digests costs: loading DIR/quantized/ of a DiT-
   .venv/bin/python -m benchmarks.integrity                 # 1-bit PQ (K=256, d=8), all 28 blocks
   .venv/bin/python -m benchmarks.integrity --blocks 4      # a quicker look
 
-Wall and CPU seconds: storage.load hashes on other threads while it unpacks (hashlib releases the GIL), so
+`load` is storage.load; `load + decode` adds what a run that samples from the artifact does next (every PQ
+kernel decoded once, config.quant.dequantize='load'). Wall and CPU seconds: storage.load hashes on other threads while it unpacks (hashlib releases the GIL), so
 the wall-clock cost is what the hashing adds past the unpacking, and the CPU cost is the hashing itself.
 
 The artifact has DiT-XL/2's shapes (every block's 5 linear layers as PQ codes + float16 codebooks + channel
@@ -21,6 +22,7 @@ import os
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 from benchmarks import _common
@@ -78,9 +80,14 @@ def main() -> None:
       finally:
         integrity.check = check
 
+    def decoded(load):  # what a run that samples from the loaded artifact does next (dequantize='load')
+      return lambda: jax.block_until_ready(load()[1].dense_params())
+
     calls = {
       'load, verified': lambda: storage.load(artifact),
       'load, unverified': unverified,
+      'load + decode, verified': decoded(lambda: storage.load(artifact)),
+      'load + decode, unverified': decoded(unverified),
       'sha256 alone': lambda: [hashlib.sha256(memoryview(b)).hexdigest() for b in blobs],
       'blake2b alone': lambda: [hashlib.blake2b(memoryview(b), digest_size=16).hexdigest() for b in blobs],
     }
@@ -97,9 +104,10 @@ def main() -> None:
   base = best['load, unverified']
   for name, (wall, cpu) in best.items():
     print(f'| {name} | {wall:.3f} | {cpu:.3f} | {wall / base[0]:.1%} |')
-  verified = best['load, verified']
-  print(f'\nverification: {(verified[0] - base[0]) / base[0]:+.1%} wall, {(verified[1] - base[1]) / base[1]:+.1%} CPU '
-        'of the unverified load')  # fmt: skip
+  print()
+  for what in ('load', 'load + decode'):
+    (wall, cpu), (wall0, cpu0) = best[f'{what}, verified'], best[f'{what}, unverified']
+    print(f'verification: {(wall - wall0) / wall0:+.1%} wall, {(cpu - cpu0) / cpu0:+.1%} CPU of the unverified {what}')
 
 
 if __name__ == '__main__':

@@ -82,8 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with workdir_lib.hold(workdir):  # (object stores have no directories to make, and no lock)
       return _run_stages(config, workdir, writer)
   except BaseException:
-    if created and workdir_lib.only_lock(workdir):
-      os.remove(os.path.join(workdir, workdir_lib.LOCK))
+    if created and not io_utils.is_remote(workdir) and os.path.isdir(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)  # A run that failed before writing anything leaves no trace.
     raise
 

@@ -1,8 +1,8 @@
 """The run's workdir: usable before any work starts, held by one run at a time, cleared of dead runs' temps.
 
 `check` finds what would fail later (a file where the directory should be, no write permission) before any
-stage runs; `hold` takes an advisory fcntl lock on DIR/.lock (the holder's pid inside) before anything is
-written, so a second run on the same workdir is refused instead of rewriting what the first one uses, and
+stage runs; `hold` takes an advisory fcntl lock on DIR/.lock (the holder's pid inside; removed when the run ends)
+before anything is written, so a second run on the same workdir is refused instead of rewriting what the first one uses, and
 then removes the temp files and directories that killed runs left (atomic writers' `.NAME.*.tmp` files,
 `.NAME.tmp-*` directories and `quantized.old` copies: none can belong to a live run while the lock is held).
 Object-store workdirs (gs://) are checked for being a file only and are not locked: fcntl needs a local file.
@@ -52,21 +52,27 @@ def hold(workdir: str) -> Iterator[None]:
     return
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-  try:
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+      os.close(fd)
       raise errors.WorkdirError(
         f'--workdir={workdir} is in use by another run (pid {holder}, {path}); wait for it or choose another workdir'
       ) from None
+    if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+      break
+    os.close(fd)  # the holder removed the file between our open and lock: lock the one at `path` now
+  try:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
     remove_stale(workdir)
     yield
   finally:
-    os.close(fd)  # closing releases the lock; the file stays (unlinking it would race a waiting run)
+    os.remove(path)  # while still locked: a run that opened it meanwhile sees another inode and retries
+    os.close(fd)
 
 
 def remove_stale(workdir: str) -> list[str]:
@@ -85,8 +91,3 @@ def remove_stale(workdir: str) -> list[str]:
     if root.count(os.sep) - base >= _STALE_DEPTH - 1:
       dirs[:] = []
   return removed
-
-
-def only_lock(workdir: str) -> bool:
-  """Whether `workdir` holds nothing but the lock file (a run that failed before writing anything)."""
-  return not io_utils.is_remote(workdir) and os.path.isdir(workdir) and set(os.listdir(workdir)) <= {LOCK}
