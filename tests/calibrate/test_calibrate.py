@@ -285,3 +285,44 @@ def _read_scalars(directory) -> dict:
       for v in event.summary.value:
         out.setdefault(v.tag, []).append((event.step, v.simple_value))
   return out
+
+
+def test_nan_loss_stops_calibration_with_the_step_range(tmp_path, monkeypatch):
+  """A loss that turns NaN at step 3 (injected into the real step's metrics) stops the stage with the step range
+  as a user fault (NonFiniteError: one line from main), before DIR/quantized is rewritten."""
+  from dpq_jax import errors
+  from dpq_jax.calibrate import train_step as step_lib
+  from dpq_jax.quant import storage
+  from dpq_jax.stages import Job, QuantizedModel
+  from dpq_jax.stages import calibrate as calibrate_stage
+
+  fp, rules, params, q = tiny_setup()
+  storage.save(str(tmp_path / 'quantized'), q, {'name': 'tiny'})
+  before = {f: (tmp_path / 'quantized' / f).read_bytes() for f in storage.FILES.values()}
+  real = step_lib.jit_step
+
+  def nan_from_step_3(fn, *args, **kwargs):
+    jstep, *rest = real(fn, *args, **kwargs)
+    calls = []
+
+    def step(state, frozen, batch):
+      state, metrics = jstep(state, frozen, batch)
+      calls.append(1)
+      return state, dict(metrics, loss=metrics['loss'] * (np.nan if len(calls) >= 3 else 1.0))
+
+    return (step, *rest)
+
+  monkeypatch.setattr(step_lib, 'jit_step', nan_from_step_3)
+  config = runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': max(4, jax.device_count()), 'calibrate.lr': 1e-2,
+                       'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'calibrate.log_every': 2,
+                       'data.num_samples': 8})  # fmt: skip
+  config.model.init, config.model.input_size, config.data.source = 'checkpoint', 8, 'data_free'
+  job = Job(
+    report={'num_params': 1000},
+    spec=_TinySpec(fp),
+    fp_params=params,
+    quantized=QuantizedModel(q, rules, {'name': 'tiny'}),
+  )
+  with pytest.raises(errors.NonFiniteError, match=re.escape('not finite at step 3 (steps 3..4)')):
+    calibrate_stage.run(config, str(tmp_path), job)
+  assert {f: (tmp_path / 'quantized' / f).read_bytes() for f in storage.FILES.values()} == before
