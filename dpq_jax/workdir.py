@@ -39,7 +39,7 @@ def check(workdir: str, what: str = '--workdir') -> None:
   while not os.path.exists(probe):
     probe = os.path.dirname(probe)
   if not os.path.isdir(probe):
-    raise errors.WorkdirError(f'{what}={workdir}: {probe} is a file, so no directory can be made under it')
+    raise errors.WorkdirError(f'{what}={workdir} is not writable: {probe} is a file, not a directory')
   if not os.access(probe, os.W_OK | os.X_OK):
     raise errors.WorkdirError(f'{what}={workdir}: {probe} is not writable; choose another directory')
 
