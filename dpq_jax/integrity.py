@@ -9,15 +9,18 @@ while it unpacks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from typing import Any
+from concurrent import futures
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 
 from dpq_jax import errors, io_utils
 
 _CHUNK = 16 << 20
+T = TypeVar('T')
 
 
 ALGORITHM = 'sha256'  # the key of the digest in what the writers record
@@ -57,18 +60,41 @@ def check(path: str, data: Any, recorded: dict[str, Any], fix: str) -> None:
     raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
 
 
-def check_tree(directory: str, recorded: dict[str, dict[str, Any]], fix: str) -> None:
-  """Every file under `directory` as recorded (tree_digests): none missing, none added, none changed."""
+def check_file(path: str, recorded: dict[str, Any], fix: str) -> None:
+  """Raises ArtifactError naming `path` unless the file has the recorded size and digest."""
+  got = file_digest(path)
+  if got['bytes'] != recorded['bytes']:
+    raise errors.ArtifactError(
+      f'{path}: {got["bytes"]} bytes, {recorded["bytes"]} were written (truncated or replaced); {fix}'
+    )
+  if got[ALGORITHM] != recorded.get(ALGORITHM):
+    raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
+
+
+def tree_checks(directory: str, recorded: dict[str, dict[str, Any]], fix: str) -> list[Callable[[], None]]:
+  """The checks of every file under `directory` against `recorded` (tree_digests), to run (see `verified`);
+  raises ArtifactError at once for a file missing or added."""
   found = set(io_utils.relpath(f, directory) for f in io_utils.walk_files(directory))
-  for rel in sorted(set(recorded) | found):
-    path = os.path.join(directory, rel)
-    if rel not in found:
-      raise errors.ArtifactError(f'{path}: missing (it was written with the artifact); {fix}')
-    if rel not in recorded:
-      raise errors.ArtifactError(f'{path}: not written with the artifact (added since); {fix}')
-    got = file_digest(path)
-    if got != recorded[rel]:
-      check(path, io_utils.read_bytes(path), recorded[rel], fix)
+  for rel in sorted(set(recorded) ^ found):
+    what = 'missing (it was written with the artifact)' if rel in recorded else 'not written with the artifact'
+    raise errors.ArtifactError(f'{os.path.join(directory, rel)}: {what}; {fix}')
+  return [functools.partial(check_file, os.path.join(directory, rel), recorded[rel], fix) for rel in sorted(found)]
+
+
+def verified(work: Callable[[], T], checks: list[Callable[[], None]]) -> T:
+  """work() while `checks` run on other threads (hashlib releases the GIL); its result only once every check
+  passed. A failed check is raised in place of work's own error: a damaged file explains that error."""
+  with futures.ThreadPoolExecutor(max(1, min(len(checks), os.cpu_count() or 1))) as pool:
+    running = [pool.submit(c) for c in checks]
+    try:
+      out = work()
+    except Exception:
+      for r in running:
+        r.result()
+      raise
+    for r in running:
+      r.result()
+  return out
 
 
 def check_finite(tree: Any, where: str) -> None:
@@ -77,8 +103,8 @@ def check_finite(tree: Any, where: str) -> None:
 
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     x = np.asarray(leaf)
-    if x.dtype.kind not in 'fc' or x.size == 0:
-      continue
+    if x.dtype.kind not in 'fc' or x.size == 0 or np.isfinite(x.sum()):  # a sum is finite iff every value is
+      continue  # (but for a sum that overflows: then the count below decides)
     bad = int(x.size - np.count_nonzero(np.isfinite(x)))
     if bad:
       name = '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path)

@@ -23,7 +23,7 @@ builds it (in a local temp dir) to measure the same sizes, and all wait until it
 
 from __future__ import annotations
 
-import concurrent.futures
+import functools
 import json
 import os
 import shutil
@@ -254,27 +254,24 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
     ArtifactError naming the file when one is missing, damaged (digest), truncated or malformed.
   """
   index = _read_index(directory)
-  blobs, fix = {}, _fix(directory)
-  with concurrent.futures.ThreadPoolExecutor(len(FILES)) as pool:  # hashlib releases the GIL: hashed meanwhile
-    checks = []
-    for k, f in FILES.items():
-      path = os.path.join(directory, f)
-      try:
-        blobs[k] = _read_blob(path)
-        checks.append(pool.submit(integrity.check, path, blobs[k], index['files'][f], fix))
-      except (OSError, KeyError, TypeError) as e:
-        raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {fix}') from None
+  blobs, checks, fix = {}, [], _fix(directory)
+  for k, f in FILES.items():
+    path = os.path.join(directory, f)
     try:
-      out = _parse(index, blobs, directory)
+      blobs[k] = _read_blob(path)
+      checks.append(functools.partial(integrity.check, path, blobs[k], index['files'][f], fix))
+    except (OSError, KeyError, TypeError) as e:
+      raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {fix}') from None
+
+  def parse() -> tuple[dict, QuantizedParams]:
+    try:
+      return _parse(index, blobs, directory)
     except (KeyError, ValueError, IndexError, TypeError) as e:
-      for c in checks:
-        c.result()  # a damaged file explains a malformed entry: named first
       raise errors.ArtifactError(
         f'{os.path.join(directory, INDEX)}: malformed entries ({type(e).__name__}: {e}); {fix}'
       ) from None
-    for c in checks:
-      c.result()  # raises ArtifactError: nothing parsed from a damaged file is returned
-  return out
+
+  return integrity.verified(parse, checks)  # hashed while parsed; nothing from a damaged file is returned
 
 
 def _parse(index: dict[str, Any], blobs: dict[str, np.ndarray], directory: str) -> tuple[dict, QuantizedParams]:
