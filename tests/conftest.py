@@ -1,6 +1,7 @@
 """Fixtures shared by the tests; plain helpers (ROOT, the CLI runner, weight makers) are in helpers.py.
 
-Every fixture here is session-scoped and built on first use: tests must not modify what they receive.
+Every fixture here is session-scoped and built on first use: tests must not modify what they receive (but
+faults_copy, each test's own copy of faults_workdir).
 
 One persistent XLA compilation cache serves the whole session: this process and every subprocess it starts
 (the CLI runs, the 8-device reruns, the multi-process workers) inherit JAX_COMPILATION_CACHE_DIR, so a program
@@ -65,3 +66,40 @@ def small_dit():
 def tiny_vae_dir(tmp_path_factory):
   """A converted random VAE (helpers.TINY_VAE, downscale 2: 16x16 latents -> 32x32 images)."""
   return helpers.save_random_vae(tmp_path_factory.mktemp('vae') / 'tiny')
+
+
+@pytest.fixture(scope='session')
+def faults_workdir(tmp_path_factory):
+  """A workdir holding the finished artifact and lineage of tests/pipeline/faults.config()'s tiny job (the fault
+  tests damage copies of it: see faults_copy)."""
+  from dpq_jax import pipeline
+  from tests.pipeline import faults
+
+  base = str(tmp_path_factory.mktemp('faults') / 'base')
+  pipeline.run(faults.config(), base)
+  return base
+
+
+@pytest.fixture
+def faults_copy(faults_workdir, tmp_path):
+  """A copy of faults_workdir of this test's own, to damage."""
+  out = str(tmp_path / 'w')
+  shutil.copytree(faults_workdir, out)
+  return out
+
+
+@pytest.fixture(scope='session')
+def tiny_converted(tmp_path_factory):
+  """(spec, params, path) of faults.config()'s model converted (model.json + params/); copy it to damage it."""
+  import jax
+  import numpy as np
+
+  from dpq_jax import convert
+  from dpq_jax.models import load as load_lib
+  from tests.pipeline import faults
+
+  spec, _, params = load_lib.load_model(faults.config().model)  # the same init the fault job compiled
+  params = jax.tree.map(np.asarray, params)
+  path = str(tmp_path_factory.mktemp('converted') / 'dit')
+  convert.save_converted(path, spec, params)
+  return spec, params, path
