@@ -173,3 +173,13 @@ def test_temps_of_killed_writers_are_removed_at_start(faults_copy):
   report = pipeline.run(faults.config(), faults_copy)
   assert faults.temps(faults_copy) == [] and not os.path.exists(os.path.join(faults_copy, 'quantized.old'))
   assert report['timings_s']['quantize'] == 0.0  # the whole old artifact was put back and loaded
+
+
+def test_a_bug_keeps_its_traceback():
+  """Only user faults are one line: anything else (a bug) propagates, so its traceback shows."""
+  from dpq_jax import errors
+
+  with pytest.raises(KeyError), errors.reported():
+    raise KeyError('a bug')
+  with pytest.raises(OSError), errors.reported():
+    raise OSError(5, 'Input/output error')  # EIO: not a fault the user fixes
