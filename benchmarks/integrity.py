@@ -115,7 +115,7 @@ def converted_rows(repeats: int) -> tuple[str, dict]:
   spec = ModelSpec(name='DiT-XL/2', input_size=32, num_classes=1000, learn_sigma=True)
   with tempfile.TemporaryDirectory(prefix='dpq_jax-integrity-') as tmp:
     path = os.path.join(tmp, 'dit_xl_2')
-    convert.save_converted(path, spec, _common.heavy_tailed_params(spec.name, spec.input_size, 0))
+    convert.save_converted(path, spec, _common.heavy_tailed_params(spec.name, spec.input_size, 0))  # (then freed)
     size = sum(os.path.getsize(f) for f in io_utils.walk_files(path))
     verified = functools.partial(convert.load_converted, path)
     best = _best({
@@ -135,8 +135,8 @@ def main() -> None:
   args = parser.parse_args()
 
   parts = [artifact_rows(args.blocks, args.k, args.d, args.repeats)]
-  if args.converted:
-    parts.append(converted_rows(args.repeats))
+  if args.converted:  # in a child process of its own: its 2.7 GB (times the copies orbax makes) go with it
+    parts.append(_common.in_child(converted_rows, args.repeats))
   print(f'DiT-XL/2 ({"; ".join(p[0] for p in parts)}); {_common.platform()}, best of {args.repeats}, warm page '
         'cache\n')  # fmt: skip
   best = {name: t for _, rows in parts for name, t in rows.items()}
