@@ -5,15 +5,15 @@ r"""What verifying an artifact's digests costs: loading DIR/quantized/ of a DiT-
   .venv/bin/python -m benchmarks.integrity --converted     # + the converted fp checkpoint (2.7 GB on disk)
 
 `load` is storage.load; `load + decode` adds what a run that samples from the artifact does next (every PQ
-kernel decoded once, config.quant.dequantize='load'). Wall and CPU seconds: storage.load hashes on other threads while it unpacks (hashlib releases the GIL), so
+kernel decoded once, config.quant.dequantize='load'). Wall and CPU seconds: storage.load hashes on other threads while it unpacks (hashlib and xxhash release the GIL), so
 the wall-clock cost is what the hashing adds past the unpacking, and the CPU cost is the hashing itself.
 
 The artifact has DiT-XL/2's shapes (every block's 5 linear layers as PQ codes + float16 codebooks + channel
 scales; biases, embedders and the final layer in float32) with random values: no k-means runs, so building it
 takes seconds. Both loads read the same files from the page cache (warm: the best of --repeats interleaved
 rounds), which makes the digest's share as large as it gets; a cold read from disk only adds to the load.
-The last rows time a hash alone over the files' bytes: sha256 (what storage uses: hardware-accelerated on
-x86 with SHA extensions) and blake2b-128, the other candidate.
+The last rows time a hash alone over the files' bytes: XXH3-128 (what storage uses), sha256 (hardware-accelerated
+on x86 with SHA extensions; what artifacts written before XXH3 record) and blake2b-128, the other candidate.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+import xxhash
 
 from benchmarks import _common
 from dpq_jax import convert, integrity, io_utils, tree_utils
@@ -104,6 +105,7 @@ def artifact_rows(blocks: int, k: int, d: int, repeats: int) -> tuple[str, dict]
       'load, unverified': unverified,
       'load + decode, verified': decoded(verified),
       'load + decode, unverified': decoded(unverified),
+      'xxh3_128 alone': lambda: [xxhash.xxh3_128(memoryview(b)).hexdigest() for b in blobs],
       'sha256 alone': lambda: [hashlib.sha256(memoryview(b)).hexdigest() for b in blobs],
       'blake2b alone': lambda: [hashlib.blake2b(memoryview(b), digest_size=16).hexdigest() for b in blobs],
     }, repeats)  # fmt: skip

@@ -1,10 +1,12 @@
 """Digests of written files, verified when they are read back; finiteness of weights and samples.
 
-A digest is the sha256 of the file's bytes plus its size: recorded by the writer next to the files it covers
-(index.json, model.json), checked by the reader before what it read is returned, so a damaged, truncated or
-edited file is named instead of used. sha256 because this CPU hashes it in hardware: 2.3x blake2b's speed
-here (benchmarks/integrity.py measures both); hashlib releases the GIL, so storage.load hashes on other cores
-while it unpacks.
+A digest is the XXH3-128 hash of the file's bytes plus its size: recorded by the writer next to the files it
+covers (index.json, model.json), checked by the reader before what it read is returned, so a damaged, truncated
+or edited file is named instead of used. XXH3 because it detects damage (not tampering: nothing here is a
+security boundary) at memory speed: several times sha256 even where the CPU hashes sha256 in hardware
+(benchmarks/integrity.py measures both), so the check costs a small part of a load that only copies bytes.
+Files recorded by sha256 (artifacts written before the switch) are checked by sha256. The checks run on other
+threads while storage.load unpacks.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from concurrent import futures
 from typing import Any, Callable, TypeVar
 
 import numpy as np
+import xxhash
 
 from dpq_jax import errors, io_utils
 
@@ -23,27 +26,36 @@ _CHUNK = 16 << 20
 T = TypeVar('T')
 
 
-ALGORITHM = 'sha256'  # the key of the digest in what the writers record
+ALGORITHM = 'xxh3_128'  # the key of the digest in what the writers record
+# every key a reader accepts -> its hash object's constructor; sha256: artifacts written before XXH3
+_HASHES = {'xxh3_128': xxhash.xxh3_128, 'sha256': hashlib.sha256}
 
 
-def hasher():
-  """A new hashlib object of ALGORITHM (for writers that hash as they write)."""
-  return hashlib.new(ALGORITHM)
+def hasher(algorithm: str = ALGORITHM):
+  """A new hash object (update / hexdigest) of `algorithm`, for writers that hash as they write."""
+  return _HASHES[algorithm]()
 
 
-def digest_bytes(data: Any) -> str:
+def _algorithm_of(recorded: dict[str, Any]) -> str:
+  """The algorithm a record was written with (the newest one it holds)."""
+  return next((a for a in _HASHES if a in recorded), ALGORITHM)
+
+
+def digest_bytes(data: Any, algorithm: str = ALGORITHM) -> str:
   """The hex digest of a bytes-like object (bytes, a contiguous numpy array)."""
-  return hashlib.new(ALGORITHM, memoryview(data).cast('B')).hexdigest()
+  h = hasher(algorithm)
+  h.update(memoryview(data).cast('B'))
+  return h.hexdigest()
 
 
-def file_digest(path: str) -> dict[str, Any]:
-  """{'bytes', ALGORITHM} of a file, read in large chunks."""
-  h, size = hasher(), 0
+def file_digest(path: str, algorithm: str = ALGORITHM) -> dict[str, Any]:
+  """{'bytes', algorithm} of a file, read in large chunks."""
+  h, size = hasher(algorithm), 0
   with io_utils.open_file(path, 'rb') as f:
     while chunk := f.read(_CHUNK):
       h.update(chunk)
       size += len(chunk)
-  return {'bytes': size, ALGORITHM: h.hexdigest()}
+  return {'bytes': size, algorithm: h.hexdigest()}
 
 
 def tree_digests(directory: str) -> dict[str, dict[str, Any]]:
@@ -56,18 +68,20 @@ def check(path: str, data: Any, recorded: dict[str, Any], fix: str) -> None:
   size = memoryview(data).nbytes
   if size != recorded['bytes']:
     raise errors.ArtifactError(f'{path}: {size} bytes, {recorded["bytes"]} were written (truncated or replaced); {fix}')
-  if digest_bytes(data) != recorded.get(ALGORITHM):
+  algorithm = _algorithm_of(recorded)
+  if digest_bytes(data, algorithm) != recorded.get(algorithm):
     raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
 
 
 def check_file(path: str, recorded: dict[str, Any], fix: str) -> None:
   """Raises ArtifactError naming `path` unless the file has the recorded size and digest."""
-  got = file_digest(path)
+  algorithm = _algorithm_of(recorded)
+  got = file_digest(path, algorithm)
   if got['bytes'] != recorded['bytes']:
     raise errors.ArtifactError(
       f'{path}: {got["bytes"]} bytes, {recorded["bytes"]} were written (truncated or replaced); {fix}'
     )
-  if got[ALGORITHM] != recorded.get(ALGORITHM):
+  if got[algorithm] != recorded.get(algorithm):
     raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
 
 
@@ -82,7 +96,7 @@ def tree_checks(directory: str, recorded: dict[str, dict[str, Any]], fix: str) -
 
 
 def verified(work: Callable[[], T], checks: list[Callable[[], None]]) -> T:
-  """work() while `checks` run on other threads (hashlib releases the GIL); its result only once every check
+  """work() while `checks` run on other threads (hashlib and xxhash release the GIL on large buffers); its result only once every check
   passed. A failed check is raised in place of work's own error: a damaged file explains that error."""
   with futures.ThreadPoolExecutor(max(1, min(len(checks), os.cpu_count() or 1))) as pool:
     running = [pool.submit(c) for c in checks]

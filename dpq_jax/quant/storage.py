@@ -11,7 +11,7 @@ DIR/ holds four files, written into a temporary sibling and renamed into place:
                        only the live rows
   full_precision.bin   everything else (biases, embedders, final layer), float32
   index.json           model spec, per array its file, offset, shape, dtype and bits, and per file its size
-                       and sha256 (`files`): load verifies them (on other threads while it unpacks) before it
+                       and XXH3-128 digest (`files`): load verifies them (on other threads while it unpacks) before it
                        returns, so a damaged or truncated file is named (ArtifactError), never used;
                        digest(DIR), index.json's own, covers them all
 save refuses weights holding NaN/Inf before writing anything (NonFiniteError naming the tensor).

@@ -187,3 +187,30 @@ def test_calibration_checkpoint_needs_its_own_fingerprint(tmp_path, capsys, stor
   assert message in line, line
   if stored is not None:
     loop.check_checkpoints(str(tmp_path), stored)  # its own job resumes it
+
+
+@pytest.mark.parametrize('algorithm', ['xxh3_128', 'sha256'])
+def test_digest_records_of_either_algorithm_find_one_flipped_byte(tmp_path, algorithm):
+  """Files recorded by XXH3-128 (written now) or sha256 (written before the switch) verify, against hashlib's
+  sha256 and the xxhash reference; one flipped byte is named."""
+  import hashlib
+
+  import xxhash
+
+  from dpq_jax import errors, integrity
+
+  path = tmp_path / 'codes.bin'
+  data = np.random.default_rng(0).integers(0, 256, 3 << 20, np.uint8).tobytes()
+  path.write_bytes(data)
+  recorded = integrity.file_digest(str(path), algorithm)
+  reference = {'xxh3_128': xxhash.xxh3_128, 'sha256': hashlib.sha256}[algorithm](data).hexdigest()
+  assert recorded == {'bytes': len(data), algorithm: reference}
+  integrity.check_file(str(path), recorded, 'fix')
+  integrity.check(str(path), data, recorded, 'fix')
+  damaged = bytearray(data)
+  damaged[12345] ^= 1
+  path.write_bytes(bytes(damaged))
+  with pytest.raises(errors.ArtifactError, match='codes.bin: its digest differs'):
+    integrity.check_file(str(path), recorded, 'fix')
+  with pytest.raises(errors.ArtifactError, match='digest differs'):
+    integrity.check(str(path), bytes(damaged), recorded, 'fix')
