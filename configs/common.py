@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.num_classes = 1000
   config.model.learn_sigma = True
   config.model.dtype = 'float32'  # compute dtype; params stay float32
+  # Blocks under nn.scan in calibration and sampling: one compiled block, one block's decoded kernels at a time
+  # (the artifact keeps per-block names); blocks that differ (mixed K/d, some unquantized) run unrolled.
+  config.model.scan_blocks = False
 
   config.train = ml_collections.ConfigDict()  # stage `train`: jobs that train their own small DiT (the demo)
   config.train.dataset = 'digits'

@@ -25,6 +25,7 @@ import optax
 from dpq_jax import tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, qweight
 
 # What the backward pass recomputes instead of keeping (config.calibrate.remat):
@@ -204,9 +205,12 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, state: Any, frozen: Any
 
 
 def refresh_codes(dynamic_model: nn.Module, params: dict, quant: dict, sample: dict) -> dict:
-  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks."""
+  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks.
+
+  params and quant are per block; a model with scan_blocks runs on them stacked."""
   x = jnp.asarray(sample['latents'][:1], jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   y = jnp.asarray(sample['labels'][:1], jnp.int32)
-  fn = jax.jit(lambda p, q: dynamic_model.apply({'params': p, 'quant': q}, x, t, y, mutable=['quant'])[1]['quant'])
-  return trainable_lib.pick(quant, fn(params, quant))
+  model, variables, _ = scan_lib.runnable(dynamic_model, {'params': params, 'quant': quant})
+  fn = jax.jit(lambda v: model.apply(v, x, t, y, mutable=['quant'])[1]['quant'])
+  return trainable_lib.pick(quant, scan_lib.unstack_blocks(fn(variables)))
