@@ -56,7 +56,8 @@ def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 
     cfg.trainable = 'all'
     trainable, frozen_params = trainable_lib.split_trainable(params, ['.*'])
     mutable, constant, every = {}, {}, 0
-    dyn = frz = model.clone(remat=remat == 'blocks')
+    policy = step_lib.REMAT_POLICIES.get(remat)
+    dyn = frz = model.clone(remat=remat in ('blocks', 'dots'), remat_policy=policy)
   else:
     qparams, quant = random_pq(params, rules)
     p, qn = step_lib.attach_latent(qparams, quant, params, 'dynamic')

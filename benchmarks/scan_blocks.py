@@ -9,7 +9,7 @@ Calibration step (batch --batch): the jitted step of dpq_jax.calibrate.train_ste
 builds it: 'fp' a plain DiT training step, 'pq' PQ K=256 d=8 (1 bit/weight) on the 5 layers of every block,
 codebooks trained, codes recomputed in every forward (dynamic assignment); codebooks are K random sub-vectors
 of each kernel. Unrolled with remat 'none' (today's default) vs scanned with each --remat mode
-(config.calibrate.remat: none | decoded | blocks). Step s: the median of --repeats steps, runs interleaved.
+(config.calibrate.remat: none | decoded | blocks | dots). Step s: the median of --repeats steps, runs interleaved.
 
 Sampler step (batch --sampler-batch, guidance 1.5, so the model runs on twice the batch): one compiled call of
 --steps DDPM steps (dpq_jax.diffusion.sampling.scan_steps, what the sampler runs 25 steps at a time) of the
@@ -164,6 +164,7 @@ def main(argv=None) -> None:
   parser.add_argument('--repeats', type=_common.integer(0), default=3)
   parser.add_argument('--skip-step', action='store_true')
   parser.add_argument('--skip-sampler', action='store_true')
+  parser.add_argument('--skip-unrolled', action='store_true', help='scanned rows only')
   parser.add_argument('--xl', action='store_true', help='also DiT-XL/2, scanned only (calibration batch 1)')
   parser.add_argument('--xl-remat', default='decoded,blocks', help='remat modes of the scanned XL step')
   args = parser.parse_args(argv)
@@ -173,13 +174,13 @@ def main(argv=None) -> None:
       parser.error(f'argument --remat: {r!r} is not one of {", ".join(step_lib.REMAT_MODES)}')
   print(f'{jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.1f}')
   if not args.skip_step:
-    rows = step_table(args.model, args.batch, remats, args.repeats, unrolled=True)
+    rows = step_table(args.model, args.batch, remats, args.repeats, unrolled=not args.skip_unrolled)
     if args.xl:
       rows += step_table('DiT-XL/2', 1, args.xl_remat.split(','), args.repeats, unrolled=False)
     print(f'\nCalibration train step, 32x32x4 latents, median of {args.repeats} steps\n')
     print_steps(rows)
   if not args.skip_sampler:
-    rows = sampler_table(args.model, args.sampler_batch, args.steps, args.repeats, unrolled=True)
+    rows = sampler_table(args.model, args.sampler_batch, args.steps, args.repeats, unrolled=not args.skip_unrolled)
     if args.xl:
       rows += sampler_table('DiT-XL/2', args.sampler_batch, args.steps, args.repeats, unrolled=False)
     print(f'\nSampler call: {args.steps} DDPM steps, cfg 1.5, best of {args.repeats} calls\n')

@@ -32,8 +32,12 @@ from dpq_jax.quant import layers, qweight
 #   'none'     nothing: every decoded kernel W_hat [C_in, C_out] and every activation is kept;
 #   'decoded'  each quantized layer's W_hat is re-gathered from codebooks + codes (PQDense.remat);
 #   'blocks'   each DiT block is rematerialised whole (DiT.remat, nn.remat): only block inputs are kept.
-#              XLA:CPU drops jax.checkpoint's ordering and gains nothing (benchmarks/calibrate_step.py).
-REMAT_MODES = ('none', 'decoded', 'blocks')
+#              Unrolled, XLA:CPU drops jax.checkpoint's ordering and gains nothing (benchmarks/calibrate_step.py);
+#              under scan (config.model.scan_blocks) the recomputation stays in the backward loop;
+#   'dots'     per block, only the outputs of the linear layers' matmuls are kept (DiT.remat with the policy
+#              dots_with_no_batch_dims_saveable): decoded kernels, attention and elementwise work are recomputed.
+REMAT_MODES = ('none', 'decoded', 'blocks', 'dots')
+REMAT_POLICIES = {'dots': 'dots_with_no_batch_dims_saveable'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +61,9 @@ def calibration_models(
   """
   if remat not in REMAT_MODES:
     raise ValueError(f'remat={remat!r}: expected one of {", ".join(REMAT_MODES)}')
-  decoded, blocks = remat == 'decoded', remat == 'blocks'
-  dynamic = model.clone(dense=layers.dense_factory(rules, assignment, remat=decoded), remat=blocks)
-  frozen = model.clone(dense=layers.dense_factory(rules, 'frozen', remat=decoded), remat=blocks)
+  decoded, blocks, policy = remat == 'decoded', remat in ('blocks', 'dots'), REMAT_POLICIES.get(remat)
+  dynamic = model.clone(dense=layers.dense_factory(rules, assignment, remat=decoded), remat=blocks, remat_policy=policy)
+  frozen = model.clone(dense=layers.dense_factory(rules, 'frozen', remat=decoded), remat=blocks, remat_policy=policy)
   return dynamic, frozen
 
 
