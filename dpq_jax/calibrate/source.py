@@ -91,9 +91,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.Ar
         if np.array_equal(f['meta'], meta):
           latents, labels = f['latents'], f['labels']
     if latents is None:
-      fp = job.spec.create(
-        dtype=load_lib.DTYPES[config.model.dtype], scan_blocks=config.model.get('scan_blocks', False)
-      )
+      scan = bool(config.model.get('scan_blocks', False))
+      fp = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype]).clone(scan_blocks=scan)
       fp, variables, _ = scan_lib.runnable(fp, {'params': job.fp_params})  # fp blocks always stack
       latents, labels = data_lib.sample_data_free(
         fp, variables['params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size

@@ -92,7 +92,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   params, quant = variables['params'], variables['quant']
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
   scan = bool(config.model.get('scan_blocks', False))
-  model = spec.create(dtype=dtype, scan_blocks=scan)
+  model = spec.create(dtype=dtype).clone(scan_blocks=scan)
   dynamic_model, frozen_model = step_lib.calibration_models(model, rules, assignment, cfg.remat)
   try:
     trainable_lib.split_trainable(params, trainable_lib.trainable_patterns(cfg.trainable))

@@ -69,8 +69,7 @@ def _node(tree, keys):
     ('blocks', 'dynamic', False),
     ('decoded', 'ste', False),
     # The blocks under nn.scan (config.model.scan_blocks): the same step, on trees stacked per block.
-    ('blocks', 'dynamic', True),
-    ('decoded', 'ste', True),
+    ('blocks', 'ste', True),  # ste recomputes the assignments too; its latent weight gets the dense dL/dW
     ('none', 'frozen', True),
   ],
 )

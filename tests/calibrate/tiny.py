@@ -57,7 +57,9 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
 def calib_config(**overrides) -> ml_collections.ConfigDict:
   """config.calibrate for the tiny problem: constant lr 1e-3, no warmup or clipping, a data-parallel mesh."""
   cfg = common.base_config().calibrate
-  cfg.update(dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1))))
+  cfg.update(
+    dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1)), remat='none')
+  )
   cfg.update(overrides)
   return cfg
 

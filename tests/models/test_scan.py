@@ -1,5 +1,6 @@
 """The DiT's blocks under nn.scan: the per-block <-> stacked conversion, and the scanned model equal to the
-unrolled one (outputs, gradients, assignments) for fp and PQ, on a converted checkpoint and an old artifact."""
+unrolled one for fp (outputs, gradients) and on an old artifact. Elsewhere: a converted checkpoint scanned vs
+diffusers (test_dit.py), the PQ calibration step scanned (test_remat.py), the sampler (test_sampler.py)."""
 
 import os
 
@@ -8,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpq_jax import convert
 from dpq_jax.models import dit
 from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, pq, storage
@@ -80,20 +80,6 @@ def test_fp_scanned_equals_unrolled_outputs_and_gradients():
   assert jax.tree.structure(g_s) == jax.tree.structure(g_u)
   for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_u)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
-
-
-def test_converted_checkpoint_runs_scanned(torch_dit):
-  from benchmarks import torch_reference as torch_refs
-
-  ref, state = torch_dit
-  spec = convert.infer_spec(state, None, input_size=8)
-  params = convert.original_to_flax(state, spec)
-  model = spec.create(scan_blocks=True)
-  x = np.random.RandomState(0).randn(4, 8, 8, 4).astype(np.float32)
-  t, y = np.array([0, 1, 250, 999]), np.array([0, 3, 9, 10])
-  got = model.apply(scan_lib.stack_blocks({'params': params}, model.depth), x, t, y)
-  want = torch_refs.diffusers_forward(ref, x, t, y)
-  assert np.abs(np.asarray(got) - want).max() / np.abs(want).max() <= 1e-5
 
 
 def test_v1_artifact_runs_scanned():
