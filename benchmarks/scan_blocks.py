@@ -2,7 +2,8 @@ r"""Blocks under nn.scan (config.model.scan_blocks) vs unrolled: compile time, s
 the calibration train step and of the sampler step.
 
   .venv/bin/python -m benchmarks.scan_blocks                          # DiT-S/2: both tables
-  .venv/bin/python -m benchmarks.scan_blocks --xl                     # + DiT-XL/2, scanned only
+  .venv/bin/python -m benchmarks.scan_blocks --model DiT-XL/2 --batch 1 --skip-unrolled --skip-fp-step \
+      --remat blocks --repeats 0                                      # XL scanned: compile + XLA memory only
   .venv/bin/python -m benchmarks.scan_blocks --skip-sampler --remat none,decoded,blocks --repeats 3
 
 Calibration step (batch --batch): the jitted step of dpq_jax.calibrate.train_step as benchmarks/_calibration.py
@@ -17,7 +18,7 @@ fp model and of the PQ model decoding its kernels on the fly (config.quant.dequa
 the best of --repeats calls.
 
 Peak MiB is XLA's memory analysis of the compiled call: arguments + outputs + temporaries - aliased, i.e. what
-the device holds while it runs. DiT-XL/2 (--xl) is measured scanned only (an unrolled XL step compiles for
+the device holds while it runs. DiT-XL/2 is measured scanned only (an unrolled XL step compiles for
 ~800 s here): its unrolled figures are the README's (calibration step at batch 1: compile 804 s, 3.33 GiB
 arguments + 3.76 GiB temporaries, 25.3 s/step on the loaded machine, 2026-11-25).
 """
@@ -50,13 +51,13 @@ def _peak(compiled) -> tuple[float, float, float]:
   return m.argument_size_in_bytes / MIB, m.temp_size_in_bytes / MIB, peak / MIB
 
 
-def step_table(name: str, batch_size: int, remats: list[str], repeats: int, unrolled: bool) -> list[dict]:
-  """Rows of the calibration step: fp and pq, unrolled (remat none) and scanned (each remat mode)."""
+def step_table(name: str, batch_size: int, remats: list[str], repeats: int, unrolled: bool, fp: bool) -> list[dict]:
+  """Rows of the calibration step: fp (when `fp`) and pq, unrolled (remat none) and scanned (each remat mode)."""
   model = dit.create_model(name, input_size=32)
   params = _common.random_dit_params(model)
   rules = surgery.default_rules('pq', 256, 8)
   batch = _common.latent_batch(batch_size)
-  cases = [('fp', False, 'none')] * unrolled + [('fp', True, 'none')]
+  cases = ([('fp', False, 'none')] * unrolled + [('fp', True, 'none')]) * fp
   cases += [('pq dynamic', False, 'none')] * unrolled + [('pq dynamic', True, r) for r in remats]
   rows, runs = [], []
   for variant, scan, remat in cases:
@@ -65,9 +66,12 @@ def step_table(name: str, batch_size: int, remats: list[str], repeats: int, unro
     compiled = jstep.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     args, temp, peak = _peak(compiled)
-    state, m = compiled(state, frozen, batch)  # warm-up; the first step's loss
+    loss = None
+    if repeats:  # --repeats 0: compile and memory analysis only
+      state, m = compiled(state, frozen, batch)  # warm-up; the first step's loss
+      loss = float(m['loss'])
     row = dict(model=name, batch=batch_size, step=variant.split()[0], layout='scan' if scan else 'unrolled')
-    rows.append(dict(row, remat=remat, compile_s=compile_s, args=args, temp=temp, peak=peak, loss=float(m['loss'])))
+    rows.append(dict(row, remat=remat, compile_s=compile_s, args=args, temp=temp, peak=peak, loss=loss))
     runs.append([compiled, state, frozen])
     print(
       f'  compiled {name} {variant} {row["layout"]} remat={remat}: {compile_s:.1f} s, peak {peak:.1f} MiB', flush=True
@@ -106,7 +110,7 @@ def sampler_table(name: str, batch_size: int, steps: int, repeats: int, unrolled
       compile_s = time.perf_counter() - t0
       _, _, peak = _peak(compiled)
       layout = 'scan' if scan else 'unrolled'
-      out = np.asarray(compiled(*args))
+      out = np.asarray(compiled(*args)) if repeats else None
       rows.append(dict(model=name, batch=batch_size, step=variant, layout=layout, compile_s=compile_s, peak=peak,
                        out=out))  # fmt: skip
       calls[(variant, layout)] = lambda c=compiled, a=args: c(*a).block_until_ready()
@@ -135,7 +139,7 @@ def print_steps(rows: list[dict]) -> None:
     vs_fp = None if fp is None or r.get('step_s') is None else r['step_s'] / fp['step_s']
     print(f'| {r["model"]} | {r["batch"]} | {r["step"]} | {r["layout"]} | {r["remat"]} | {r["compile_s"]:.1f} | '
           f'{_fmt(ratio("compile_s"))}x | {r["args"]:.1f} | {r["temp"]:.1f} | {r["peak"]:.1f} | {_fmt(ratio("peak"))}x | '
-          f'{_fmt(r.get("step_s"), ".3f")} | {_fmt(ratio("step_s"))}x | {_fmt(vs_fp)}x | {r["loss"]:.6f} |')  # fmt: skip
+          f'{_fmt(r.get("step_s"), ".3f")} | {_fmt(ratio("step_s"))}x | {_fmt(vs_fp)}x | {_fmt(r["loss"], ".6f")} |')  # fmt: skip
 
 
 def print_sampler(rows: list[dict]) -> None:
@@ -146,7 +150,11 @@ def print_sampler(rows: list[dict]) -> None:
                         'peak vs fp', 'run vs fp', 'max diff vs unrolled'])  # fmt: skip
   for r in rows:
     f, u = fp[r['model']], same.get((r['model'], r['step']))
-    diff = '-' if u is None or u is r else f'{np.abs(r["out"] - u["out"]).max() / np.abs(u["out"]).max():.1e}'
+    diff = (
+      '-'
+      if u is None or u is r or r['out'] is None
+      else f'{np.abs(r["out"] - u["out"]).max() / np.abs(u["out"]).max():.1e}'
+    )
     run_vs = None if r.get('run_s') is None else r['run_s'] / f['run_s']
     print(
       f'| {r["model"]} | {r["batch"]} | {r["step"]} | {r["layout"]} | {r["compile_s"]:.1f} | '
@@ -161,28 +169,23 @@ def main(argv=None) -> None:
   parser.add_argument('--sampler-batch', type=_common.integer(1), default=8)
   parser.add_argument('--steps', type=_common.integer(1), default=2, help='DDPM steps of the sampler call')
   parser.add_argument('--remat', default=','.join(step_lib.REMAT_MODES), help='remat modes of the scanned step')
-  parser.add_argument('--repeats', type=_common.integer(0), default=3)
+  parser.add_argument('--repeats', type=_common.integer(0), default=3, help='0: compile and memory analysis only')
   parser.add_argument('--skip-step', action='store_true')
   parser.add_argument('--skip-sampler', action='store_true')
   parser.add_argument('--skip-unrolled', action='store_true', help='scanned rows only')
-  parser.add_argument('--xl', action='store_true', help='also DiT-XL/2, scanned only (calibration batch 1)')
-  parser.add_argument('--xl-remat', default='decoded,blocks', help='remat modes of the scanned XL step')
+  parser.add_argument('--skip-fp-step', action='store_true', help='no fp training step rows')
   args = parser.parse_args(argv)
   remats = [r for r in args.remat.split(',') if r]
-  for r in remats + args.xl_remat.split(','):
+  for r in remats:
     if r not in step_lib.REMAT_MODES:
       parser.error(f'argument --remat: {r!r} is not one of {", ".join(step_lib.REMAT_MODES)}')
   print(f'{jax.devices()[0].platform} ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.1f}')
   if not args.skip_step:
-    rows = step_table(args.model, args.batch, remats, args.repeats, unrolled=not args.skip_unrolled)
-    if args.xl:
-      rows += step_table('DiT-XL/2', 1, args.xl_remat.split(','), args.repeats, unrolled=False)
+    rows = step_table(args.model, args.batch, remats, args.repeats, not args.skip_unrolled, not args.skip_fp_step)
     print(f'\nCalibration train step, 32x32x4 latents, median of {args.repeats} steps\n')
     print_steps(rows)
   if not args.skip_sampler:
     rows = sampler_table(args.model, args.sampler_batch, args.steps, args.repeats, unrolled=not args.skip_unrolled)
-    if args.xl:
-      rows += sampler_table('DiT-XL/2', args.sampler_batch, args.steps, args.repeats, unrolled=False)
     print(f'\nSampler call: {args.steps} DDPM steps, cfg 1.5, best of {args.repeats} calls\n')
     print_sampler(rows)
   print(f'\nload average {os.getloadavg()[0]:.1f}; peak RSS {_common.peak_rss_bytes() / MIB:.0f} MiB')
