@@ -99,11 +99,6 @@ def runnable(model: Any, variables: dict) -> tuple[Any, dict, str | None]:
     return model.clone(scan_blocks=False), variables, str(e)
 
 
-def is_stacked(tree: dict) -> bool:
-  """Whether a collection (or a variables dict) holds stacked blocks."""
-  return isinstance(tree, dict) and (STACKED in tree or _has_stacked_below(tree))
-
-
 def _has_blocks_below(tree: dict) -> bool:
   return bool(block_keys(tree)) or any(isinstance(v, dict) and _has_blocks_below(v) for v in tree.values())
 
