@@ -91,8 +91,9 @@ def median_step_times(runs: list[list], batch: dict, repeats: int, progress: boo
   return [statistics.median(t) for t in times]
 
 
-def measure_remat(model_name: str, batch_size: int, repeats: int, modes=step_lib.REMAT_MODES) -> list[dict]:
-  """One row per remat mode of the 'pq dynamic' step: compile s, XLA memory analysis (bytes), median step s."""
+def measure_remat(model_name: str, batch_size: int, repeats: int, modes=('none', 'decoded', 'blocks')) -> list[dict]:
+  """One row per remat mode of the unrolled 'pq dynamic' step: compile s, XLA memory analysis (bytes), median step s.
+  The modes memory_plan.py models ('dots' and the scanned steps: benchmarks/scan_blocks.py)."""
   model = dit.create_model(model_name, input_size=32)
   params = _common.random_dit_params(model)
   rules = surgery.default_rules('pq', 256, 8)

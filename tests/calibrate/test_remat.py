@@ -243,9 +243,9 @@ def test_bad_remat_value_fails_with_one_clear_line():
   config = tiny.runlocal(**{'calibrate.remat': 'layers'})
   with pytest.raises(pipeline.ConfigError) as e:
     pipeline.check_config(config)
-  assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks"
+  assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks, dots"
   fp, rules, _, _ = tiny.tiny_setup()
-  with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks"):
+  with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks, dots"):
     step_lib.calibration_models(fp, rules, 'dynamic', 'all')
   assert tiny.runlocal(**{'calibrate.remat': 'blocks'}).calibrate.remat == 'blocks'
   pipeline.check_config(tiny.runlocal(**{'calibrate.remat': 'decoded'}))  # the good values pass
