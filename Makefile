@@ -27,8 +27,9 @@ lint: $(VENV)/.dev
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# -n auto: one pytest worker per core (at most 4); most tests wait on single-threaded XLA compiles.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses=4
 
 format: $(VENV)/.dev
 	$(PY) -m ruff check --fix .

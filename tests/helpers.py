@@ -91,7 +91,8 @@ def rerun_with_devices(test_file: str, test_name: str, devices: int = 8) -> None
 
   XLA_FLAGS=--xla_force_host_platform_device_count is set for that subprocess only: set in this process,
   every later subprocess of the suite (the CLI tests) would inherit the devices."""
-  r = run_python('-m', 'pytest', '-q', '-p', 'no:cacheprovider', f'{test_file}::{test_name}',
+  # no:xdist: the rerun is one test, and under `pytest -n` it would otherwise inherit the worker's plugin state
+  r = run_python('-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-p', 'no:xdist', f'{test_file}::{test_name}',
                  env={'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'})  # fmt: skip
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 

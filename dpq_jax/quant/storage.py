@@ -230,8 +230,8 @@ def _read_index(directory: str) -> dict[str, Any]:
   path = os.path.join(directory, INDEX)
   try:
     index = io_utils.read_json(path)
-    if not isinstance(index, dict) or not {'model', 'entries', 'files'} <= set(index):
-      raise ValueError('expected an object with model, entries and files (per-file digests)')
+    if not isinstance(index, dict) or not {'model', 'entries'} <= set(index):
+      raise ValueError('expected an object with model and entries')
   except (OSError, ValueError) as e:
     raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {_fix(directory)}') from None
   return index
@@ -251,7 +251,9 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
   """Reads an artifact back: (model meta, QuantizedParams with rows empty).
 
   Raises:
-    ArtifactError naming the file when one is missing, damaged (digest), truncated or malformed.
+    ArtifactError naming the file when one is missing, damaged (digest), truncated or malformed. An artifact
+    written before index.json recorded digests (no `files`) loads unverified; the lineage still records its
+    index.json's digest, so a pipeline rerun notices an edited one.
   """
   index = _read_index(directory)
   blobs, checks, fix = {}, [], _fix(directory)
@@ -259,7 +261,8 @@ def load(directory: str) -> tuple[dict[str, Any], QuantizedParams]:
     path = os.path.join(directory, f)
     try:
       blobs[k] = _read_blob(path)
-      checks.append(functools.partial(integrity.check, path, blobs[k], index['files'][f], fix))
+      if 'files' in index:  # artifacts written before digests have none: read unverified, as they always were
+        checks.append(functools.partial(integrity.check, path, blobs[k], index['files'][f], fix))
     except (OSError, KeyError, TypeError) as e:
       raise errors.ArtifactError(f'{path}: unreadable ({type(e).__name__}: {e}); {fix}') from None
 
