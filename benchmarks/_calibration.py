@@ -5,6 +5,7 @@ Codebooks are K random sub-vectors of each kernel: k-means quality does not chan
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 
@@ -21,6 +22,7 @@ from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import dit
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, pq, surgery
 
 
@@ -43,8 +45,10 @@ def random_pq(params: dict, rules: layers.QuantRules, seed: int = 0) -> tuple[di
   return qparams, quant
 
 
-def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 'none'):
-  """(jitted step, state, frozen) for 'fp', 'pq dynamic' or 'pq frozen' with a config.calibrate.remat mode."""
+def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 'none', scan: bool = False):
+  """(jitted step, state, frozen) for 'fp', 'pq dynamic' or 'pq frozen' with a config.calibrate.remat mode;
+  scan: the blocks under nn.scan, state and frozen trees stacked per block (as calibrate/loop.py runs them)."""
+  model = model.clone(scan_blocks=scan)
   cfg = common.base_config().calibrate
   cfg.update(dict(warmup=0, schedule='constant', lr=1e-4, clip=1.0))
   diffusion = diffusion_lib.create_diffusion()
@@ -52,7 +56,8 @@ def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 
     cfg.trainable = 'all'
     trainable, frozen_params = trainable_lib.split_trainable(params, ['.*'])
     mutable, constant, every = {}, {}, 0
-    dyn = frz = model.clone(remat=remat == 'blocks')
+    policy = step_lib.REMAT_POLICIES.get(remat)
+    dyn = frz = model.clone(remat=remat in ('blocks', 'dots'), remat_policy=policy)
   else:
     qparams, quant = random_pq(params, rules)
     p, qn = step_lib.attach_latent(qparams, quant, params, 'dynamic')
@@ -60,6 +65,9 @@ def make_step(model, rules, params, variant: str, batch_size: int, remat: str = 
     trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns('codebooks'))
     dyn, frz = step_lib.calibration_models(model, rules, 'dynamic', remat)
     every = 1 if variant == 'pq dynamic' else 0
+  if scan:
+    stack = functools.partial(scan_lib.stack_blocks, depth=model.depth)
+    trainable, frozen_params, mutable, constant = map(stack, (trainable, frozen_params, mutable, constant))
   tx = trainable_lib.optimizer(cfg)
   fn = step_lib.make_train_step(dyn, frz, diffusion, tx, step_lib.LossConfig(model.num_classes, 0.1, every))
   state = step_lib.init_state(trainable, mutable, tx, 0)
@@ -83,8 +91,9 @@ def median_step_times(runs: list[list], batch: dict, repeats: int, progress: boo
   return [statistics.median(t) for t in times]
 
 
-def measure_remat(model_name: str, batch_size: int, repeats: int, modes=step_lib.REMAT_MODES) -> list[dict]:
-  """One row per remat mode of the 'pq dynamic' step: compile s, XLA memory analysis (bytes), median step s."""
+def measure_remat(model_name: str, batch_size: int, repeats: int, modes=('none', 'decoded', 'blocks')) -> list[dict]:
+  """One row per remat mode of the unrolled 'pq dynamic' step: compile s, XLA memory analysis (bytes), median step s.
+  The modes memory_plan.py models ('dots' and the scanned steps: benchmarks/scan_blocks.py)."""
   model = dit.create_model(model_name, input_size=32)
   params = _common.random_dit_params(model)
   rules = surgery.default_rules('pq', 256, 8)

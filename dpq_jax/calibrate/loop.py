@@ -26,6 +26,7 @@ from dpq_jax.calibrate import data as data_lib
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import codebook_values, qweight
 
 CHECKPOINT_DIR = 'checkpoints'
@@ -75,7 +76,11 @@ def calibrate(
   Returns:
     {'params': calibrated params (no latent weights), 'quant': the `quant` collection with the
     final codes, 'history': logged metric rows, 'start_step': the step this run started at,
-    'step_time_s': mean seconds per step after compilation, 'compile_s', 'num_trainable'}.
+    'step_time_s': mean seconds per step after compilation, 'compile_s', 'num_trainable', 'unrolled_because':
+    why a model with scan_blocks ran its blocks unrolled (the blocks' trees differ), or None}.
+
+  Models with `scan_blocks` run the step on trees stacked per block (models/scan.py), checkpoints included;
+  what goes in and comes out is per block.
   """
   from dpq_jax import diffusion as diffusion_lib
 
@@ -89,13 +94,26 @@ def calibrate(
   if cfg.batch_size % dp:
     raise ValueError(f'config.calibrate.batch_size={cfg.batch_size} is not divisible by the data-parallel size {dp}')
   distill = cfg.distill_weight > 0
+  parts = {'trainable': trainable, 'frozen': frozen_params, 'quant': mutable_q, 'constant': constant_q}
+  if distill:
+    parts['fp'] = fp_params
+  # Scanned blocks: the jitted step holds every tree stacked (its checkpoints too); all else stays per block.
+  unrolled_because = None
+  if dynamic_model.scan_blocks:
+    try:
+      parts = {k: scan_lib.stack_blocks(v, dynamic_model.depth) for k, v in parts.items()}
+    except ValueError as e:
+      unrolled_because = str(e)
+      dynamic_model, frozen_model = dynamic_model.clone(scan_blocks=False), frozen_model.clone(scan_blocks=False)
+      fp_model = fp_model.clone(scan_blocks=False) if fp_model is not None else None
   loss_cfg = step_lib.LossConfig(num_classes, cfg.label_dropout, cfg.assign_every, cfg.distill_weight)
   step_fn = step_lib.make_train_step(
     dynamic_model, frozen_model, diffusion, tx, loss_cfg, fp_model if distill else None,
     trainable_lib.learning_rate(cfg),
   )  # fmt: skip
-  state = step_lib.init_state(trainable, mutable_q, tx, seed)
-  frozen = {'params': frozen_params, 'quant': constant_q, 'fp': fp_params if distill else {}}
+  state = step_lib.init_state(parts['trainable'], parts['quant'], tx, seed)
+  frozen = {'params': parts['frozen'], 'quant': parts['constant'], 'fp': parts.get('fp', {})}
+  del parts
   jstep, state_sh, frozen_sh = step_lib.jit_step(step_fn, mesh, state, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
@@ -195,16 +213,15 @@ def calibrate(
     checkpointer.wait()
     checkpointer.close()
 
-  quant_now = distributed.to_host(state['quant'])
+  quant_now = scan_lib.unstack_blocks(distributed.to_host(state['quant']))
   trained = _round_codebooks(
-    trainable_lib.merge(distributed.to_host(state['params']), distributed.to_host(frozen['params'])),
-    trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])),
+    trainable_lib.merge(scan_lib.unstack_blocks(distributed.to_host(state['params'])), frozen_params),
+    trainable_lib.merge(quant_now, constant_q),
     codebook_dtype,
   )
+  del state, frozen
   sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
-  quant_out = step_lib.refresh_codes(
-    dynamic_model, trained, trainable_lib.merge(quant_now, distributed.to_host(frozen['quant'])), sample
-  )
+  quant_out = step_lib.refresh_codes(dynamic_model, trained, trainable_lib.merge(quant_now, constant_q), sample)
   quant_out = trainable_lib.pick(quant_now, jax.device_get(quant_out))
   params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
   return {
@@ -216,6 +233,7 @@ def calibrate(
     'compile_s': compile_s,
     'step_time_s': timed_s / timed_steps if timed_steps else None,
     'num_trainable': trainable_lib.count(trainable),
+    'unrolled_because': unrolled_because,
   }
 
 

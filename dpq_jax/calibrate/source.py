@@ -17,6 +17,7 @@ import numpy as np
 from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import data as data_lib
 from dpq_jax.models import load as load_lib
+from dpq_jax.models import scan as scan_lib
 
 DATA_FREE_FILE = 'data_free_latents.npz'
 
@@ -90,9 +91,11 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.Ar
         if np.array_equal(f['meta'], meta):
           latents, labels = f['latents'], f['labels']
     if latents is None:
-      fp = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype])
+      scan = bool(config.model.get('scan_blocks', False))
+      fp = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype]).clone(scan_blocks=scan)
+      fp, variables, _ = scan_lib.runnable(fp, {'params': job.fp_params})  # fp blocks always stack
       latents, labels = data_lib.sample_data_free(
-        fp, job.fp_params, data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
+        fp, variables['params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
       )
       if distributed.is_writer():
         io_utils.write_npz(path, latents=latents, labels=labels, meta=meta)

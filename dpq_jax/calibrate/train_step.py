@@ -25,14 +25,19 @@ import optax
 from dpq_jax import tree_utils
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, qweight
 
 # What the backward pass recomputes instead of keeping (config.calibrate.remat):
 #   'none'     nothing: every decoded kernel W_hat [C_in, C_out] and every activation is kept;
 #   'decoded'  each quantized layer's W_hat is re-gathered from codebooks + codes (PQDense.remat);
 #   'blocks'   each DiT block is rematerialised whole (DiT.remat, nn.remat): only block inputs are kept.
-#              XLA:CPU drops jax.checkpoint's ordering and gains nothing (benchmarks/calibrate_step.py).
-REMAT_MODES = ('none', 'decoded', 'blocks')
+#              Unrolled, XLA:CPU drops jax.checkpoint's ordering and gains nothing (benchmarks/calibrate_step.py);
+#              under scan (config.model.scan_blocks) the recomputation stays in the backward loop;
+#   'dots'     per block, only the outputs of the linear layers' matmuls are kept (DiT.remat with the policy
+#              dots_with_no_batch_dims_saveable): decoded kernels, attention and elementwise work are recomputed.
+REMAT_MODES = ('none', 'decoded', 'blocks', 'dots')
+REMAT_POLICIES = {'dots': 'dots_with_no_batch_dims_saveable'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +61,9 @@ def calibration_models(
   """
   if remat not in REMAT_MODES:
     raise ValueError(f'remat={remat!r}: expected one of {", ".join(REMAT_MODES)}')
-  decoded, blocks = remat == 'decoded', remat == 'blocks'
-  dynamic = model.clone(dense=layers.dense_factory(rules, assignment, remat=decoded), remat=blocks)
-  frozen = model.clone(dense=layers.dense_factory(rules, 'frozen', remat=decoded), remat=blocks)
+  decoded, blocks, policy = remat == 'decoded', remat in ('blocks', 'dots'), REMAT_POLICIES.get(remat)
+  dynamic = model.clone(dense=layers.dense_factory(rules, assignment, remat=decoded), remat=blocks, remat_policy=policy)
+  frozen = model.clone(dense=layers.dense_factory(rules, 'frozen', remat=decoded), remat=blocks, remat_policy=policy)
   return dynamic, frozen
 
 
@@ -204,9 +209,12 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, state: Any, frozen: Any
 
 
 def refresh_codes(dynamic_model: nn.Module, params: dict, quant: dict, sample: dict) -> dict:
-  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks."""
+  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks.
+
+  params and quant are per block; a model with scan_blocks runs on them stacked."""
   x = jnp.asarray(sample['latents'][:1], jnp.float32)
   t = jnp.zeros((1,), jnp.int32)
   y = jnp.asarray(sample['labels'][:1], jnp.int32)
-  fn = jax.jit(lambda p, q: dynamic_model.apply({'params': p, 'quant': q}, x, t, y, mutable=['quant'])[1]['quant'])
-  return trainable_lib.pick(quant, fn(params, quant))
+  model, variables, _ = scan_lib.runnable(dynamic_model, {'params': params, 'quant': quant})
+  fn = jax.jit(lambda v: model.apply(v, x, t, y, mutable=['quant'])[1]['quant'])
+  return trainable_lib.pick(quant, scan_lib.unstack_blocks(fn(variables)))

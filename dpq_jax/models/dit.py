@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpq_jax.models import scan as scan_lib
+
 Array = jax.Array
 DenseFactory = Callable[..., nn.Module]
 
@@ -203,6 +205,13 @@ class DiTBlock(nn.Module):
     return x
 
 
+class _ScanBlock(DiTBlock):
+  """DiTBlock as nn.scan's body: (x, c) -> (x, None), c broadcast to every block."""
+
+  def __call__(self, x: Array, c: Array) -> tuple[Array, None]:
+    return super().__call__(x, c), None
+
+
 class FinalLayer(nn.Module):
   hidden_size: int
   out_features: int
@@ -250,8 +259,13 @@ class DiT(nn.Module):
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     remat: rematerialise every block in the backward pass (nn.remat: only a block's inputs are
       kept, its activations are recomputed). Parameter names are unchanged, so any checkpoint loads.
-      XLA:CPU drops the optimization barrier of jax.checkpoint before scheduling and runs the
-      recomputation early, so on CPU this costs memory instead of saving it.
+      Unrolled, XLA:CPU drops the optimization barrier of jax.checkpoint before scheduling and runs the
+      recomputation early, so on CPU this costs memory instead of saving it; under scan the recomputation
+      sits inside the backward loop's body, where it belongs.
+    remat_policy: what a rematerialised block keeps, a `jax.checkpoint_policies` name (None: nothing).
+    scan_blocks: run the blocks under nn.scan: one compiled block, variables stacked under `blocks`
+      (leaves [depth, ...]; models/scan.py converts from and to the per-block `blocks_N` trees), and a
+      quantized block decodes only its own kernels. Same values as unrolled (float rounding).
   """
 
   input_size: int = 32
@@ -267,6 +281,8 @@ class DiT(nn.Module):
   dtype: Any = jnp.float32
   dense: DenseFactory = _default_dense
   remat: bool = False
+  remat_policy: str | None = None
+  scan_blocks: bool = False
 
   @property
   def out_channels(self) -> int:
@@ -287,11 +303,29 @@ class DiT(nn.Module):
       self.num_classes, self.hidden_size, self.class_dropout_prob, dtype=self.dtype, name='y_embedder'
     )(y, train, force_drop_ids)
     c = t_emb + y_emb
-    block = nn.remat(DiTBlock) if self.remat else DiTBlock
-    for i in range(self.depth):
-      x = block(self.hidden_size, self.num_heads, self.dense, self.mlp_ratio, self.dtype, name=f'blocks_{i}')(x, c)
+    args = (self.hidden_size, self.num_heads, self.dense, self.mlp_ratio, self.dtype)
+    if self.scan_blocks:
+      body = self._remat(_ScanBlock, prevent_cse=False)  # scan already keeps the loop's order
+      scanned = nn.scan(
+        body,
+        variable_axes={'params': 0, 'quant': 0},
+        split_rngs={'params': True},
+        in_axes=nn.broadcast,
+        length=self.depth,
+      )
+      x, _ = scanned(*args, name=scan_lib.STACKED)(x, c)
+    else:
+      block = self._remat(DiTBlock)
+      for i in range(self.depth):
+        x = block(*args, name=f'blocks_{i}')(x, c)
     x = FinalLayer(self.hidden_size, p * p * self.out_channels, self.dense, self.dtype, name='final_layer')(x, c)
     return self.unpatchify(x.astype(jnp.float32))
+
+  def _remat(self, block: type[nn.Module], **kwargs) -> type[nn.Module]:
+    if not self.remat:
+      return block
+    policy = None if self.remat_policy is None else getattr(jax.checkpoint_policies, self.remat_policy)
+    return nn.remat(block, policy=policy, **kwargs)
 
   def unpatchify(self, x: Array) -> Array:
     """(B, T, p*p*C) -> (B, H, W, C); features are ordered (row in patch, column in patch, channel)."""
@@ -333,6 +367,8 @@ def create_model(
   dtype: Any = jnp.float32,
   dense: DenseFactory | None = None,
   remat: bool = False,
+  remat_policy: str | None = None,
+  scan_blocks: bool = False,
 ) -> DiT:
   """Builds a registry DiT, e.g. create_model('DiT-XL/2', input_size=32) for 256x256 images."""
   size, patch = parse_name(name)
@@ -351,6 +387,8 @@ def create_model(
     dtype=dtype,
     dense=dense or _default_dense,
     remat=remat,
+    remat_policy=remat_policy,
+    scan_blocks=scan_blocks,
   )
 
 

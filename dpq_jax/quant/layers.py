@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import kmeans as kmeans_lib
 from dpq_jax.quant import metric, packing, pq
 
@@ -76,8 +77,8 @@ class PQDense(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     in_features = x.shape[-1]
     spec = self.spec
-    if spec is None and self.rules is not None:
-      spec = self.rules.spec_for('/'.join(self.path))
+    if spec is None and self.rules is not None:  # a scanned block's layer is looked up as block 0's
+      spec = self.rules.spec_for(scan_lib.rule_path('/'.join(self.path)))
     if spec is None:
       kernel = self.param('kernel', self.kernel_init, (in_features, self.features), jnp.float32)
       y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))

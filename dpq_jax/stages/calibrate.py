@@ -91,7 +91,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   variables = q.variables()  # PQDense's collections: codebooks/scale in params, codes/alive in quant
   params, quant = variables['params'], variables['quant']
   assignment = 'ste' if cfg.assignment == 'ste' else 'dynamic'
-  dynamic_model, frozen_model = step_lib.calibration_models(spec.create(dtype=dtype), rules, assignment, cfg.remat)
+  scan = bool(config.model.get('scan_blocks', False))
+  model = spec.create(dtype=dtype).clone(scan_blocks=scan)
+  dynamic_model, frozen_model = step_lib.calibration_models(model, rules, assignment, cfg.remat)
   try:
     trainable_lib.split_trainable(params, trainable_lib.trainable_patterns(cfg.trainable))
   except ValueError as e:
@@ -115,7 +117,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     num_classes=spec.num_classes,
     workdir=workdir,
     seed=cfg.seed,
-    fp_model=spec.create(dtype=dtype),
+    fp_model=model,
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
     fingerprint=lineage.fingerprint(job.links('calibrate')),
     metrics=metrics,
@@ -133,6 +135,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     f'{_fmt(summary["loss_first"])} -> {_fmt(summary["loss_last"])} (first/last logged steps), '
     f'{_fmt(summary["step_time_s"])} s/step; per-step metrics in metrics.jsonl'
   )
+  if out['unrolled_because']:
+    job.notes.append(f'calibrate: config.model.scan_blocks, but the blocks ran unrolled: {out["unrolled_because"]}')
   job.quantized = QuantizedModel(q, rules, meta)
   return job
 

@@ -14,6 +14,7 @@ from typing import Any
 import ml_collections
 
 from dpq_jax.models import load as load_lib
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, lineage, surgery
 
 
@@ -54,10 +55,18 @@ class Job:
     return lineage.upto(self.chain, stage) if self.chain else None
 
   def runtime(self, config: ml_collections.ConfigDict) -> tuple[Any, dict]:
-    """(module, variables) that run the job's current model: the quantized one where there is one."""
+    """(module, variables) that run the job's current model: the quantized one where there is one.
+
+    With config.model.scan_blocks the blocks run under nn.scan on variables stacked per block (a note says
+    so where the blocks differ and run unrolled)."""
     dtype = load_lib.DTYPES[config.model.dtype]
+    scan = bool(config.model.get('scan_blocks', False))
     if self.quantized is None:
-      return self.spec.create(dtype=dtype), {'params': self.fp_params}
-    q = self.quantized
-    variables, module = surgery.runtime_model(self.spec, q.weights, q.rules, config.quant, dtype)
+      module, variables = self.spec.create(dtype=dtype), {'params': self.fp_params}
+    else:
+      q = self.quantized
+      variables, module = surgery.runtime_model(self.spec, q.weights, q.rules, config.quant, dtype)
+    module, variables, why = scan_lib.runnable(module.clone(scan_blocks=scan), variables)
+    if why and why not in ''.join(self.notes):
+      self.notes.append(f'config.model.scan_blocks: the blocks run unrolled: {why}')
     return module, variables

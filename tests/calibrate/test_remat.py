@@ -21,24 +21,30 @@ import pytest
 from dpq_jax import pipeline
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.models import dit
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, pq
 from tests.calibrate import tiny
 
 B = 3  # batch: no activation shape equals a kernel shape of the tiny model (hidden 32)
 
 
-def _step(remat: str, assignment: str):
+def _step(remat: str, assignment: str, scan: bool = False):
   """(metrics, params before, params after, XLA temporaries bytes) of one SGD(lr=1) calibration step:
-  after = before - grad."""
+  after = before - grad. assignment 'frozen': the dynamic model's step with assign_every=0 (stored codes).
+  scan: the blocks under nn.scan (the state's trees are returned per block)."""
   trainable = 'codebooks,latent' if assignment == 'ste' else 'codebooks'
   cfg = tiny.calib_config(optimizer='sgd', lr=1.0, b1=0.0, label_dropout=0.5, trainable=trainable, remat=remat)
-  jstep, state, frozen, _ = tiny.build(cfg, assignment=assignment)
-  before = jax.device_get(state)
+  cfg.assign_every = 0 if assignment == 'frozen' else 1
+  jstep, state, frozen, _ = tiny.build(cfg, assignment='dynamic' if assignment == 'frozen' else assignment, scan=scan)
   x, y = tiny.tiny_data(8)
   batch = {'latents': x, 'labels': y}
   compiled = jstep.lower(state, frozen, batch).compile()
+  before = jax.device_get(state)
   after, metrics = compiled(state, frozen, batch)
-  return jax.device_get(metrics), before, jax.device_get(after), compiled.memory_analysis().temp_size_in_bytes
+  if scan:
+    assert 'blocks' in before['params'] and 'blocks_0' not in before['params']
+  before, after = (scan_lib.unstack_blocks(t) if scan else t for t in (before, jax.device_get(after)))
+  return jax.device_get(metrics), before, after, compiled.memory_analysis().temp_size_in_bytes
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,12 +62,22 @@ def _node(tree, keys):
 
 
 @pytest.mark.parametrize(
-  'remat,assignment', [('none', 'dynamic'), ('decoded', 'dynamic'), ('blocks', 'dynamic'), ('decoded', 'ste')]
+  'remat,assignment,scan',
+  [
+    ('none', 'dynamic', False),
+    ('decoded', 'dynamic', False),
+    ('blocks', 'dynamic', False),
+    ('decoded', 'ste', False),
+    # The blocks under nn.scan (config.model.scan_blocks): the same step, on trees stacked per block.
+    ('blocks', 'ste', True),  # ste recomputes the assignments too; its latent weight gets the dense dL/dW
+    ('none', 'frozen', True),
+  ],
 )
-def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment):
+def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment, scan):
   _, _, _, q = tiny.tiny_setup()
-  cached = {('none', 'dynamic'): _step_none, ('decoded', 'dynamic'): _step_decoded}
-  metrics, before, after, _ = cached[remat, assignment]() if (remat, assignment) in cached else _step(remat, assignment)
+  cached = {('none', 'dynamic', False): _step_none, ('decoded', 'dynamic', False): _step_decoded}
+  key = (remat, assignment, scan)
+  metrics, before, after, _ = cached[key]() if key in cached else _step(remat, assignment, scan)
   ref_loss, ref_grads = _dense_reference()
   np.testing.assert_allclose(float(metrics['loss']), ref_loss, rtol=1e-5)
   checked = 0
@@ -79,7 +95,7 @@ def test_every_mode_gives_the_none_step_and_the_dense_gradient(remat, assignment
       np.testing.assert_allclose(got, dw, rtol=2e-3, atol=1e-7)
     checked += 1
   assert checked == 10
-  if remat != 'none' and assignment == 'dynamic':  # and the same step as 'none', to float rounding
+  if (remat != 'none' or scan) and assignment != 'ste':  # and the same step as 'none', to float rounding
     ref_metrics, _, ref_after, _ = _step_none()
     for k in ('loss', 'mse', 'vb', 'grad_norm', 'changed'):
       np.testing.assert_allclose(float(metrics[k]), float(ref_metrics[k]), rtol=1e-5, atol=1e-7, err_msg=k)
@@ -227,9 +243,9 @@ def test_bad_remat_value_fails_with_one_clear_line():
   config = tiny.runlocal(**{'calibrate.remat': 'layers'})
   with pytest.raises(pipeline.ConfigError) as e:
     pipeline.check_config(config)
-  assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks"
+  assert str(e.value) == "config.calibrate.remat='layers': expected one of none, decoded, blocks, dots"
   fp, rules, _, _ = tiny.tiny_setup()
-  with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks"):
+  with pytest.raises(ValueError, match="remat='all': expected one of none, decoded, blocks, dots"):
     step_lib.calibration_models(fp, rules, 'dynamic', 'all')
   assert tiny.runlocal(**{'calibrate.remat': 'blocks'}).calibrate.remat == 'blocks'
   pipeline.check_config(tiny.runlocal(**{'calibrate.remat': 'decoded'}))  # the good values pass

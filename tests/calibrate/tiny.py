@@ -15,6 +15,7 @@ from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import dit
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.models.load import randomize_zero_init
 from dpq_jax.quant import pq, surgery
 from tests import helpers
@@ -56,7 +57,9 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
 def calib_config(**overrides) -> ml_collections.ConfigDict:
   """config.calibrate for the tiny problem: constant lr 1e-3, no warmup or clipping, a data-parallel mesh."""
   cfg = common.base_config().calibrate
-  cfg.update(dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1))))
+  cfg.update(
+    dict(steps=50, warmup=0, schedule='constant', clip=0.0, lr=1e-3, mesh=(('data', -1), ('fsdp', 1)), remat='none')
+  )
   cfg.update(overrides)
   return cfg
 
@@ -69,13 +72,18 @@ def tiny_data(n: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
   return (patterns[labels] + 0.1 * rng.standard_normal((n, 8, 8, 4))).astype(np.float32), labels
 
 
-def build(cfg, setup=None, assignment: str = 'dynamic', devices=None):
-  """(jitted step, state, frozen, models) on a mesh over `devices` (default: the first device)."""
+def build(cfg, setup=None, assignment: str = 'dynamic', devices=None, scan: bool = False):
+  """(jitted step, state, frozen, models) on a mesh over `devices` (default: the first device); scan: the blocks
+  under nn.scan, state and frozen trees stacked per block (as calibrate/loop.py runs them)."""
   fp, rules, params, q = setup or tiny_setup()
-  dyn, frz = step_lib.calibration_models(fp, rules, assignment, cfg.remat)
+  dyn, frz = step_lib.calibration_models(fp.clone(scan_blocks=scan), rules, assignment, cfg.remat)
   p, qn = step_lib.attach_latent(q.variables()['params'], q.variables()['quant'], params, assignment)
   mutable, constant = step_lib.split_quant(qn)
   trainable, frozen_params = trainable_lib.split_trainable(p, trainable_lib.trainable_patterns(cfg.trainable))
+  if scan:
+    trainable, frozen_params, mutable, constant = (
+      scan_lib.stack_blocks(tree, fp.depth) for tree in (trainable, frozen_params, mutable, constant)
+    )
   tx = trainable_lib.optimizer(cfg)
   state = step_lib.init_state(trainable, mutable, tx, 0)
   frozen = {'params': frozen_params, 'quant': constant, 'fp': params if cfg.distill_weight > 0 else {}}

@@ -286,3 +286,43 @@ def test_random_vae_is_the_sd_architecture():
   assert images.shape == (1, 16, 16, 3) and bool(jnp.all(jnp.isfinite(images)))
   cfg = _config(convert.RANDOM_VAE)
   assert not [line for line in sample_stage.check(cfg) if 'vae' in line]
+
+
+def test_scanned_blocks_sample_the_same_and_hold_one_blocks_kernels():
+  """config.model.scan_blocks: the PQ model decoding on the fly gives the unrolled model's samples, and XLA's
+  memory analysis of the sampler call is below the unrolled one's by at least the decoded kernels of all blocks
+  but one (a scanned block decodes only its own)."""
+  from dpq_jax.diffusion import sampling
+  from dpq_jax.stages import job as job_lib
+  from tests.calibrate import tiny
+
+  fp, rules, params, q = tiny.tiny_setup()
+  config = common.base_config()
+  config.model.scan_blocks = True
+  config.quant.dequantize = 'on_the_fly'
+  job = job_lib.Job(report={}, spec=None, fp_params=params)
+  job.spec = dataclasses.make_dataclass('Spec', ['create'])(lambda **kw: fp.clone(**kw))
+  job.quantized = job_lib.QuantizedModel(q, rules, {})
+  scanned, stacked = job.runtime(config)  # the sample stage's model and variables
+  assert scanned.scan_blocks and 'blocks' in stacked['params'] and 'blocks' in stacked['quant'] and not job.notes
+  unrolled = scanned.clone(scan_blocks=False)
+  process = diffusion.create_diffusion('3')
+  keys = sampler.sample_keys(0, np.arange(4))
+  x = sampler.initial_noise(keys, (8, 8, 4))
+  steps, y = jnp.arange(3, dtype=jnp.int32)[::-1], {'y': jnp.array([0, 3, 5, 9])}
+  out, peak = {}, {}
+  for name, model, variables in (('unrolled', unrolled, q.variables()), ('scan', scanned, stacked)):
+    args = (variables, x, keys, steps, y, jnp.float32(0.0))
+    guided = sampler.GuidedApply(model, tiny.NUM_CLASSES, 1.5)
+    compiled = sampling.scan_steps.lower(process, guided, 'ddpm', False, True, sampler.own_step_noise, *args).compile()
+    m = compiled.memory_analysis()
+    peak[name] = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    out[name] = np.asarray(compiled(*args))
+  np.testing.assert_array_equal(out['scan'], out['unrolled'])
+  block = [w for name, w in q.pq.items() if name.startswith('blocks_0/')]
+  kernels = 4 * sum(w.in_features * w.out_features for w in block)  # one block's decoded float32 kernels
+  # The scanned body slices its block's codebooks and codes out of the stacked arrays: that copy is what it
+  # holds besides one block's kernels (on this tiny model 16 / C_out of a kernel; at DiT-S/2, K=256, the saving
+  # exceeds the 11 blocks' kernels outright: benchmarks/scan_blocks.py).
+  sliced = sum(w.codebooks.nbytes + w.codes.nbytes for w in block)
+  assert peak['scan'] <= peak['unrolled'] - (fp.depth - 1) * kernels + sliced, (peak, kernels, sliced)

@@ -10,7 +10,7 @@ import torch
 
 from benchmarks import torch_reference as torch_refs
 from dpq_jax import convert
-from dpq_jax.models import dit
+from dpq_jax.models import dit, scan
 from dpq_jax.models.spec import ModelSpec
 
 T_VALUES = np.array([0, 1, 250, 999])
@@ -48,6 +48,9 @@ def test_forward_matches_diffusers(converted):
     got = model.apply({'params': params}, x, t, y)
     assert got.shape == (4, 8, 8, 8)
     assert _rel_err(got, want) <= 1e-5
+  # The blocks under nn.scan, on the converted params stacked per block (config.model.scan_blocks).
+  scanned = jax.jit(spec.create(scan_blocks=True).apply)(scan.stack_blocks({'params': params}, 12), x, t, y)
+  assert _rel_err(scanned, want) <= 1e-5
 
 
 def test_forward_with_cfg_matches_original(converted):

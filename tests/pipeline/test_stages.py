@@ -14,7 +14,7 @@ from configs import digits as digits_config
 from dpq_jax import pipeline, tree_utils
 from dpq_jax.demo import classifier, digits
 from dpq_jax.demo import train as train_lib
-from dpq_jax.models import dit
+from dpq_jax.models import dit, scan
 from dpq_jax.models import load as load_lib
 from dpq_jax.quant import storage, surgery
 from dpq_jax.stages import REGISTRY, Job, QuantizedModel
@@ -99,8 +99,9 @@ def test_load_makes_the_fp_model():
   job = REGISTRY['load'].run(config, '', Job.start(config))
   assert job.spec.name == config.model.name and job.quantized is None
   assert job.report['num_params'] == load_lib.param_count(job.fp_params) and job.report['method'] == 'fp'
-  module, variables = job.runtime(config)
-  assert variables == {'params': job.fp_params} and module.depth == 1
+  module, variables = job.runtime(config)  # config.model.scan_blocks: the blocks stacked under 'blocks'
+  assert module.depth == 1 and module.scan_blocks and 'blocks' in variables['params']
+  jax.tree.map(np.testing.assert_array_equal, scan.unstack_blocks(variables), {'params': job.fp_params})
 
 
 def test_train_makes_model_data_and_classifier(tmp_path):
@@ -124,10 +125,12 @@ def test_quantize_needs_only_the_fp_model(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, back.pq, jax.tree.map(np.asarray, q.weights.pq))
   assert 'kernel' not in q.weights.fp['blocks_0']['mlp']['fc1']  # no float kernel beside its codes
   _, variables = job.runtime(config)  # dequantize='load' (the demo's setting): kernels decoded once
+  variables = scan.unstack_blocks(variables)  # config.model.scan_blocks: the runtime's blocks are stacked
   assert set(variables) == {'params'} and 'kernel' in variables['params']['blocks_0']['mlp']['fc1']
   config.quant.dequantize = 'on_the_fly'
   _, variables = job.runtime(config)  # PQDense: codebooks in params, codes in their own collection
-  assert set(variables) == {'params', 'quant'} and 'codebooks' in variables['params']['blocks_0']['mlp']['fc1']
+  assert set(variables) == {'params', 'quant'} and 'codebooks' in variables['params']['blocks']['mlp']['fc1']
+  assert variables['quant']['blocks']['mlp']['fc1']['codes'].shape[0] == spec.create().depth  # stacked per block
 
 
 def test_quantize_rtn_clip_from_config(tmp_path):
