@@ -63,26 +63,25 @@ def tree_digests(directory: str) -> dict[str, dict[str, Any]]:
   return {io_utils.relpath(f, directory): file_digest(f) for f in io_utils.walk_files(directory)}
 
 
-def check(path: str, data: Any, recorded: dict[str, Any], fix: str) -> None:
-  """Raises ArtifactError naming `path` unless `data` (its bytes) has the recorded size and digest."""
-  size = memoryview(data).nbytes
+def _compare(path: str, size: int, digest: Callable[[str], str], recorded: dict[str, Any], fix: str) -> None:
+  """Raises ArtifactError naming `path` unless `size` and digest(algorithm) are the recorded ones; the digest
+  is asked for only when the size matches."""
   if size != recorded['bytes']:
     raise errors.ArtifactError(f'{path}: {size} bytes, {recorded["bytes"]} were written (truncated or replaced); {fix}')
   algorithm = _algorithm_of(recorded)
-  if digest_bytes(data, algorithm) != recorded.get(algorithm):
+  if digest(algorithm) != recorded.get(algorithm):
     raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
+
+
+def check(path: str, data: Any, recorded: dict[str, Any], fix: str) -> None:
+  """Raises ArtifactError naming `path` unless `data` (its bytes) has the recorded size and digest."""
+  _compare(path, memoryview(data).nbytes, lambda algorithm: digest_bytes(data, algorithm), recorded, fix)
 
 
 def check_file(path: str, recorded: dict[str, Any], fix: str) -> None:
-  """Raises ArtifactError naming `path` unless the file has the recorded size and digest."""
-  algorithm = _algorithm_of(recorded)
-  got = file_digest(path, algorithm)
-  if got['bytes'] != recorded['bytes']:
-    raise errors.ArtifactError(
-      f'{path}: {got["bytes"]} bytes, {recorded["bytes"]} were written (truncated or replaced); {fix}'
-    )
-  if got[algorithm] != recorded.get(algorithm):
-    raise errors.ArtifactError(f'{path}: its digest differs from the one recorded when it was written (damaged); {fix}')
+  """Raises ArtifactError naming `path` unless the file has the recorded size and digest (one read)."""
+  got = file_digest(path, _algorithm_of(recorded))
+  _compare(path, got['bytes'], got.__getitem__, recorded, fix)
 
 
 def tree_checks(directory: str, recorded: dict[str, dict[str, Any]], fix: str) -> list[Callable[[], None]]:
