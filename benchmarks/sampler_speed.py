@@ -23,6 +23,8 @@ from benchmarks import _common
 from dpq_jax import diffusion as diffusion_lib
 from dpq_jax.diffusion import sampling
 from dpq_jax.evaluate import sampler as sampler_lib
+from dpq_jax.models import load as load_lib
+from dpq_jax.models import scan as scan_lib
 from dpq_jax.models.spec import ModelSpec
 from dpq_jax.quant import surgery
 
@@ -61,19 +63,27 @@ def main(argv=None) -> None:
     '--iters', type=_common.integer(0), default=5, help='k-means iterations (speed does not depend on them)'
   )
   parser.add_argument('--repeats', type=_common.integer(1), default=3)
+  parser.add_argument('--unrolled', action='store_true', help='blocks unrolled (config.model.scan_blocks=False)')
+  parser.add_argument('--dtype', default='float32', choices=sorted(load_lib.DTYPES), help='compute dtype')
   args = parser.parse_args(argv)
   if args.batch % jax.device_count():
     parser.error(f'argument --batch: expected a multiple of the {jax.device_count()} devices, got {args.batch}')
 
   spec = ModelSpec(args.model, input_size=args.input_size)
-  fp_model = spec.create()
+  dtype = load_lib.DTYPES[args.dtype]
+  fp_model = spec.create(dtype=dtype)
   params = _common.random_dit_params(fp_model)
   rules = surgery.default_rules('pq', args.k, args.d)
   q = surgery.quantize_params(params, rules, jax.random.key(2), method='pq', iters=args.iters)
   variants = {'fp': ({'params': params}, fp_model)}
   for name, mode in (('pq load', 'load'), ('pq on-fly', 'on_the_fly')):
     cfg = ml_collections.ConfigDict({'method': 'pq', 'dequantize': mode})
-    variants[name] = surgery.runtime_model(spec, q, rules, cfg, jnp.float32)
+    variants[name] = surgery.runtime_model(spec, q, rules, cfg, dtype)
+  for name, (variables, model) in variants.items():  # as the job runs them (stages/job.py: Job.runtime)
+    model, variables, why = scan_lib.runnable(model.clone(scan_blocks=not args.unrolled), variables)
+    if why:
+      print(f'{name}: the blocks run unrolled: {why}')
+    variants[name] = (variables, model)
 
   respacing = f'ddim{args.steps}' if args.sampler == 'ddim' else str(args.steps)
   diffusion = diffusion_lib.create_diffusion(respacing)
@@ -89,7 +99,8 @@ def main(argv=None) -> None:
   best = _common.interleaved_best(calls, args.repeats)
 
   print(
-    f'{args.model} {args.input_size * 8}px, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, batch {args.batch}, '
+    f'{args.model} {args.input_size * 8}px, {"unrolled" if args.unrolled else "scanned"} blocks, {args.dtype}, '
+    f'{args.sampler} {args.steps} steps, cfg {args.cfg_scale}, batch {args.batch}, '
     f'PQ K={args.k} d={args.d} ({np.log2(args.k) / args.d:g} index bits/weight), {jax.device_count()} '
     f'{jax.devices()[0].platform} device(s), best of {args.repeats}'
   )
