@@ -11,6 +11,7 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+from ml_collections.config_flags import tuple_parser
 
 from dpq_jax import configs
 
@@ -18,6 +19,28 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CONFIG = configs.path('digits')
 HELP_FLAGS = ('--help', '--helpshort', '--helpfull', '-h', '-?')
 
+
+def _literal(text: str):
+  """A Python literal where `text` is one (1, 0.5, None), else the text itself."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+class CommaTupleParser(tuple_parser.TupleParser):
+  """Tuple config fields as users type them: a plain comma list, `--config.compare.rows=fp,vq-1bit`, is
+  ('fp', 'vq-1bit') (ml_collections parses the whole text as one Python literal: `vq-1bit` is none, so it refuses
+  the list, and `fp,vq` would be the one string 'fp,vq'); items that are literals keep their type (`1,2` is
+  (1, 2)). Text with quotes or brackets is ml_collections' literal syntax, unchanged."""
+
+  def parse(self, argument):
+    if isinstance(argument, str) and ',' in argument and not any(c in argument for c in '\'"()[]{}'):
+      return tuple(_literal(item.strip()) for item in argument.split(',') if item.strip())
+    return super().parse(argument)
+
+
+config_flags.register_flag_parser_for_type(tuple, CommaTupleParser())
 _CONFIG = config_flags.DEFINE_config_file('config', DEFAULT_CONFIG, 'Job config: a file or a shipped name (above).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory (default: runs/<config name>).')
 

@@ -89,6 +89,22 @@ def _parsed_config(*overrides: str):
   return holder.value
 
 
+@pytest.mark.parametrize(
+  'text,want',
+  [
+    ('fp,vq-1bit,pq-1bit-compressed', ('fp', 'vq-1bit', 'pq-1bit-compressed')),  # not Python: split as typed
+    ('fp, vq', ('fp', 'vq')),  # Python names, not literals: ml_collections alone gives ('fp, vq',)
+    ('1,2.5', (1, 2.5)),  # literal items keep their type
+    ("('fp','vq-1bit')", ('fp', 'vq-1bit')),  # ml_collections' literal syntax, unchanged
+    ("'a,b'", ('a,b',)),  # quoted: one item
+    ('fp', ('fp',)),
+  ],
+)
+def test_tuple_fields_take_comma_lists(text, want):
+  assert _parsed_config(f'--config.compare.rows={text}').compare.rows == want
+  assert _parsed_config(f'--config.stages={text}').stages == want
+
+
 def test_comma_list_tuple_and_implied_load_write_the_same_report(tmp_path):
   """`--config.stages=load,quantize`, the tuple syntax and `quantize` alone run the same job: equal report.json
   (times aside), whose `stages` lists what ran."""
