@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -198,6 +199,56 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+@contextlib.contextmanager
+def building_dir(directory: str, parent: str | None) -> Iterator[str]:
+  """A new temp dir `.NAME.tmp-XXXX` in `parent` (None: the system's temp dir) to build `directory` in, removed
+  on the way out unless it was moved into place (replace_dir). While this process builds it, it holds an flock
+  on the temp dir itself; so first, beside a local `directory`, what killed builders of it left is cleaned up:
+  temp dirs nobody holds are removed, and `DIR.old` (a kill between replace_dir's renames) becomes DIR again
+  where DIR is missing, else is removed."""
+  base = os.path.basename(directory.rstrip('/'))
+  if parent is not None:
+    remove_dead_builds(parent, base)
+  tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
+  fd = os.open(tmp, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    yield tmp
+  finally:
+    os.close(fd)
+    shutil.rmtree(tmp, ignore_errors=True)  # gone already where replace_dir moved it
+
+
+def remove_dead_builds(parent: str, base: str) -> list[str]:
+  """What killed `building_dir` builders of parent/base left there (see building_dir); returns the paths
+  removed or restored. A live builder's temp dir, and then DIR.old too (it may be mid-replace), are left alone."""
+  done, live = [], False
+  for name in sorted(os.listdir(parent)) if os.path.isdir(parent) else ():
+    path = os.path.join(parent, name)
+    if not (name.startswith(f'.{base}.tmp-') and os.path.isdir(path)):
+      continue
+    try:
+      fd = os.open(path, os.O_RDONLY)
+    except OSError:
+      continue  # removed meanwhile
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      shutil.rmtree(path, ignore_errors=True)
+      done.append(path)
+    except BlockingIOError:
+      live = True
+    finally:
+      os.close(fd)
+  old, target = os.path.join(parent, base + '.old'), os.path.join(parent, base)
+  if os.path.isdir(old) and not live:
+    if os.path.exists(target):
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(old, target)  # killed between replace_dir's renames: the previous version, whole
+    done.append(old)
+  return done
 
 
 def replace_dir(tmp: str, directory: str, commit_file: str | None = None) -> None:

@@ -35,9 +35,6 @@ def save_converted(output_dir: str, spec: ModelSpec, params: Params, source: str
 
 def save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
   """DIR/model.json (meta) and DIR/params (orbax), built in a temp dir and renamed into place."""
-  import shutil
-  import tempfile
-
   import orbax.checkpoint as ocp
 
   output_dir = io_utils.abspath(output_dir)
@@ -46,16 +43,12 @@ def save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
     parent = None  # built in the local temp dir, uploaded with model.json last (io_utils.replace_dir)
   else:
     os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(output_dir.rstrip('/')) + '.tmp-', dir=parent)
-  try:
+  with io_utils.building_dir(output_dir, parent) as tmp:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
       json.dump({**meta, 'files': integrity.tree_digests(os.path.join(tmp, PARAMS_DIR))}, f, indent=2)
     io_utils.replace_dir(tmp, output_dir, commit_file=SPEC_FILE)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def check_writable_dir_parent(output_dir: str) -> str:

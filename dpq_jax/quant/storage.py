@@ -26,8 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -130,8 +128,7 @@ def save(
   if commit and not io_utils.is_remote(directory):
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)  # same filesystem, so the final rename is atomic
-  tmp = tempfile.mkdtemp(prefix='.' + os.path.basename(directory.rstrip('/')) + '.tmp-', dir=parent)
-  try:
+  with io_utils.building_dir(directory, parent) as tmp:  # removed after, unless moved into place
     w = _Writer(tmp)
     for _, kind, path in _layout(q):  # the order of the model's params tree, as index.json always had it
       if kind == 'fp':
@@ -158,10 +155,6 @@ def save(
     sizes = sizes_on_disk(tmp)  # the same bytes that land in `directory`
     if commit:
       io_utils.replace_dir(tmp, directory, commit_file=INDEX)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  shutil.rmtree(tmp, ignore_errors=True)  # measure-only builds (a committed tmp is gone already)
   distributed.sync('dpq_jax storage.save')  # nobody reads DIR before process 0 has put it in place
   return sizes
 

@@ -6,13 +6,14 @@ second process is the point (the lock holder, kill -9) or flag parsing is (it ex
 
 import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from dpq_jax import pipeline, workdir
+from dpq_jax import convert, io_utils, pipeline, workdir
 from dpq_jax.quant import storage
 from tests import helpers
 from tests.pipeline import faults
@@ -157,6 +158,54 @@ def test_kill_9_while_writing_the_artifact_and_the_next_run_cleans_up(faults_cop
   with workdir.hold(faults_copy):
     assert faults.temps(faults_copy) == []
   storage.load(artifact)
+
+
+_STALLED_CONVERT = """
+import sys, time
+from dpq_jax import convert, io_utils
+spec, params = convert.load_converted(sys.argv[1])
+def stall(tmp, directory, commit_file=None):  # everything written, not yet moved into place
+  print('WRITING', flush=True)
+  time.sleep(120)
+io_utils.replace_dir = stall
+convert.save_converted(sys.argv[2], spec, params)
+"""
+
+
+def test_converter_killed_mid_write_is_cleaned_by_the_next_one(tiny_converted, tmp_path):
+  """Converted checkpoints live outside any workdir: a real kill -9 of the converter leaves its temp dir beside
+  the output; the next conversion into that output removes it, but never the temp of a converter still running,
+  and puts back a DIR.old that a kill between replace_dir's renames left."""
+  spec, params, source = tiny_converted
+  out = tmp_path / 'dit'
+  shutil.copytree(source, out)
+  before = faults.files(out)
+
+  def stalled():
+    p = subprocess.Popen([sys.executable, '-c', _STALLED_CONVERT, source, str(out)], cwd=helpers.ROOT,
+                         stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert p.stdout.readline().strip() == 'WRITING'
+    return p
+
+  killed, running = stalled(), None
+  killed.send_signal(signal.SIGKILL)
+  killed.wait()
+  (dead,) = [n for n in os.listdir(tmp_path) if n.startswith('.dit.tmp-')]
+  assert faults.files(out) == before  # the good output is untouched
+  try:
+    running = stalled()
+    (live,) = [n for n in os.listdir(tmp_path) if n.startswith('.dit.tmp-') and n != dead]
+    convert.save_converted(str(out), spec, params)
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith('.dit.tmp-')) == [live]  # the live one stays
+    saved = faults.files(out)
+  finally:
+    if running is not None:
+      running.kill()
+      running.wait()
+  convert.load_converted(str(out))
+  os.rename(out, str(out) + '.old')  # killed between replace_dir's renames
+  assert io_utils.remove_dead_builds(str(tmp_path), 'dit') == [str(tmp_path / f'.dit.tmp-{live[9:]}'), f'{out}.old']
+  assert sorted(os.listdir(tmp_path)) == ['dit'] and faults.files(out) == saved
 
 
 def test_temps_of_killed_writers_are_removed_at_start(faults_copy):
