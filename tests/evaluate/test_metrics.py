@@ -3,6 +3,7 @@ from; the evaluate stage end to end and its refusals."""
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -51,6 +52,24 @@ def test_fid_between_gaussians_matches_the_closed_form():
     metrics.frechet_distance(np.zeros(5), np.diag(a), np.ones(5), np.diag(b)),
     5 + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2),
   )
+
+
+@pytest.mark.parametrize('dim,samples', [(64, 1000), (256, 600), (200, 100)])  # the last: singular covariances
+def test_fid_eigh_equals_adm_sqrtm(dim, samples):
+  """The default trace of the square root (two eigh) against ADM's scipy sqrtm of the product, on covariances of
+  heavy-tailed features with spread scales, as Inception's are."""
+  rng = np.random.default_rng(dim)
+  scale = np.exp(rng.normal(size=dim))
+  f1 = rng.standard_t(5, size=(samples, dim)) * scale
+  f2 = (rng.standard_t(5, size=(samples, dim)) + 0.3) * scale * rng.uniform(0.8, 1.2, dim)
+  stats = [*metrics.gaussian_statistics(f1), *metrics.gaussian_statistics(f2)]
+  with warnings.catch_warnings():
+    warnings.simplefilter('ignore')  # ADM's "singular product" warning on the rank-deficient pair
+    adm = metrics.frechet_distance(*stats, sqrt='adm')
+  got = metrics.frechet_distance(*stats)
+  np.testing.assert_allclose(got, adm, rtol=1e-9 if samples > dim else 1e-5)
+  with pytest.raises(ValueError, match="sqrt='cholesky': expected 'eigh' or 'adm'"):
+    metrics.frechet_distance(*stats, sqrt='cholesky')
 
 
 def test_fid_of_sampled_features_approaches_the_population_value():
@@ -250,7 +269,7 @@ def test_evaluate_stage_end_to_end(tmp_path, inception, monkeypatch):
   # checked here, frechet_distance itself against closed forms above.
   calls = []
   mean_term = lambda mu1, sigma1, mu2, sigma2: float(np.sum((mu1 - mu2) ** 2))
-  monkeypatch.setattr(metrics, 'frechet_distance', lambda *args: calls.append(args) or mean_term(*args))
+  monkeypatch.setattr(metrics, 'frechet_distance', lambda *args, **kw: calls.append(args) or mean_term(*args))
   config = _config(tmp_path, tmp_path / 'samples.npz', tmp_path / 'ref.npz', is_network=str(tmp_path / 'head.npz'))
   report = pipeline.run(config, str(tmp_path / 'run'))
 

@@ -69,7 +69,7 @@ from dpq_jax.configs import common
 from dpq_jax.evaluate import metrics
 
 assert dpq_jax.__file__.startswith(sys.prefix), dpq_jax.__file__
-metrics.frechet_distance = lambda mu1, sigma1, mu2, sigma2: float(((mu1 - mu2) ** 2).sum())
+metrics.frechet_distance = lambda mu1, sigma1, mu2, sigma2, **kw: float(((mu1 - mu2) ** 2).sum())
 config = common.base_config()
 config.stages = ('evaluate',)
 config.evaluate.samples, config.evaluate.reference = sys.argv[1], sys.argv[2]
