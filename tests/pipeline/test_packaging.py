@@ -57,27 +57,6 @@ print(json.dumps({
 }))
 """
 
-# Run by the venv's python outside the tree: the evaluate stage on two small ADM batches, through the installed
-# package and the Inception of its `eval` extra. scipy's sqrtm of a 2048x2048 product takes minutes on this
-# CPU, so the Frechet distances are their mean terms here (tests/evaluate checks the real ones against closed
-# forms and the stage's statistics against the TorchScript Inception); the rest of the stage runs as shipped.
-EVALUATE = r"""
-import json, sys
-import dpq_jax
-from dpq_jax import pipeline
-from dpq_jax.configs import common
-from dpq_jax.evaluate import metrics
-
-assert dpq_jax.__file__.startswith(sys.prefix), dpq_jax.__file__
-metrics.frechet_distance = lambda mu1, sigma1, mu2, sigma2, **kw: float(((mu1 - mu2) ** 2).sum())
-config = common.base_config()
-config.stages = ('evaluate',)
-config.evaluate.samples, config.evaluate.reference = sys.argv[1], sys.argv[2]
-config.evaluate.batch_size = 4
-report = pipeline.run(config, 'eval')
-print(json.dumps({'metrics': report['metrics'], 'evaluate': report['evaluate']}))
-"""
-
 
 def _run(*args, cwd, timeout=300):
   r = subprocess.run([*map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
@@ -116,12 +95,14 @@ def test_wheel_installs_with_its_dependencies_and_runs_outside_the_tree(tmp_path
   assert {'digits.py', 'dit_xl_1bit.py', 'smoke.py', 'common.py'} <= set(got['configs'])
   assert got['evaluate_problems'] == [] and got['inception']
 
-  out = _run(python, '-c', EVALUATE, outside / 'images.npz', outside / 'reference.npz', cwd=outside)
-  got = json.loads(out.stdout.splitlines()[-1])
-  assert got['evaluate']['num_samples'] == got['evaluate']['num_reference'] == 4
-  m = got['metrics']
+  # The evaluate stage, as a user runs it on two (small) ADM batches, with the `eval` extra's Inception.
+  _run(python, '-m', 'dpq_jax.main', '--config=smoke', '--workdir=eval', '--config.stages=evaluate',
+       '--config.evaluate.samples=images.npz', '--config.evaluate.reference=reference.npz',
+       '--config.evaluate.batch_size=4', cwd=outside)  # fmt: skip
+  report = json.loads((outside / 'eval' / 'report.json').read_text())
+  assert report['evaluate']['num_samples'] == report['evaluate']['num_reference'] == 4
+  m = report['metrics']
   assert m['fid'] > 0 and m['sfid'] > 0 and 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
-  assert (outside / 'eval' / 'report.json').exists()
 
   # The digits demo's fastest config, named as an installed user names it: its first stage (the DiT and the
   # classifier trained on the digits inside scikit-learn's wheel). The rows after it are the in-tree stages
