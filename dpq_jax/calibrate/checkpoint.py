@@ -39,6 +39,10 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    """Whether save(step) without force would write a checkpoint."""
+    return self.manager.should_save(step)
+
   def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
     return self.manager.save(step, args=args, force=force)

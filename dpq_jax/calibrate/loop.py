@@ -34,6 +34,36 @@ METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'  # event files (tensorboardX: no TensorFlow needed)
 
 
+def check_finite_loss(rows: list[dict], lr: float) -> None:
+  """NonFiniteError naming the first step of `rows` ({'step', 'loss', ...}) whose loss is not finite."""
+  bad = [r['step'] for r in rows if not math.isfinite(r['loss'])]
+  if bad:
+    raise errors.NonFiniteError(
+      f'calibration loss is not finite at step {bad[0]} (steps {rows[0]["step"]}..{rows[-1]["step"]}); '
+      f'try a lower config.calibrate.lr than {lr}'
+    )
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def check_finite(pending: list[tuple[int, dict]], state: Any, lr: float) -> None:
+  """Before a checkpoint: the losses of the steps not yet logged (`pending` (step, metrics)) and the state after
+  the last of them are finite (an update can turn the state NaN while its own loss was finite), else
+  NonFiniteError; the checkpoints written so far stay the last good ones."""
+  if pending:
+    check_finite_loss([{'step': s, 'loss': float(jax.device_get(m['loss']))} for s, m in pending], lr)
+  if not bool(_all_finite(state)):
+    step = pending[-1][0] if pending else '?'
+    raise errors.NonFiniteError(
+      f'calibration state is not finite after step {step} (its loss was finite); not checkpointed; '
+      f'try a lower config.calibrate.lr than {lr}'
+    )
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -168,6 +198,8 @@ def calibrate(
           compile_s = time.perf_counter() - tick
           tick, tick_step = time.perf_counter(), step
         pending.append((step, metrics))
+        if step == cfg.steps or checkpointer.should_save(step):
+          check_finite(pending, state, cfg.lr)  # no checkpoint holds a diverged state
         checkpointer.save(step, state, data_state(), force=step == cfg.steps)
         if bar is not None:
           bar.update(1)
@@ -179,12 +211,7 @@ def calibrate(
           for row in rows:
             row['step_time_s'] = (now - tick) / max(step - tick_step, 1)
           tick, tick_step = now, step
-          bad = [r['step'] for r in rows if not math.isfinite(r['loss'])]
-          if bad:
-            raise errors.NonFiniteError(
-              f'calibration loss is not finite at step {bad[0]} (steps {rows[0]["step"]}..{step}); '
-              f'try a lower config.calibrate.lr than {cfg.lr}'
-            )
+          check_finite_loss(rows, cfg.lr)
           history += rows
           pending = []
           if writer:  # (on gs:// an append rewrites the object: it stays small, one line per logged step)
@@ -199,6 +226,7 @@ def calibrate(
         if guard.requested():
           checkpointer.wait()
           if checkpointer.latest_step() != step:
+            check_finite(pending, state, cfg.lr)
             checkpointer.save(step, state, data_state(), force=True)
             checkpointer.wait()
           name = 'SIGTERM' if guard.signum == 15 else f'signal {guard.signum}'

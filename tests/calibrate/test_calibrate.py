@@ -287,9 +287,9 @@ def _read_scalars(directory) -> dict:
   return out
 
 
-def test_nan_loss_stops_calibration_with_the_step_range(tmp_path, monkeypatch):
-  """A loss that turns NaN at step 3 (injected into the real step's metrics) stops the stage with the step range
-  as a user fault (NonFiniteError: one line from main), before DIR/quantized is rewritten."""
+def _diverging_run(tmp_path, monkeypatch, poison, message, **calibrate):
+  """The calibrate stage on the tiny model, the real step's (state, metrics) passed through poison(call number,
+  state, metrics) from its output; expects NonFiniteError matching `message`, DIR/quantized untouched."""
   from dpq_jax import errors
   from dpq_jax.calibrate import train_step as step_lib
   from dpq_jax.quant import storage
@@ -301,21 +301,19 @@ def test_nan_loss_stops_calibration_with_the_step_range(tmp_path, monkeypatch):
   before = {f: (tmp_path / 'quantized' / f).read_bytes() for f in storage.FILES.values()}
   real = step_lib.jit_step
 
-  def nan_from_step_3(fn, *args, **kwargs):
+  def poisoned(fn, *args, **kwargs):
     jstep, *rest = real(fn, *args, **kwargs)
     calls = []
 
     def step(state, frozen, batch):
-      state, metrics = jstep(state, frozen, batch)
       calls.append(1)
-      return state, dict(metrics, loss=metrics['loss'] * (np.nan if len(calls) >= 3 else 1.0))
+      return poison(len(calls), *jstep(state, frozen, batch))
 
     return (step, *rest)
 
-  monkeypatch.setattr(step_lib, 'jit_step', nan_from_step_3)
+  monkeypatch.setattr(step_lib, 'jit_step', poisoned)
   config = runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': max(4, jax.device_count()), 'calibrate.lr': 1e-2,
-                       'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'calibrate.log_every': 2,
-                       'data.num_samples': 8})  # fmt: skip
+                       'calibrate.warmup': 0, 'data.num_samples': 8, **calibrate})  # fmt: skip
   config.model.init, config.model.input_size, config.data.source = 'checkpoint', 8, 'data_free'
   job = Job(
     report={'num_params': 1000},
@@ -323,6 +321,39 @@ def test_nan_loss_stops_calibration_with_the_step_range(tmp_path, monkeypatch):
     fp_params=params,
     quantized=QuantizedModel(q, rules, {'name': 'tiny'}),
   )
-  with pytest.raises(errors.NonFiniteError, match=re.escape('not finite at step 3 (steps 3..4)')):
+  with pytest.raises(errors.NonFiniteError, match=re.escape(message)):
     calibrate_stage.run(config, str(tmp_path), job)
   assert {f: (tmp_path / 'quantized' / f).read_bytes() for f in storage.FILES.values()} == before
+
+
+def test_nan_loss_stops_calibration_with_the_step_range(tmp_path, monkeypatch):
+  """A loss that turns NaN at step 3 (injected into the real step's metrics) stops the stage with the step range
+  as a user fault (NonFiniteError: one line from main), before DIR/quantized is rewritten."""
+
+  def nan_loss_from_3(n, state, metrics):
+    return state, dict(metrics, loss=metrics['loss'] * (np.nan if n >= 3 else 1.0))
+
+  _diverging_run(tmp_path, monkeypatch, nan_loss_from_3, 'not finite at step 3 (steps 3..4)',
+                 **{'calibrate.checkpoint_every': 2, 'calibrate.log_every': 2})  # fmt: skip
+
+
+@pytest.mark.parametrize('what', ['loss', 'state'])
+def test_no_checkpoint_holds_a_diverged_step(tmp_path, monkeypatch, what):
+  """Checkpoints every step, losses logged every 4: a loss or a state (its loss still finite) that turns NaN at
+  step 3 is caught before step 3 is checkpointed, so a resume starts from step 2, the last good state."""
+  from dpq_jax.calibrate import checkpoint as ckpt_lib
+  from dpq_jax.calibrate import loop
+
+  def poison(n, state, metrics):
+    if n < 3:
+      return state, metrics
+    if what == 'loss':
+      return state, dict(metrics, loss=metrics['loss'] * np.nan)
+    return jax.tree.map(lambda x: x * np.nan if jnp.issubdtype(x.dtype, jnp.inexact) else x, state), metrics
+
+  message = 'loss is not finite at step 3 (steps 1..3)' if what == 'loss' else 'state is not finite after step 3'
+  _diverging_run(tmp_path, monkeypatch, poison, message,
+                 **{'calibrate.checkpoint_every': 1, 'calibrate.log_every': 4, 'calibrate.keep': 0})  # fmt: skip
+  saved = ckpt_lib.Checkpointer(str(tmp_path / loop.CHECKPOINT_DIR), 1, 0)
+  assert sorted(saved.manager.all_steps()) == [1, 2]
+  saved.close()
