@@ -152,3 +152,40 @@ def test_output_gradient_energies_equal_per_sample_bias_gradients():
     want = want + np.square(np.asarray(g, np.float64))
   np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
   assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
+
+
+@pytest.mark.parametrize('stages, want', [(('load', 'quantize'), 2 * 3), (('load', 'quantize', 'calibrate'), 40)])
+def test_data_free_samples_are_what_the_statistics_read_without_calibration(tmp_path, monkeypatch, stages, want):
+  """Without a `calibrate` stage the data-free source draws stats_batches x stats_batch_size samples (each costs
+  sample_steps forward passes), not config.data.num_samples; with one, the samples calibration trains on."""
+  from types import SimpleNamespace
+
+  from dpq_jax.calibrate import data as data_lib
+  from dpq_jax.calibrate import source
+  from dpq_jax.models import spec as spec_lib
+
+  config = dit_xl_1bit.get_config('runlocal=1')
+  config.stages = stages
+  config.data.source, config.data.num_samples = 'data_free', 40
+  config.quant.stats_batches, config.quant.stats_batch_size = 2, 3
+  config.model.scan_blocks = False  # the sampler is a stub: params need only their shapes
+  drawn = []
+
+  def sample(model, params, num, steps, seed, batch_size):
+    drawn.append(num)
+    size = config.model.input_size
+    return np.zeros((num, size, size, 4), np.float32), np.zeros((num,), np.int32)
+
+  monkeypatch.setattr(data_lib, 'sample_data_free', sample)
+  spec = spec_lib.ModelSpec(config.model.name, config.model.input_size)
+  params = jax.eval_shape(lambda: spec.create().init(jax.random.key(0), *_zeros(config)))['params']
+  job = SimpleNamespace(spec=spec, fp_params=params, data=None)
+  got = source.resolve(source.effective_config(config), str(tmp_path), job)
+  assert drawn == [want] and len(got) == want
+  again = source.resolve(source.effective_config(config), str(tmp_path), job)  # reused from the workdir
+  assert drawn == [want] and len(again) == want
+
+
+def _zeros(config):
+  size = config.model.input_size
+  return np.zeros((1, size, size, 4), np.float32), np.zeros((1,), np.int32), np.zeros((1,), np.int32)
