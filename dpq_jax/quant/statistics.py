@@ -208,12 +208,15 @@ def input_moments(
   Sums of one batch are float32 on device (HIGHEST matmul precision), accumulated over batches in float64 on
   the host. With a mesh the batch is split over its devices and XLA sums across them; the result does not
   depend on the device count beyond float32 summation order. A DiT with `scan_blocks` runs scanned where
-  `scannable` (one compiled block instead of depth; params stacked here), else unrolled.
+  `scannable` (one compiled block instead of depth; params stacked here; rematerialised blocks with `gradients`),
+  else unrolled.
   """
   if scannable(model, targets):
     from dpq_jax.models import scan as scan_lib
 
     params = scan_lib.stack_blocks(params, model.depth)
+    if gradients:  # the backward pass keeps one block's activations at a time (DiT-XL/2 at 32 inputs: ~25 GB all)
+      model = model.clone(remat=True)
   elif getattr(model, 'scan_blocks', False):
     model = model.clone(scan_blocks=False)
   fn = _moment_sums(model, targets, gradients, guidance)
