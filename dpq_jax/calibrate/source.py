@@ -155,6 +155,7 @@ def input_moments(
     'model': config.model.to_dict(),
     'data': config.data.to_dict(),
     'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed, cfg.stats_guidance],
+    **({'conditions': cfg.stats_conditions} if cfg.stats_conditions else {}),  # keeps the older keys
     'targets': targets,
   }
   if config.data.source == 'data_free':  # without a `calibrate` stage fewer samples: other statistics
@@ -173,8 +174,9 @@ def input_moments(
       data.latents, data.labels, cfg.stats_batches, cfg.stats_batch_size, job.spec.num_classes, cfg.seed
     )
     return statistics.input_moments(
-      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients, guidance=cfg.stats_guidance
-    )
+      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients,
+      guidance=cfg.stats_guidance, conditions=cfg.stats_conditions, seed=cfg.seed,
+    )  # fmt: skip
 
   keys = [dict(key, gradients=True)] + ([] if gradients else [dict(key, gradients=False)])
   moments, grad2 = statistics.split(statistics.load_or_collect(workdir, keys, collect))

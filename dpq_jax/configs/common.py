@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Guidance scale s of the statistics: each token pair's guided input x_u + s (x_c - x_u) joins the moments, so
   # the class signal guided sampling relies on is weighed (statistics._moment_sums); 0: x_c and x_u only.
   config.quant.stats_guidance = 1.5
+  # (t, y) pairs of an extra pass for the layers fed by the timestep and class alone (adaLN_modulation): one row per
+  # sample in the batches, but nearly free without the image path (statistics.input_moments); 0: the batches only.
+  config.quant.stats_conditions = 0
   config.quant.scale_rule = 'norm'  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective)
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`

@@ -128,7 +128,9 @@ def _per_layer(tree: dict, leaf_name: str) -> dict[str, Any]:
   return out
 
 
-def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: float = 0.0) -> Callable:
+def _moment_sums(
+  model, targets: dict[str, int], gradients: bool, guidance: float = 0.0, conditioning_only: bool = False
+) -> Callable:
   """fn(params, x, t, y, noise) -> ({name: (sum over tokens of x_j x_j^T [M, d, d], tokens)}, {name: sum over
   tokens of (dL/dy_r)^2 [out_features]} or {}) of the target layers, L the summed squared error of the predicted
   noise (the DDPM loss's mse term). One program for all layers; on the scanned DiT (`scannable`; params stacked)
@@ -137,7 +139,10 @@ def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: floa
   guidance s > 0: the batch is [conditional; null-label] halves on the same noisy inputs (noisy_batches), and
   the guided input x_u + s (x_c - x_u) of every token pair joins x_c and x_u in the sums. A weight error dW
   changes the guided output by dW^T (x_u + s (x_c - x_u)): the class signal of guided sampling lies in the
-  small difference x_c - x_u, which the moments of x_c and x_u alone weigh by its own (small) energy."""
+  small difference x_c - x_u, which the moments of x_c and x_u alone weigh by its own (small) energy.
+
+  conditioning_only: record only the layers fed one row per sample ([batch, features] inputs: adaLN_modulation,
+  the embedders' MLPs), whose inputs depend on (t, y) alone; on the unrolled model XLA then drops the image path."""
   import flax.linen as nn
 
   from dpq_jax.models import scan as scan_lib
@@ -150,7 +155,7 @@ def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: floa
 
   def record(next_fun, args, kwargs, context):
     key = scan_lib.rule_path('/'.join(context.module.path))  # a scanned block's layers as blocks_0's
-    if context.method_name != '__call__' or key not in targets:
+    if context.method_name != '__call__' or key not in targets or (conditioning_only and args[0].ndim != 2):
       return next_fun(*args, **kwargs)
     inputs = args[0].astype(jnp.float32)  # [batch, ..., in_features]
     if guidance:
@@ -195,9 +200,26 @@ def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: floa
   return fn
 
 
+def conditioning_batch(num: int, input_shape: tuple[int, ...], num_classes: int, seed: int, num_timesteps: int = 1000):
+  """A batch for the layers fed by (t, y) alone (`_moment_sums`' conditioning_only): `num` pairs of a timestep
+  (jittered strata tiling [0, num_timesteps)) and a uniform class, then the same timesteps with the null label
+  num_classes, as noisy_batches orders them; x and noise are zeros (the image path does not reach these layers)."""
+  rng = np.random.default_rng([seed, 1])
+  t = np.floor((np.arange(num) + rng.random(num)) * num_timesteps / num).astype(np.int32)
+  y = rng.integers(0, num_classes, num).astype(np.int32)
+  zeros = np.zeros((2 * num,) + tuple(input_shape), np.float32)
+  return {
+    'x': zeros,
+    't': np.concatenate([t, t]),
+    'y': np.concatenate([y, np.full_like(y, num_classes)]),
+    'noise': zeros,
+  }
+
+
 def input_moments(
   model, params: dict, targets: dict[str, int], batches: Iterator[dict[str, np.ndarray]], num_batches: int,
   mesh: jax.sharding.Mesh | None = None, progress: bool = True, gradients: bool = False, guidance: float = 0.0,
+  conditions: int = 0, seed: int = 0,
 ) -> dict[str, np.ndarray]:  # fmt: skip
   """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}; with
   `gradients` also {GRAD_PREFIX + name: [out_features]}: the squared gradient of the noise-prediction error with
@@ -210,7 +232,13 @@ def input_moments(
   depend on the device count beyond float32 summation order. A DiT with `scan_blocks` runs scanned where
   `scannable` (one compiled block instead of depth; params stacked here; rematerialised blocks with `gradients`),
   else unrolled.
+
+  conditions > 0: the layers fed one row per sample (adaLN_modulation: silu of the timestep + class embedding)
+  see only stats_batches x 2B rows in the batches, while their inputs cost nothing without the image path: their
+  moments also sum `conditions` (t, y) pairs of `conditioning_batch` (seed `seed`), each with the null label and
+  the guided row, in one extra pass of the unrolled model from which XLA drops everything else.
   """
+  unrolled_model, per_block_params = model.clone(scan_blocks=False) if hasattr(model, 'scan_blocks') else model, params
   if scannable(model, targets):
     from dpq_jax.models import scan as scan_lib
 
@@ -254,6 +282,14 @@ def input_moments(
       bar.update(1)
   if bar is not None:
     bar.close()
+  if conditions:
+    shape = (unrolled_model.input_size, unrolled_model.input_size, unrolled_model.in_channels)
+    batch = conditioning_batch(conditions, shape, unrolled_model.num_classes, seed)
+    cond_fn = jax.jit(_moment_sums(unrolled_model, targets, False, guidance, conditioning_only=True))
+    out, _ = cond_fn(per_block_params, *(jnp.asarray(batch[k]) for k in ('x', 't', 'y', 'noise')))
+    for name, (total, count) in out.items():
+      sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
+      tokens[name] = tokens.get(name, 0.0) + float(count)
   missing = sorted(set(targets) - set(sums))
   if missing:
     raise ValueError(f'input_moments: layers {missing[:3]} never ran in the model')

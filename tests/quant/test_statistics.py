@@ -112,6 +112,7 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
     ('objective', 'outputs', "config.quant.objective='outputs': expected one of weight, output"),
     ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq"),
     ('stats_guidance', -1.0, 'config.quant.stats_guidance=-1.0: expected >= 0 (0: no guided inputs)'),
+    ('stats_conditions', -1, 'config.quant.stats_conditions=-1: expected >= 0 (0: no conditioning pass)'),
   ],
 )
 def test_bad_statistics_values_fail_with_one_line(key, value, message):
@@ -222,3 +223,28 @@ def test_scanned_model_gives_the_numpy_moments_and_the_per_sample_gradients():
       want = want + np.square(np.asarray(jax.grad(loss)(params)[block]['adaLN_modulation']['bias'], np.float64))
     got = grad2[f'{block}/adaLN_modulation']
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max(), err_msg=block)
+
+
+def test_conditioning_pass_adds_its_rows_to_the_layers_fed_by_t_and_y_only():
+  """stats_conditions: adaLN's moments are one numpy pass over the batches' rows and the conditioning batch's
+  (guided rows included); layers fed by image tokens are those of the batches alone."""
+  model, params, targets, latents, labels = _setup()
+  batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
+  extra = statistics.conditioning_batch(5, latents.shape[1:], 10, seed=4)
+  assert sorted(extra['t'][:5]) == list(extra['t'][:5]) and np.all(np.diff(extra['t'][:5] // 200) == 1)  # strata
+  assert list(extra['y'][5:]) == [10] * 5 and np.array_equal(extra['t'][:5], extra['t'][5:])
+  kw = dict(progress=False, guidance=1.5)
+  got = statistics.input_moments(model, params, targets, iter([batch]), 1, conditions=5, seed=4, **kw)
+  plain = statistics.input_moments(model, params, targets, iter([batch]), 1, **kw)
+
+  def with_guided(x):
+    cond, null = np.split(x, 2)
+    return np.concatenate([x, null + 1.5 * (cond - null)])
+
+  rows = [_inputs(model, params, b, targets) for b in (batch, extra)]
+  for name in ('blocks_0/adaLN_modulation', 'blocks_1/adaLN_modulation'):
+    x = np.concatenate([with_guided(r[name]) for r in rows])
+    xs = x.reshape(x.shape[0], -1, targets[name])
+    want = np.einsum('tmd,tme->mde', xs, xs) / x.shape[0]
+    np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
+  np.testing.assert_array_equal(got['blocks_1/attn/qkv'], plain['blocks_1/attn/qkv'])
