@@ -19,7 +19,7 @@ relative MSE. Targets from the PQ engine issue: < 10 minutes and < 8 GiB on a 2-
 (stages/quantize.py, calibrate/source.py): DDIM samples of the fp model (--data-free-samples, --data-free-steps,
 calibrate/data.sample_data_free), their input second moments at every quantized layer (quant/statistics.py:
 --stats-batches forward passes of 2 x --stats-batch-size inputs, label and null label, the guided inputs at
---stats-guidance; --stats-gradients adds the output-gradient energies of compress.distortion='loss'), then
+--stats-guidance, and --stats-conditions (t, y) pairs for the adaLN layers; --stats-gradients adds the output-gradient energies of compress.distortion='loss'), then
 quantize_params with those moments. Both run with scanned blocks as the stage does (config.model.scan_blocks): the
 sampler always, the statistics where every block is a target (--blocks 0 or 28; with fewer blocks they run unrolled
 and XLA drops the blocks after the last target). The three phases are timed apart; the peak RSS after each shows where memory goes. The rows of the
@@ -91,8 +91,9 @@ def output_moments(args, params: dict, targets: dict[str, int], result: dict) ->
   start, cpu_start = time.perf_counter(), cpu_seconds()
   batches = statistics.noisy_batches(latents, labels, args.stats_batches, args.stats_batch_size, 1000, args.seed)
   stats = statistics.input_moments(
-    model, params, targets, batches, args.stats_batches, gradients=args.stats_gradients, guidance=args.stats_guidance
-  )
+    model, params, targets, batches, args.stats_batches, gradients=args.stats_gradients, guidance=args.stats_guidance,
+    conditions=args.stats_conditions, seed=args.seed,
+  )  # fmt: skip
   moments, _ = statistics.split(stats)
   result['scanned_stats'] = statistics.scannable(model, targets)
   result['stats_s'], result['stats_cpu_s'] = time.perf_counter() - start, cpu_seconds() - cpu_start
@@ -166,7 +167,8 @@ def print_table(args, results: list[dict]) -> None:
   print(f'\n{_common.platform()}; {args.model}, {setting}, {args.iters} k-means iters')
   if any(r['objective'] == 'output' for r in results):
     print(f'output objective: {args.data_free_samples} data-free samples x {args.data_free_steps} DDIM steps; '
-          f'statistics {args.stats_batches} batches of 2 x {args.stats_batch_size}, guidance {args.stats_guidance}'
+          f'statistics {args.stats_batches} batches of 2 x {args.stats_batch_size}, guidance {args.stats_guidance}, '
+          f'{args.stats_conditions} conditioning pairs'
           f'{", with output gradients" if args.stats_gradients else ""}; damping {args.damping}; statistics on the '
           f'{"scanned" if any(r.get("scanned_stats") for r in results) else "unrolled"} model')  # fmt: skip
   _common.print_header(['objective', 'layers', 'weights', 'data-free s', 'stats s', 'quantize s', 'wall s',
@@ -221,6 +223,8 @@ def main(argv=None) -> None:
   parser.add_argument('--data-free-samples', type=_common.integer(1), default=16)
   parser.add_argument('--data-free-steps', type=_common.integer(1), default=2)
   parser.add_argument('--stats-guidance', type=float, default=1.5, help='config.quant.stats_guidance (guided inputs)')
+  parser.add_argument('--stats-conditions', type=_common.integer(0), default=0,
+                      help='config.quant.stats_conditions: (t, y) pairs of the conditioning pass (adaLN layers)')  # fmt: skip
   parser.add_argument('--stats-gradients', action='store_true',
                       help="also the output-gradient energies (compress.distortion='loss': a backward pass per batch)")  # fmt: skip
   parser.add_argument('--damping', type=float, default=0.01, help='config.quant.damping (output objective)')
