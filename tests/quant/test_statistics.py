@@ -133,7 +133,6 @@ def test_layer_paths_are_the_quantized_ones():
 def test_output_gradient_energies_equal_per_sample_bias_gradients():
   """For adaLN_modulation (one token per sample) the summed squared gradient of the noise-prediction error
   with respect to its outputs is sum_i (dL_i / d bias)^2: each sample's bias gradient, from plain jax.grad."""
-  import jax.numpy as jnp
 
   model, params, targets, latents, labels = _setup()
   batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
@@ -141,6 +140,16 @@ def test_output_gradient_energies_equal_per_sample_bias_gradients():
   moments, grad2 = statistics.split(stats)
   assert sorted(moments) == sorted(grad2) == sorted(targets)
   name = 'blocks_1/adaLN_modulation'
+  want = _bias_grad2(model, params, batch, 'blocks_1')
+  np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
+  assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
+
+
+def _bias_grad2(model, params, batch, block):
+  """sum over samples of (dL_i / d bias)^2 of `block`'s adaLN_modulation, each sample's plain jax.grad (adaLN has
+  one token per sample, so this is its summed squared output gradient)."""
+  import jax.numpy as jnp
+
   want = 0.0
   for i in range(batch['x'].shape[0]):
     one = {k: v[i : i + 1] for k, v in batch.items()}
@@ -149,10 +158,8 @@ def test_output_gradient_energies_equal_per_sample_bias_gradients():
       out = model.apply({'params': p}, one['x'], one['t'], one['y'])
       return jnp.sum(jnp.square(out[..., : one['noise'].shape[-1]] - one['noise']))
 
-    g = jax.grad(loss)(params)['blocks_1']['adaLN_modulation']['bias']
-    want = want + np.square(np.asarray(g, np.float64))
-  np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
-  assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
+    want = want + np.square(np.asarray(jax.grad(loss)(params)[block]['adaLN_modulation']['bias'], np.float64))
+  return want
 
 
 @pytest.mark.parametrize('stages, want', [(('load', 'quantize'), 2 * 3), (('load', 'quantize', 'calibrate'), 40)])
@@ -196,7 +203,6 @@ def test_scanned_model_gives_the_numpy_moments_and_the_per_sample_gradients():
   """On the scanned DiT (one compiled block, params stacked inside) the moments equal one numpy pass over the
   unrolled model's recorded inputs, and adaLN's gradient energies the per-sample bias gradients; targets that
   differ between blocks run unrolled."""
-  import jax.numpy as jnp
 
   model, params, targets, latents, labels = _setup()
   scanned = model.clone(scan_blocks=True)
@@ -211,18 +217,8 @@ def test_scanned_model_gives_the_numpy_moments_and_the_per_sample_gradients():
     xs = recorded[name].reshape(recorded[name].shape[0], -1, d)
     want = np.einsum('tmd,tme->mde', xs, xs) / xs.shape[0]
     np.testing.assert_allclose(moments[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
-  for block in ('blocks_0', 'blocks_1'):
-    want = 0.0
-    for i in range(batch['x'].shape[0]):
-      one = {k: v[i : i + 1] for k, v in batch.items()}
-
-      def loss(p):
-        out = model.apply({'params': p}, one['x'], one['t'], one['y'])
-        return jnp.sum(jnp.square(out[..., : one['noise'].shape[-1]] - one['noise']))
-
-      want = want + np.square(np.asarray(jax.grad(loss)(params)[block]['adaLN_modulation']['bias'], np.float64))
-    got = grad2[f'{block}/adaLN_modulation']
-    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max(), err_msg=block)
+  want = _bias_grad2(model, params, batch, 'blocks_1')  # the second block: its slice of the stacked gradients
+  np.testing.assert_allclose(grad2['blocks_1/adaLN_modulation'], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
 
 
 def test_conditioning_pass_adds_its_rows_to_the_layers_fed_by_t_and_y_only():
