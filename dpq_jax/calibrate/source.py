@@ -164,7 +164,7 @@ def input_moments(
   def collect() -> dict[str, np.ndarray]:
     data = resolve(config, workdir, job)
     # scanned where the targets are alike in every block (statistics.scannable): one compiled block
-    model = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype], scan_blocks=bool(config.model.scan_blocks))
+    model = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype]).clone(scan_blocks=bool(config.model.scan_blocks))
     mesh = None
     if jax.device_count() > 1:
       mesh = sharding.make_mesh(tuple(tuple(a) for a in config.calibrate.mesh))
