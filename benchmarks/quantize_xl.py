@@ -18,8 +18,11 @@ relative MSE. Targets from the PQ engine issue: < 10 minutes and < 8 GiB on a 2-
 --objective output is config.quant.objective='output' with the data-free source, as the stage runs it
 (stages/quantize.py, calibrate/source.py): DDIM samples of the fp model (--data-free-samples, --data-free-steps,
 calibrate/data.sample_data_free), their input second moments at every quantized layer (quant/statistics.py:
---stats-batches forward passes of 2 x --stats-batch-size inputs, label and null label), then quantize_params with
-those moments. The three phases are timed apart; the peak RSS after each shows where memory goes. The rows of the
+--stats-batches forward passes of 2 x --stats-batch-size inputs, label and null label, the guided inputs at
+--stats-guidance, and --stats-conditions (t, y) pairs for the adaLN layers; --stats-gradients adds the output-gradient energies of compress.distortion='loss'), then
+quantize_params with those moments. Both run with scanned blocks as the stage does (config.model.scan_blocks): the
+sampler always, the statistics where every block is a target (--blocks 0 or 28; with fewer blocks they run unrolled
+and XLA drops the blocks after the last target). The three phases are timed apart; the peak RSS after each shows where memory goes. The rows of the
 output objective carry `rel_out_err` (metric.rel_error: the layer's output error under its moments). With
 --objective both each objective runs in a fresh process (its own peak RSS and its own compilations: the whitened
 k-means has the shapes of the plain one, and a shared process would reuse its compiles), weight first, and the
@@ -67,13 +70,18 @@ def output_moments(args, params: dict, targets: dict[str, int], result: dict) ->
   """Data-free latents of the fp model, then the input moments of `targets`; fills result's phase times and RSS."""
   from dpq_jax.calibrate import data as data_lib
   from dpq_jax.models import dit
+  from dpq_jax.models import scan as scan_lib
   from dpq_jax.quant import statistics
 
-  model = dit.create_model(args.model, input_size=32, num_classes=1000)
+  # scanned blocks as the stage runs them (config.model.scan_blocks): the sampler on stacked params, the statistics
+  # scanned where every block is a target (statistics.scannable), else unrolled
+  model = dit.create_model(args.model, input_size=32, num_classes=1000, scan_blocks=True)
   start, cpu_start = time.perf_counter(), cpu_seconds()
+  sampler, variables, _ = scan_lib.runnable(model, {'params': params})
   latents, labels = data_lib.sample_data_free(
-    model, params, args.data_free_samples, args.data_free_steps, args.seed, batch_size=16
+    sampler, variables['params'], args.data_free_samples, args.data_free_steps, args.seed, batch_size=16
   )  # config.data.sample_batch_size's default
+  del variables
   result['data_free_s'], result['data_free_cpu_s'] = time.perf_counter() - start, cpu_seconds() - cpu_start
   result['rss_data_free'] = gib(_common.peak_rss_bytes())
   result['load']['data-free'] = os.getloadavg()[0]
@@ -82,7 +90,12 @@ def output_moments(args, params: dict, targets: dict[str, int], result: dict) ->
   result['latent_std'] = float(np.std(latents))
   start, cpu_start = time.perf_counter(), cpu_seconds()
   batches = statistics.noisy_batches(latents, labels, args.stats_batches, args.stats_batch_size, 1000, args.seed)
-  moments = statistics.input_moments(model, params, targets, batches, args.stats_batches)
+  stats = statistics.input_moments(
+    model, params, targets, batches, args.stats_batches, gradients=args.stats_gradients, guidance=args.stats_guidance,
+    conditions=args.stats_conditions, seed=args.seed,
+  )  # fmt: skip
+  moments, _ = statistics.split(stats)
+  result['scanned_stats'] = statistics.scannable(model, targets)
   result['stats_s'], result['stats_cpu_s'] = time.perf_counter() - start, cpu_seconds() - cpu_start
   result['rss_stats'] = gib(_common.peak_rss_bytes())
   result['load']['stats'] = os.getloadavg()[0]
@@ -154,7 +167,10 @@ def print_table(args, results: list[dict]) -> None:
   print(f'\n{_common.platform()}; {args.model}, {setting}, {args.iters} k-means iters')
   if any(r['objective'] == 'output' for r in results):
     print(f'output objective: {args.data_free_samples} data-free samples x {args.data_free_steps} DDIM steps; '
-          f'statistics {args.stats_batches} batches of 2 x {args.stats_batch_size}; damping {args.damping}')  # fmt: skip
+          f'statistics {args.stats_batches} batches of 2 x {args.stats_batch_size}, guidance {args.stats_guidance}, '
+          f'{args.stats_conditions} conditioning pairs'
+          f'{", with output gradients" if args.stats_gradients else ""}; damping {args.damping}; statistics on the '
+          f'{"scanned" if any(r.get("scanned_stats") for r in results) else "unrolled"} model')  # fmt: skip
   _common.print_header(['objective', 'layers', 'weights', 'data-free s', 'stats s', 'quantize s', 'wall s',
                         'wall / weight', '(stats + quantize) / weight', 'CPU s data-free / stats / quantize',
                         'CPU s (all threads)', 'CPU / weight', 'peak RSS GiB', 'RSS after data-free / stats GiB',
@@ -206,6 +222,11 @@ def main(argv=None) -> None:
                       help='latents per statistics batch (the forward runs 2x: label and null label)')  # fmt: skip
   parser.add_argument('--data-free-samples', type=_common.integer(1), default=16)
   parser.add_argument('--data-free-steps', type=_common.integer(1), default=2)
+  parser.add_argument('--stats-guidance', type=float, default=1.5, help='config.quant.stats_guidance (guided inputs)')
+  parser.add_argument('--stats-conditions', type=_common.integer(0), default=0,
+                      help='config.quant.stats_conditions: (t, y) pairs of the conditioning pass (adaLN layers)')  # fmt: skip
+  parser.add_argument('--stats-gradients', action='store_true',
+                      help="also the output-gradient energies (compress.distortion='loss': a backward pass per batch)")  # fmt: skip
   parser.add_argument('--damping', type=float, default=0.01, help='config.quant.damping (output objective)')
   args = parser.parse_args(argv)
 

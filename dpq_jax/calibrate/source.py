@@ -72,9 +72,18 @@ def _vae_checkpoint(config: ml_collections.ConfigDict) -> str:
   return str(vae.get('checkpoint', '')) if vae is not None else ''
 
 
+def data_free_count(config: ml_collections.ConfigDict) -> int:
+  """How many data-free samples a job draws: config.data.num_samples where `calibrate` trains on them, else only
+  what the input statistics read (quant.stats_batches x stats_batch_size): each sample costs sample_steps forward
+  passes of the fp model, so 1024 x 10 of them for 128 latents of statistics would cost 80x the statistics."""
+  if 'calibrate' in config.stages:
+    return config.data.num_samples
+  return min(config.data.num_samples, config.quant.stats_batches * config.quant.stats_batch_size)
+
+
 def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.ArraySource:
   """The (latents, labels) of config.data (after `effective_config`) for a stages.job.Job: its `train` data, its
-  fp model's data-free samples, an npz, or ImageNet encoded once into a latent cache."""
+  fp model's data-free samples (`data_free_count` of them), an npz, or ImageNet encoded once into a latent cache."""
   data = config.data
   if data.source == 'npz':
     latents, labels = data_lib.load_npz(data.path)
@@ -84,7 +93,8 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.Ar
     latents, labels = job.data['train_images'], job.data['train_labels']
   elif data.source == 'data_free':
     path = os.path.join(workdir, DATA_FREE_FILE)
-    meta = np.asarray([data.num_samples, data.sample_steps, data.seed])
+    num_samples = data_free_count(config)
+    meta = np.asarray([num_samples, data.sample_steps, data.seed])
     latents = None
     if io_utils.exists(path):  # a resumed run reuses the samples instead of drawing them again
       with io_utils.load_npz(path) as f:
@@ -95,7 +105,7 @@ def resolve(config: ml_collections.ConfigDict, workdir: str, job) -> data_lib.Ar
       fp = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype]).clone(scan_blocks=scan)
       fp, variables, _ = scan_lib.runnable(fp, {'params': job.fp_params})  # fp blocks always stack
       latents, labels = data_lib.sample_data_free(
-        fp, variables['params'], data.num_samples, data.sample_steps, data.seed, data.sample_batch_size
+        fp, variables['params'], num_samples, data.sample_steps, data.seed, data.sample_batch_size
       )
       if distributed.is_writer():
         io_utils.write_npz(path, latents=latents, labels=labels, meta=meta)
@@ -145,12 +155,16 @@ def input_moments(
     'model': config.model.to_dict(),
     'data': config.data.to_dict(),
     'stats': [cfg.stats_batches, cfg.stats_batch_size, cfg.seed, cfg.stats_guidance],
+    **({'conditions': cfg.stats_conditions} if cfg.stats_conditions else {}),  # keeps the older keys
     'targets': targets,
   }
+  if config.data.source == 'data_free':  # without a `calibrate` stage fewer samples: other statistics
+    key['data_free_samples'] = data_free_count(config)
 
   def collect() -> dict[str, np.ndarray]:
     data = resolve(config, workdir, job)
-    model = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype])
+    # scanned where the targets are alike in every block (statistics.scannable): one compiled block
+    model = job.spec.create(dtype=load_lib.DTYPES[config.model.dtype]).clone(scan_blocks=bool(config.model.scan_blocks))
     mesh = None
     if jax.device_count() > 1:
       mesh = sharding.make_mesh(tuple(tuple(a) for a in config.calibrate.mesh))
@@ -160,8 +174,9 @@ def input_moments(
       data.latents, data.labels, cfg.stats_batches, cfg.stats_batch_size, job.spec.num_classes, cfg.seed
     )
     return statistics.input_moments(
-      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients, guidance=cfg.stats_guidance
-    )
+      model, job.fp_params, targets, batches, cfg.stats_batches, mesh, gradients=gradients,
+      guidance=cfg.stats_guidance, conditions=cfg.stats_conditions, seed=cfg.seed,
+    )  # fmt: skip
 
   keys = [dict(key, gradients=True)] + ([] if gradients else [dict(key, gradients=False)])
   moments, grad2 = statistics.split(statistics.load_or_collect(workdir, keys, collect))

@@ -1,7 +1,9 @@
 r"""The paper's job: DiT-XL/2 256x256, product quantization at 1 bit of index per weight.
 
 PQ with K=256 codewords over sub-vectors of d=8 (log2(256)/8 = 1 bit), a codebook per
-sub-vector position of each of the 140 block layers; embedders and final layer full precision.
+sub-vector position of each of the 140 block layers; embedders and final layer full precision. The codebooks
+minimise each layer's output error under its inputs' statistics (quant.objective='output', the fp model on one
+batch of the calibration data + 1024 (t, y) pairs for adaLN; configs/common.py quant_job).
 Codebook compression (stage `compress`, on by default: >= 24x vs fp32 for the quantized layers) runs
 between quantize and calibrate. Calibration (stage `calibrate`) then trains the codebooks on the DDPM
 loss with assignments recomputed in every forward, on ImageNet latents (config.data.data_dir: a tfds dir

@@ -308,7 +308,7 @@ class DiT(nn.Module):
       body = self._remat(_ScanBlock, prevent_cse=False)  # scan already keeps the loop's order
       scanned = nn.scan(
         body,
-        variable_axes={'params': 0, 'quant': 0},
+        variable_axes={'params': 0, 'quant': 0, 'intermediates': 0, 'perturbations': 0},
         split_rngs={'params': True},
         in_axes=nn.broadcast,
         length=self.depth,

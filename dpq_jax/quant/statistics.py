@@ -94,76 +94,132 @@ def noisy_batches(
 
 
 GRAD_PREFIX = 'grad2:'  # the flat stats dict's keys of the output-gradient energies ('grad2:' + layer)
+_SOWN = 'intermediates'  # the collection the target layers sow their sums into
+_PERTURBED = 'perturbations'  # the zeros added to their outputs, through which the gradient reaches them
 
 
-def _moment_sums(model, targets: dict[str, int], gradients: bool, guidance: float = 0.0) -> Callable:
+def scannable(model, targets: dict[str, int]) -> bool:
+  """Whether the statistics of `targets` can run on the scanned DiT (`model.scan_blocks`): its one compiled block
+  program records every block, so the block layers among the targets must be the same in every block (same d).
+  Otherwise the unrolled model runs, where XLA also drops the blocks after the last target."""
+  depth = getattr(model, 'depth', 0)
+  if not getattr(model, 'scan_blocks', False) or depth < 1:
+    return False
+  per_block: dict[str, set[tuple[int, int]]] = {}
+  for name, d in targets.items():
+    head, _, rest = name.partition('/')
+    if head.startswith('blocks_'):
+      per_block.setdefault(rest, set()).add((int(head[len('blocks_') :]), d))
+  return all(
+    {b for b, _ in found} == set(range(depth)) and len({d for _, d in found}) == 1 for found in per_block.values()
+  )
+
+
+def _per_layer(tree: dict, leaf_name: str) -> dict[str, Any]:
+  """{module path: value} of a sown or perturbed collection; a scanned model's [depth, ...] leaves under
+  `blocks` become blocks_0 ... blocks_{depth-1} (models/scan.py)."""
+  from dpq_jax.models import scan as scan_lib
+
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(scan_lib.unstack_blocks(tree)):
+    keys = [getattr(k, 'key', getattr(k, 'idx', None)) for k in path]
+    i = keys.index(leaf_name)
+    out['/'.join(keys[:i])] = leaf
+  return out
+
+
+def _moment_sums(
+  model, targets: dict[str, int], gradients: bool, guidance: float = 0.0, conditioning_only: bool = False
+) -> Callable:
   """fn(params, x, t, y, noise) -> ({name: (sum over tokens of x_j x_j^T [M, d, d], tokens)}, {name: sum over
   tokens of (dL/dy_r)^2 [out_features]} or {}) of the target layers, L the summed squared error of the predicted
-  noise (the DDPM loss's mse term).
+  noise (the DDPM loss's mse term). One program for all layers; on the scanned DiT (`scannable`; params stacked)
+  one compiled block records every block, its sums leaving the scan stacked.
 
   guidance s > 0: the batch is [conditional; null-label] halves on the same noisy inputs (noisy_batches), and
   the guided input x_u + s (x_c - x_u) of every token pair joins x_c and x_u in the sums. A weight error dW
   changes the guided output by dW^T (x_u + s (x_c - x_u)): the class signal of guided sampling lies in the
-  small difference x_c - x_u, which the moments of x_c and x_u alone weigh by its own (small) energy."""
+  small difference x_c - x_u, which the moments of x_c and x_u alone weigh by its own (small) energy.
+
+  conditioning_only: record only the layers fed one row per sample ([batch, features] inputs: adaLN_modulation,
+  the embedders' MLPs), whose inputs depend on (t, y) alone; on the unrolled model XLA then drops the image path."""
   import flax.linen as nn
 
-  def forward(params, x, t, y, deltas):
-    found: dict[str, Any] = {}
+  from dpq_jax.models import scan as scan_lib
 
-    def record(next_fun, args, kwargs, context):
-      name = '/'.join(context.module.path)
-      if context.method_name != '__call__' or name not in targets:
-        return next_fun(*args, **kwargs)
-      inputs = args[0].astype(jnp.float32)  # [batch, ..., in_features]
-      if guidance:
-        cond, null = jnp.split(inputs, 2, axis=0)
-        inputs = jnp.concatenate([inputs, null + guidance * (cond - null)], axis=0)
-      inputs = inputs.reshape(-1, inputs.shape[-1])  # [tokens, in_features]
-      xs = inputs.reshape(inputs.shape[0], -1, targets[name])  # [tokens, M, d]
-      found[name] = (
-        jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST),
-        jnp.float32(inputs.shape[0]),
-      )
-      out = next_fun(*args, **kwargs)
-      return out if deltas is None else out + deltas[name]  # a zero the gradient reaches the outputs through
+  tokens: dict[str, float] = {}  # static per layer (shapes), the same in every block: keyed by `in_block`
 
+  def in_block(name: str) -> str:  # 'blocks_3/attn/qkv' -> 'blocks/attn/qkv'
+    head, sep, rest = name.partition('/')
+    return f'{scan_lib.STACKED}{sep}{rest}' if head.startswith('blocks_') else name
+
+  def record(next_fun, args, kwargs, context):
+    key = scan_lib.rule_path('/'.join(context.module.path))  # a scanned block's layers as blocks_0's
+    if context.method_name != '__call__' or key not in targets or (conditioning_only and args[0].ndim != 2):
+      return next_fun(*args, **kwargs)
+    inputs = args[0].astype(jnp.float32)  # [batch, ..., in_features]
+    if guidance:
+      cond, null = jnp.split(inputs, 2, axis=0)
+      inputs = jnp.concatenate([inputs, null + guidance * (cond - null)], axis=0)
+    inputs = inputs.reshape(-1, inputs.shape[-1])  # [tokens, in_features]
+    xs = inputs.reshape(inputs.shape[0], -1, targets[key])  # [tokens, M, d]
+    context.module.sow(_SOWN, 'moments', jnp.einsum('tmd,tme->mde', xs, xs, precision=jax.lax.Precision.HIGHEST))
+    tokens[in_block(key)] = float(inputs.shape[0])
+    out = next_fun(*args, **kwargs)
+    return context.module.perturb('outputs', out) if gradients else out  # + a zero the gradient reaches
+
+  def forward(params, perturbations, x, t, y):
+    variables = {'params': params} if perturbations is None else {'params': params, _PERTURBED: perturbations}
     with nn.intercept_methods(record):  # runs while tracing: the sums leave the jit as outputs
-      out = model.apply({'params': params}, x, t, y)
-    return out, found
+      out, state = model.apply(variables, x, t, y, mutable=[_SOWN])
+    sums = _per_layer(state[_SOWN], 'moments')  # {name: sum [M, d, d]}
+    return out, {name: (value, jnp.float32(tokens[in_block(name)])) for name, value in sums.items()}
 
   def fn(params: dict, x: jax.Array, t: jax.Array, y: jax.Array, noise: jax.Array):
     if not gradients:
-      return forward(params, x, t, y, None)[1], {}
-    shapes = {}
+      return forward(params, None, x, t, y)[1], {}
 
-    def outputs(next_fun, args, kwargs, context):
-      out = next_fun(*args, **kwargs)
-      name = '/'.join(context.module.path)
-      if context.method_name == '__call__' and name in targets:
-        shapes[name] = jax.ShapeDtypeStruct(out.shape, out.dtype)
-      return out
+    def shapes():
+      with nn.intercept_methods(record):
+        return model.apply({'params': params}, x, t, y, mutable=[_SOWN, _PERTURBED])[1][_PERTURBED]
 
-    with nn.intercept_methods(outputs):
-      jax.eval_shape(lambda: model.apply({'params': params}, x, t, y))
-    deltas = {name: jnp.zeros(shape.shape, shape.dtype) for name, shape in shapes.items()}
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(shapes))
 
-    def loss(deltas):
-      out, found = forward(params, x, t, y, deltas)
+    def loss(perturbations):
+      out, found = forward(params, perturbations, x, t, y)
       eps = out[..., : noise.shape[-1]].astype(jnp.float32)
       return jnp.sum(jnp.square(eps - noise)), found
 
-    grads, found = jax.grad(loss, has_aux=True)(deltas)
+    grads, found = jax.grad(loss, has_aux=True)(zeros)
     g2 = {
-      name: jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(-1, g.shape[-1]), axis=0) for name, g in grads.items()
+      name: jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(-1, g.shape[-1]), axis=0)
+      for name, g in _per_layer(grads, 'outputs').items()
     }
     return found, g2
 
   return fn
 
 
+def conditioning_batch(num: int, input_shape: tuple[int, ...], num_classes: int, seed: int, num_timesteps: int = 1000):
+  """A batch for the layers fed by (t, y) alone (`_moment_sums`' conditioning_only): `num` pairs of a timestep
+  (jittered strata tiling [0, num_timesteps)) and a uniform class, then the same timesteps with the null label
+  num_classes, as noisy_batches orders them; x and noise are zeros (the image path does not reach these layers)."""
+  rng = np.random.default_rng([seed, 1])
+  t = np.floor((np.arange(num) + rng.random(num)) * num_timesteps / num).astype(np.int32)
+  y = rng.integers(0, num_classes, num).astype(np.int32)
+  zeros = np.zeros((2 * num,) + tuple(input_shape), np.float32)
+  return {
+    'x': zeros,
+    't': np.concatenate([t, t]),
+    'y': np.concatenate([y, np.full_like(y, num_classes)]),
+    'noise': zeros,
+  }
+
+
 def input_moments(
   model, params: dict, targets: dict[str, int], batches: Iterator[dict[str, np.ndarray]], num_batches: int,
   mesh: jax.sharding.Mesh | None = None, progress: bool = True, gradients: bool = False, guidance: float = 0.0,
+  conditions: int = 0, seed: int = 0,
 ) -> dict[str, np.ndarray]:  # fmt: skip
   """Mean input second moments {name: [num_subvectors, d, d] float32} of the target layers {module path: d}; with
   `gradients` also {GRAD_PREFIX + name: [out_features]}: the squared gradient of the noise-prediction error with
@@ -173,8 +229,24 @@ def input_moments(
 
   Sums of one batch are float32 on device (HIGHEST matmul precision), accumulated over batches in float64 on
   the host. With a mesh the batch is split over its devices and XLA sums across them; the result does not
-  depend on the device count beyond float32 summation order.
+  depend on the device count beyond float32 summation order. A DiT with `scan_blocks` runs scanned where
+  `scannable` (one compiled block instead of depth; params stacked here; rematerialised blocks with `gradients`),
+  else unrolled.
+
+  conditions > 0: the layers fed one row per sample (adaLN_modulation: silu of the timestep + class embedding)
+  see only stats_batches x 2B rows in the batches, while their inputs cost nothing without the image path: their
+  moments also sum `conditions` (t, y) pairs of `conditioning_batch` (seed `seed`), each with the null label and
+  the guided row, in one extra pass of the unrolled model from which XLA drops everything else.
   """
+  unrolled_model, per_block_params = model.clone(scan_blocks=False) if hasattr(model, 'scan_blocks') else model, params
+  if scannable(model, targets):
+    from dpq_jax.models import scan as scan_lib
+
+    params = scan_lib.stack_blocks(params, model.depth)
+    if gradients:  # the backward pass keeps one block's activations at a time (DiT-XL/2 at 32 inputs: ~25 GB all)
+      model = model.clone(remat=True)
+  elif getattr(model, 'scan_blocks', False):
+    model = model.clone(scan_blocks=False)
   fn = _moment_sums(model, targets, gradients, guidance)
   if mesh is None:
     jitted = jax.jit(fn)
@@ -210,6 +282,14 @@ def input_moments(
       bar.update(1)
   if bar is not None:
     bar.close()
+  if conditions:
+    shape = (unrolled_model.input_size, unrolled_model.input_size, unrolled_model.in_channels)
+    batch = conditioning_batch(conditions, shape, unrolled_model.num_classes, seed)
+    cond_fn = jax.jit(_moment_sums(unrolled_model, targets, False, guidance, conditioning_only=True))
+    out, _ = cond_fn(per_block_params, *(jnp.asarray(batch[k]) for k in ('x', 't', 'y', 'noise')))
+    for name, (total, count) in out.items():
+      sums[name] = sums.get(name, 0.0) + np.asarray(total, np.float64)
+      tokens[name] = tokens.get(name, 0.0) + float(count)
   missing = sorted(set(targets) - set(sums))
   if missing:
     raise ValueError(f'input_moments: layers {missing[:3]} never ran in the model')

@@ -53,6 +53,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     for key in ('stats_batches', 'stats_batch_size'):
       if cfg[key] < 1:
         errors.append(f"config.quant.{key}={cfg[key]}: expected >= 1 for objective 'output'")
+    if cfg.stats_conditions < 0:
+      errors.append(f'config.quant.stats_conditions={cfg.stats_conditions}: expected >= 0 (0: no conditioning pass)')
     if cfg.stats_guidance < 0:
       errors.append(f'config.quant.stats_guidance={cfg.stats_guidance}: expected >= 0 (0: no guided inputs)')
     config = source_lib.effective_config(config)

@@ -112,6 +112,7 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
     ('objective', 'outputs', "config.quant.objective='outputs': expected one of weight, output"),
     ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq"),
     ('stats_guidance', -1.0, 'config.quant.stats_guidance=-1.0: expected >= 0 (0: no guided inputs)'),
+    ('stats_conditions', -1, 'config.quant.stats_conditions=-1: expected >= 0 (0: no conditioning pass)'),
   ],
 )
 def test_bad_statistics_values_fail_with_one_line(key, value, message):
@@ -132,7 +133,6 @@ def test_layer_paths_are_the_quantized_ones():
 def test_output_gradient_energies_equal_per_sample_bias_gradients():
   """For adaLN_modulation (one token per sample) the summed squared gradient of the noise-prediction error
   with respect to its outputs is sum_i (dL_i / d bias)^2: each sample's bias gradient, from plain jax.grad."""
-  import jax.numpy as jnp
 
   model, params, targets, latents, labels = _setup()
   batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
@@ -140,6 +140,16 @@ def test_output_gradient_energies_equal_per_sample_bias_gradients():
   moments, grad2 = statistics.split(stats)
   assert sorted(moments) == sorted(grad2) == sorted(targets)
   name = 'blocks_1/adaLN_modulation'
+  want = _bias_grad2(model, params, batch, 'blocks_1')
+  np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
+  assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
+
+
+def _bias_grad2(model, params, batch, block):
+  """sum over samples of (dL_i / d bias)^2 of `block`'s adaLN_modulation, each sample's plain jax.grad (adaLN has
+  one token per sample, so this is its summed squared output gradient)."""
+  import jax.numpy as jnp
+
   want = 0.0
   for i in range(batch['x'].shape[0]):
     one = {k: v[i : i + 1] for k, v in batch.items()}
@@ -148,7 +158,89 @@ def test_output_gradient_energies_equal_per_sample_bias_gradients():
       out = model.apply({'params': p}, one['x'], one['t'], one['y'])
       return jnp.sum(jnp.square(out[..., : one['noise'].shape[-1]] - one['noise']))
 
-    g = jax.grad(loss)(params)['blocks_1']['adaLN_modulation']['bias']
-    want = want + np.square(np.asarray(g, np.float64))
-  np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
-  assert grad2['blocks_0/mlp/fc2'].shape == (64,) and np.all(grad2['blocks_0/mlp/fc2'] > 0)
+    want = want + np.square(np.asarray(jax.grad(loss)(params)[block]['adaLN_modulation']['bias'], np.float64))
+  return want
+
+
+@pytest.mark.parametrize('stages, want', [(('load', 'quantize'), 2 * 3), (('load', 'quantize', 'calibrate'), 40)])
+def test_data_free_samples_are_what_the_statistics_read_without_calibration(tmp_path, monkeypatch, stages, want):
+  """Without a `calibrate` stage the data-free source draws stats_batches x stats_batch_size samples (each costs
+  sample_steps forward passes), not config.data.num_samples; with one, the samples calibration trains on."""
+  from types import SimpleNamespace
+
+  from dpq_jax.calibrate import data as data_lib
+  from dpq_jax.calibrate import source
+  from dpq_jax.models import spec as spec_lib
+
+  config = dit_xl_1bit.get_config('runlocal=1')
+  config.stages = stages
+  config.data.source, config.data.num_samples = 'data_free', 40
+  config.quant.stats_batches, config.quant.stats_batch_size = 2, 3
+  config.model.scan_blocks = False  # the sampler is a stub: params need only their shapes
+  drawn = []
+
+  def sample(model, params, num, steps, seed, batch_size):
+    drawn.append(num)
+    size = config.model.input_size
+    return np.zeros((num, size, size, 4), np.float32), np.zeros((num,), np.int32)
+
+  monkeypatch.setattr(data_lib, 'sample_data_free', sample)
+  spec = spec_lib.ModelSpec(config.model.name, config.model.input_size)
+  params = jax.eval_shape(lambda: spec.create().init(jax.random.key(0), *_zeros(config)))['params']
+  job = SimpleNamespace(spec=spec, fp_params=params, data=None)
+  got = source.resolve(source.effective_config(config), str(tmp_path), job)
+  assert drawn == [want] and len(got) == want
+  again = source.resolve(source.effective_config(config), str(tmp_path), job)  # reused from the workdir
+  assert drawn == [want] and len(again) == want
+
+
+def _zeros(config):
+  size = config.model.input_size
+  return np.zeros((1, size, size, 4), np.float32), np.zeros((1,), np.int32), np.zeros((1,), np.int32)
+
+
+def test_scanned_model_gives_the_numpy_moments_and_the_per_sample_gradients():
+  """On the scanned DiT (one compiled block, params stacked inside) the moments equal one numpy pass over the
+  unrolled model's recorded inputs, and adaLN's gradient energies the per-sample bias gradients; targets that
+  differ between blocks run unrolled."""
+
+  model, params, targets, latents, labels = _setup()
+  scanned = model.clone(scan_blocks=True)
+  assert statistics.scannable(scanned, targets) and not statistics.scannable(model, targets)
+  assert not statistics.scannable(scanned, {k: v for k, v in targets.items() if not k.startswith('blocks_1')})
+  batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
+  stats = statistics.input_moments(scanned, params, targets, iter([batch]), 1, progress=False, gradients=True)
+  moments, grad2 = statistics.split(stats)
+  assert sorted(moments) == sorted(grad2) == sorted(targets)
+  recorded = _inputs(model, params, batch, targets)
+  for name, d in targets.items():
+    xs = recorded[name].reshape(recorded[name].shape[0], -1, d)
+    want = np.einsum('tmd,tme->mde', xs, xs) / xs.shape[0]
+    np.testing.assert_allclose(moments[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
+  want = _bias_grad2(model, params, batch, 'blocks_1')  # the second block: its slice of the stacked gradients
+  np.testing.assert_allclose(grad2['blocks_1/adaLN_modulation'], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
+
+
+def test_conditioning_pass_adds_its_rows_to_the_layers_fed_by_t_and_y_only():
+  """stats_conditions: adaLN's moments are one numpy pass over the batches' rows and the conditioning batch's
+  (guided rows included); layers fed by image tokens are those of the batches alone."""
+  model, params, targets, latents, labels = _setup()
+  batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
+  extra = statistics.conditioning_batch(5, latents.shape[1:], 10, seed=4)
+  assert sorted(extra['t'][:5]) == list(extra['t'][:5]) and np.all(np.diff(extra['t'][:5] // 200) == 1)  # strata
+  assert list(extra['y'][5:]) == [10] * 5 and np.array_equal(extra['t'][:5], extra['t'][5:])
+  kw = dict(progress=False, guidance=1.5)
+  got = statistics.input_moments(model, params, targets, iter([batch]), 1, conditions=5, seed=4, **kw)
+  plain = statistics.input_moments(model, params, targets, iter([batch]), 1, **kw)
+
+  def with_guided(x):
+    cond, null = np.split(x, 2)
+    return np.concatenate([x, null + 1.5 * (cond - null)])
+
+  rows = [_inputs(model, params, b, targets) for b in (batch, extra)]
+  for name in ('blocks_0/adaLN_modulation', 'blocks_1/adaLN_modulation'):
+    x = np.concatenate([with_guided(r[name]) for r in rows])
+    xs = x.reshape(x.shape[0], -1, targets[name])
+    want = np.einsum('tmd,tme->mde', xs, xs) / x.shape[0]
+    np.testing.assert_allclose(got[name], want, rtol=2e-4, atol=1e-6 * np.abs(want).max(), err_msg=name)
+  np.testing.assert_array_equal(got['blocks_1/attn/qkv'], plain['blocks_1/attn/qkv'])
