@@ -14,18 +14,29 @@ LEVEL = 0.95
 
 
 def bootstrap_interval(
-  statistic: Callable[[np.ndarray], float], n: int, num_resamples: int = 1000, seed: int = 0, level: float = LEVEL
+  statistic: Callable[[np.ndarray], float],
+  n: int,
+  num_resamples: int = 1000,
+  seed: int = 0,
+  level: float = LEVEL,
+  debias: bool = False,
 ) -> tuple[float, float]:
   """(low, high) percentile interval of statistic(idx) over resamples idx [n] of range(n) with replacement.
 
   statistic takes an index array and returns the metric of those samples (e.g. lambda i: x[i].mean()), so one
-  function serves means, ratios of sums and the Frechet distance alike.
+  function serves means, ratios of sums and the Frechet distance alike. debias: shift the interval by the
+  bootstrap's bias estimate (mean of the resampled values - statistic(all)): for the Frechet distance, whose
+  resamples repeat samples and so read higher than the full set (about +1 at 500 samples in 64-d features,
+  the whole percentile interval above the estimate), this centres the interval's spread on the estimate.
   """
   if n < 2 or num_resamples < 2 or not 0 < level < 1:
     raise ValueError(f'bootstrap: n={n}, num_resamples={num_resamples}, level={level}: expected n, resamples >= 2')
   rng = np.random.default_rng(seed)
   values = np.array([statistic(rng.integers(0, n, n)) for _ in range(num_resamples)], np.float64)
   lo, hi = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+  if debias:
+    bias = values.mean() - statistic(np.arange(n))
+    lo, hi = lo - bias, hi - bias
   return float(lo), float(hi)
 
 

@@ -77,3 +77,17 @@ def test_verdict_calls_a_difference_only_when_intervals_separate():
   assert rows_lib.verdict(a, b, 'class_logprob') == 'better' and rows_lib.verdict(b, a, 'class_logprob') == 'worse'
   assert rows_lib.verdict(a, b, 'fd') == 'better'  # lower fd is better
   assert rows_lib.verdict(a, c, 'class_logprob') == 'not resolved'
+
+
+def test_debiased_fd_interval_is_centred_on_the_estimate():
+  # Resampling repeats samples, which raises the Frechet distance: the plain percentile interval lies above the
+  # estimate; shifted by the bootstrap bias estimate it has the same width and holds the estimate.
+  rng = np.random.default_rng(3)
+  a = rng.normal(size=(32, 32)) / 6
+  real, gen = rng.normal(size=(300, 32)) @ a, rng.normal(0.2, 1.0, size=(400, 32)) @ a
+  fd = intervals.FixedReferenceFD(real)
+  plain = intervals.bootstrap_interval(lambda i: fd(gen[i]), 400, 300, seed=0)
+  shifted = intervals.bootstrap_interval(lambda i: fd(gen[i]), 400, 300, seed=0, debias=True)
+  estimate = fd(gen)
+  assert plain[0] > estimate and shifted[0] < estimate < shifted[1]
+  np.testing.assert_allclose(shifted[1] - shifted[0], plain[1] - plain[0])
