@@ -65,3 +65,31 @@ def test_unreachable_sweep_point_is_refused_before_any_work(tmp_path):
   r = helpers.run_main(tmp_path / 'run', '--config.compare.sweep.points.rtn=(0.5,)', config='digits:tiny,sweep')
   helpers.assert_refused(r, tmp_path / 'run', "config.compare.sweep.points['rtn']: 0.5 bits per quantized weight is "
                                               'unreachable for rtn')  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end_within_budgets_on_disk(tmp_path):
+  import json
+
+  r = helpers.run_main(tmp_path, config='digits:tiny,sweep', timeout=1200)
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.loads((tmp_path / 'report.json').read_text())
+  rows = {row['name']: row for row in report['rows']}
+  assert set(rows) == {'fp', 'rtn@2p5', 'vq@1p6', 'vq@1p6-cal', 'pq@1p6', 'pq@1p6-cal', 'pqc@2', 'pqc@2-cal'}
+  for name, row in rows.items():
+    if name == 'fp':
+      continue
+    art = tmp_path / 'rows' / name / 'quantized'
+    on_disk = {f.name: f.stat().st_size for f in art.iterdir()}
+    measured = on_disk['codes.bin'] + on_disk['codebooks.bin']
+    bits = row['effective_bits_per_quantized_weight']
+    assert measured == row['bytes']['codes'] + row['bytes']['codebooks']
+    assert bits <= row['sweep']['target_bits'] + 1e-9, (name, bits)
+    if row['sweep']['method'] != 'pqc' and not row['sweep']['calibrated']:
+      np.testing.assert_allclose(bits, row['sweep']['estimated_bits'], rtol=1e-12)
+  # a calibrated row continues its uncalibrated row: same sizes, its own (calibrate) timing only
+  assert rows['pq@1p6-cal']['bytes'] == rows['pq@1p6']['bytes'] and set(rows['pq@1p6-cal']['timings_s']) == {
+    'calibrate', 'evaluate'}  # fmt: skip
+  reading = report['compare']['reading']
+  assert any(line.startswith('1.6 bits, uncalibrated') for line in reading)
+  assert (tmp_path / 'compare_plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
