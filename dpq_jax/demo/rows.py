@@ -106,10 +106,12 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
                f'{RANK_RULE}): ' + (ranked(fits) if fits else 'no row') + '.')  # fmt: skip
   if 'fp' in by_name:
     quantized = [r for r in rows if r['name'] != 'fp']
-    same = [r['name'] for r in quantized if all(verdict(r, by_name['fp'], k) == 'not resolved' for k in ('class_logprob', 'fd'))]  # fmt: skip
+    fp = by_name['fp']
+    same = [r['name'] for r in quantized if all(verdict(r, fp, k) == 'not resolved' for k in ('class_logprob', 'fd'))]
     if quantized:
       out.append('Not told apart from fp on log p and fd (95% intervals overlap on both): '
-                 + (', '.join(same) if same else 'no row') + '; every other row is separated from fp on at least one.')  # fmt: skip
+                 + (', '.join(same) if same else 'no row')
+                 + '; every other row is separated from fp on at least one.')  # fmt: skip
   overrides = {r['name']: config.compare.row_defs[r['name']].get('overrides', {}) for r in rows}
   for r in rows:
     if 'calibrate' not in stages[r['name']]:

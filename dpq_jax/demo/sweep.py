@@ -11,7 +11,8 @@ method spends the point's bytes:
   vq   VQ: likewise over GRIDS['vq'] (K <= 1024 keeps k-means in seconds on the demo's layers).
   rtn  round-to-nearest with one fp16 scale and offset per output channel: the most bits that fit; below
        1 bit + its scales a point is unreachable and named before any work.
-Row names: '<method>[-w]@<target>', the target's point written p ('pq@1p125': ConfigDict keys have no dots; -w: the data-blind weight objective) and '...-cal' (+ calibration).
+Row names: '<method>[-w]@<target>', the target's point written p ('pq@1p125': ConfigDict keys have no dots; -w:
+the data-blind weight objective) and '...-cal' (+ calibration).
 RTN has no codebooks to calibrate: its points are uncalibrated only.
 """
 
@@ -140,7 +141,8 @@ def expand(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict
       if chosen is None:
         problems.append(
           f'config.compare.sweep.points[{method!r}]: {target:g} bits per quantized weight is unreachable for '
-          f'{method} on {config.model.name} (the least it can spend is {_least_bits(method, shapes, tuple(sweep.pqc)):.3f})'
+          f'{method} on {config.model.name} (the least it can spend is '
+          f'{_least_bits(method, shapes, tuple(sweep.pqc)):.3f})'
         )
         continue
       setting, bits = chosen
@@ -172,13 +174,14 @@ def reading(rows: list[dict]) -> list[str]:
   from dpq_jax.demo import rows as rows_lib
 
   swept = [r for r in rows if r.get('sweep')]
-  out = [f'Full precision: {rows_lib.describe_row(r)}.' for r in rows if r['name'] == 'fp']
+  out = [f'Every point below: {rows_lib.RANK_RULE}.']
+  out += [f'Full precision: {rows_lib.describe_row(r)}.' for r in rows if r['name'] == 'fp']
   for target in sorted({r['sweep']['target_bits'] for r in swept}, reverse=True):
     for calibrated in (False, True):
       at = [r for r in swept if r['sweep']['target_bits'] == target and r['sweep']['calibrated'] == calibrated]
       if at:
         state = 'calibrated' if calibrated else 'uncalibrated'
-        out.append(f'{target:g} bits, {state} ({rows_lib.RANK_RULE}): {rows_lib.ranked(at)}.')
+        out.append(f'{target:g} bits, {state}: {rows_lib.ranked(at)}.')
   calls: dict[str, list[str]] = {'better': [], 'worse': [], 'not resolved': []}
   for r in swept:
     if r['sweep']['method'] != 'pqc':

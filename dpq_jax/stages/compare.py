@@ -3,9 +3,12 @@
 Each row is the full-precision model as stage `train` (or `load`) left it, run through the row's own
 stages (quantize, compress, calibrate, taken from the stage registry, with the row's config overrides,
 into DIR/rows/<name>/), then scored with the demo metrics on the same labels and starting noise.
-report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`, `ci95` (the
-bootstrap 95% interval of every metric), `timings_s`); DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the
-metrics against effective bits per weight.
+A row whose definition names `after` starts from that earlier row's model instead (the sweep's calibrated rows
+continue their uncalibrated row), and config.compare.sweep.points, when set, are expanded into the rows first
+(demo/sweep.py). report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
+`ci95` (the bootstrap 95% interval of every metric), `timings_s`, and `sweep` for sweep rows);
+DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
+per weight (the sweep: a line per method with its interval band).
 """
 
 from __future__ import annotations
