@@ -149,6 +149,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.compare.num_samples = 500  # generated digits per row (balanced labels, the same noise in every row)
   config.compare.batch_size = 250
   config.compare.grid_columns = 20
+  config.compare.bootstrap_resamples = 1000  # resamples of every metric's 95% interval (demo/intervals.py)
+  # The rate-distortion sweep (demo/sweep.py): {method: (target bits per quantized weight, ...)} expanded into rows
+  # (each also as '-cal' after calibration, and per objective); empty: config.compare.rows as given.
+  config.compare.sweep = ml_collections.ConfigDict()
+  config.compare.sweep.points = ml_collections.ConfigDict()
+  config.compare.sweep.objectives = ('output', 'weight')
+  config.compare.sweep.calibrate = True
+  config.compare.sweep.pqc = (256, 8)  # (K, d) of the PQ that stage `compress` brings to each point's bytes
 
   config.sample = ml_collections.ConfigDict()
   config.sample.sampler = 'ddpm'  # 'ddpm' | 'ddim'

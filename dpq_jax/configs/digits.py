@@ -7,6 +7,7 @@ in the workdir), and a digit classifier trained alongside for the metrics.
   python -m dpq_jax.main                        # = --config=digits
   python -m dpq_jax.main --config=digits:full   # + equal-bytes and calibrated baselines
   python -m dpq_jax.main --config=digits:tiny   # seconds: the test suite's setting
+  python -m dpq_jax.main --config=digits:sweep  # the rate-distortion sweep: every method at 5 byte budgets
 
 The DiT is 'DiT-2x640x10/4': depth 2, width 640, 10 heads, patch 4 on 8x8x1 images (4 tokens, so a
 training step costs about what a 2.8M-parameter patch-2 model's does). Its linear layers have C_out of
@@ -22,7 +23,7 @@ from dpq_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, tiny=False, full=False, model='DiT-2x640x10/4', steps=1500)
+  args = common.parse_arg(arg, tiny=False, full=False, sweep=False, model='DiT-2x640x10/4', steps=1500)
   config = common.base_config()
   config.name = 'digits'
   config.stages = ('train', 'compare')
@@ -134,6 +135,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated', 'rtn-1bit-w', 'vq-1bit-w', 'pq-1bit-w',
       'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel',
     )  # fmt: skip
+  if args.sweep:
+    # Every method at effective bits per quantized weight from ~2 to ~0.5 (14x to 58x vs fp32), both objectives,
+    # each codebook point also calibrated with the same 100 steps (demo/sweep.py says how each point's bytes are
+    # met). RTN cannot spend less than 1 bit + its per-channel scale and offset.
+    targets = (2.25, 1.5, 1.125, 0.8, 0.55)
+    config.compare.sweep.points = {'rtn': targets[:3], 'vq': targets, 'pq': targets, 'pqc': targets}
+    config.calibrate.steps = 100
+    config.calibrate.checkpoint_every = 100
   if args.tiny:
     config.model.name = 'DiT-1x64x2/2'
     config.train.steps = 20
@@ -149,4 +158,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compare.rows = ('fp', 'rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-calibrated')
     for row in ('vq-1bit', 'pq-1bit-calibrated'):  # seconds, not a 256-codeword seeding
       config.compare.row_defs[row].overrides.quant.update(k=16, d=4)
+    if args.sweep:  # one point per method; C_out = 64 rows make codebooks dear, so the points sit higher
+      config.compare.sweep.points = {'rtn': (2.5,), 'vq': (1.6,), 'pq': (1.6,), 'pqc': (2.0,)}
+      config.compare.sweep.pqc = (16, 4)
+      config.compare.sweep.objectives = ('output',)
+      config.compare.num_samples = 12
   return config

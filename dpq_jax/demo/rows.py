@@ -6,6 +6,8 @@ import copy
 
 import ml_collections
 
+from dpq_jax.demo import intervals
+
 ROW_KEYS = (
   'model',
   'method',
@@ -43,32 +45,73 @@ def budget_bits(config: ml_collections.ConfigDict) -> float | None:
   return 32.0 / max(budgets) if budgets else None
 
 
+# The headline metric first; higher is better only for the log-probability and the accuracy.
+METRICS = (('class_logprob', 'log p', '.3f'), ('fd', 'fd', '.1f'), ('eps_rel_error', 'eps err.', '.3f'))
+HIGHER_IS_BETTER = {'class_logprob': True, 'class_accuracy': True, 'fd': False, 'eps_rel_error': False}
+
+
+def _interval(r: dict, key: str) -> tuple[float, float]:
+  ci = r.get('ci95', {}).get(key)
+  value = r['metrics'][key]
+  return (ci[0], ci[1]) if ci else (value, value)
+
+
+def verdict(a: dict, b: dict, key: str) -> str:
+  """'better' / 'worse' when the 95% intervals of row a and row b on `key` separate, else 'not resolved'."""
+  if not intervals.separated(_interval(a, key), _interval(b, key)):
+    return 'not resolved'
+  return 'better' if (a['metrics'][key] > b['metrics'][key]) == HIGHER_IS_BETTER[key] else 'worse'
+
+
+def ranked(rows: list[dict], key: str = 'class_logprob') -> str:
+  """Rows best first on `key`, joined by ' > ' where neighbours' intervals separate and ' ~ ' where they do not."""
+  ordered = sorted(rows, key=lambda r: r['metrics'][key], reverse=HIGHER_IS_BETTER[key])
+  out = describe_row(ordered[0])
+  for prev, r in zip(ordered, ordered[1:]):
+    out += (' > ' if intervals.separated(_interval(prev, key), _interval(r, key)) else ' ~ ') + describe_row(r)
+  return out
+
+
+def describe_row(r: dict) -> str:
+  parts = []
+  for key, label, spec in METRICS:
+    lo, hi = _interval(r, key)
+    parts.append(f'{label} {r["metrics"][key]:{spec}} [{lo:{spec}}, {hi:{spec}}]')
+  bits = r['effective_bits_per_quantized_weight']
+  return f'{r["name"]} (' + ', '.join(parts) + (f', {bits:.2f} eff. bits)' if bits else ')')
+
+
+RANK_RULE = ("best first by the classifier's mean log-probability of the asked class, with 95% intervals; '>' where "
+             "neighbours' intervals separate, '~' where they overlap (not resolved by these samples)")  # fmt: skip
+
+
 def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
-  """Plain sentences computed from the rows (nothing hard-coded): which 1-bit row keeps the model best,
-  which rows fit the compression budget and how they rank, and what calibration changed."""
+  """Plain sentences computed from the rows (nothing hard-coded): which 1-bit rows keep the model best, which
+  rows fit the compression budget and how they rank, which rows stay within fp's intervals, and what calibration
+  changed. A difference is called only where the 95% intervals separate."""
   by_name = {r['name']: r for r in rows}
   stages = {r['name']: row_config(config, r['name'])[1] for r in rows}
   out = []
-
-  def fmt(r: dict) -> str:
-    m = r['metrics']
-    bits = r['effective_bits_per_quantized_weight']
-    return (f'{r["name"]} (fd {m["fd"]:.1f}, class acc. {m["class_accuracy"]:.3f}, eps err. {m["eps_rel_error"]:.3f}, '
-            f'{bits:.2f} eff. bits)' if bits else f'{r["name"]} (fd {m["fd"]:.1f}, class acc. {m["class_accuracy"]:.3f})')  # fmt: skip
-
   one_bit = [r for r in rows if r['index_bits_per_weight'] and r['index_bits_per_weight'] <= 1.0 + 1e-9
              and 'calibrate' not in stages[r['name']]]  # fmt: skip
   if 'fp' in by_name:
-    out.append(f'Full precision: {fmt(by_name["fp"])}.')
+    out.append(f'Full precision: {describe_row(by_name["fp"])}.')
   if one_bit:
-    ranked = sorted(one_bit, key=lambda r: r['metrics']['fd'])
-    out.append('At <= 1 index bit without calibration, by fd: ' + '; '.join(fmt(r) for r in ranked) + '.')
+    out.append(f'At <= 1 index bit without calibration ({RANK_RULE}): {ranked(one_bit)}.')
   limit = budget_bits(config)
   if limit:
-    fits = sorted((r for r in rows if r['effective_bits_per_quantized_weight'] and
-                   r['effective_bits_per_quantized_weight'] <= limit + 1e-9), key=lambda r: r['metrics']['fd'])  # fmt: skip
-    out.append(f'Within the compression budget ({limit:.3f} eff. bits per quantized weight, codebooks included), by '
-               'fd: ' + ('; '.join(fmt(r) for r in fits) if fits else 'no row') + '.')  # fmt: skip
+    fits = [r for r in rows if r['effective_bits_per_quantized_weight'] and
+            r['effective_bits_per_quantized_weight'] <= limit + 1e-9]  # fmt: skip
+    out.append(f'Within the compression budget ({limit:.3f} eff. bits per quantized weight, codebooks included; '
+               f'{RANK_RULE}): ' + (ranked(fits) if fits else 'no row') + '.')  # fmt: skip
+  if 'fp' in by_name:
+    quantized = [r for r in rows if r['name'] != 'fp']
+    fp = by_name['fp']
+    same = [r['name'] for r in quantized if all(verdict(r, fp, k) == 'not resolved' for k in ('class_logprob', 'fd'))]
+    if quantized:
+      out.append('Not told apart from fp on log p and fd (95% intervals overlap on both): '
+                 + (', '.join(same) if same else 'no row')
+                 + '; every other row is separated from fp on at least one.')  # fmt: skip
   overrides = {r['name']: config.compare.row_defs[r['name']].get('overrides', {}) for r in rows}
   for r in rows:
     if 'calibrate' not in stages[r['name']]:
@@ -76,8 +119,8 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
     uncalibrated = tuple(s for s in stages[r['name']] if s != 'calibrate')
     before = [b for b in rows if stages[b['name']] == uncalibrated and overrides[b['name']] == overrides[r['name']]]
     if before:
-      b, m0, m1 = before[0], before[0]['metrics'], r['metrics']
-      out.append(f'Calibration ({r["name"]} vs {b["name"]}): fd {m0["fd"]:.1f} -> {m1["fd"]:.1f}, class acc. '
-                 f'{m0["class_accuracy"]:.3f} -> {m1["class_accuracy"]:.3f}, eps err. {m0["eps_rel_error"]:.3f} -> '
-                 f'{m1["eps_rel_error"]:.3f}.')  # fmt: skip
+      b = before[0]
+      changes = [f'{label} {b["metrics"][key]:{spec}} -> {r["metrics"][key]:{spec}} ({verdict(r, b, key)})'
+                 for key, label, spec in METRICS]  # fmt: skip
+      out.append(f'Calibration ({r["name"]} vs {b["name"]}): ' + ', '.join(changes) + '.')
   return out

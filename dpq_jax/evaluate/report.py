@@ -40,7 +40,8 @@ def _fmt(v: Any) -> str:
 
 
 def rows_table(rows: list[dict[str, Any]]) -> list[str]:
-  """The compare rows as a markdown table: sizes (effective bits include codebooks), metrics, seconds."""
+  """The compare rows as a markdown table: sizes (effective bits include codebooks), metrics (with their 95%
+  interval where the row has one), seconds."""
   metric_keys = list(dict.fromkeys(k for r in rows for k in r.get('metrics', {})))
   head = ['row', 'index bits', 'eff. bits (quantized layers)', 'x vs fp32 (quantized layers)', 'x vs fp32 (model)',
           'bytes', 'weight rel. MSE', *metric_keys, 'seconds']  # fmt: skip
@@ -54,11 +55,17 @@ def rows_table(rows: list[dict[str, Any]]) -> list[str]:
       _fmt(r.get('compression_ratio_model')),
       f'{r["bytes"]["total"]:,}' if r.get('bytes') else 'n/a',
       _fmt(r.get('weight_rel_mse')),
-      *(_fmt(r.get('metrics', {}).get(k)) for k in metric_keys),
+      *(_metric_cell(r, k) for k in metric_keys),
       ', '.join(f'{k} {v:.1f}' for k, v in r.get('timings_s', {}).items()),
     ]
     lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
+
+
+def _metric_cell(row: dict[str, Any], key: str) -> str:
+  """The metric, with its 95% interval `[low, high]` where the row has one (rows' `ci95`)."""
+  value, ci = row.get('metrics', {}).get(key), row.get('ci95', {}).get(key)
+  return _fmt(value) + (f' [{_fmt(float(ci[0]))}, {_fmt(float(ci[1]))}]' if ci and value is not None else '')
 
 
 def to_markdown(report: dict[str, Any], notes: list[str]) -> str:

@@ -3,9 +3,12 @@
 Each row is the full-precision model as stage `train` (or `load`) left it, run through the row's own
 stages (quantize, compress, calibrate, taken from the stage registry, with the row's config overrides,
 into DIR/rows/<name>/), then scored with the demo metrics on the same labels and starting noise.
-report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
-`timings_s`); DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the
-metrics against effective bits per weight.
+A row whose definition names `after` starts from that earlier row's model instead (the sweep's calibrated rows
+continue their uncalibrated row), and config.compare.sweep.points, when set, are expanded into the rows first
+(demo/sweep.py). report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
+`ci95` (the bootstrap 95% interval of every metric), `timings_s`, and `sweep` for sweep rows);
+DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
+per weight (the sweep: a line per method with its interval band).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ml_collections
 from dpq_jax.demo import figures
 from dpq_jax.demo import metrics as demo_metrics
 from dpq_jax.demo import rows as rows_lib
+from dpq_jax.demo import sweep as sweep_lib
 from dpq_jax.stages.job import Job
 
 
@@ -33,7 +37,8 @@ def _registry():
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
   """Problems with config.compare and with each row's config for the stages it runs."""
-  cfg, errors = config.compare, []
+  config, errors = sweep_lib.expand(config)
+  cfg = config.compare
   rows = list(cfg.rows)
   if not rows:
     errors.append('config.compare.rows is empty: expected row names from config.compare.row_defs')
@@ -46,6 +51,9 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     except (KeyError, AttributeError) as e:
       errors.append(f'config.compare.row_defs[{name!r}]: bad override {e}')
       continue
+    after = cfg.row_defs[name].get('after')
+    if after and (after not in rows or rows.index(after) > rows.index(name)):
+      errors.append(f'config.compare.row_defs[{name!r}].after={after!r}: expected a row run before it')
     for stage in stages:
       if stage not in rows_lib.ROW_STAGES:
         errors.append(
@@ -53,6 +61,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
         )
       else:
         errors += [f'row {name}: {e}' for e in _registry()[stage].check(row_cfg)]
+  if cfg.bootstrap_resamples < 2:
+    errors.append(f'config.compare.bootstrap_resamples={cfg.bootstrap_resamples}: expected >= 2')
   if cfg.num_samples < 2:
     errors.append(
       f'config.compare.num_samples={cfg.num_samples}: expected >= 2 (the Frechet distance needs a covariance)'
@@ -61,6 +71,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
+  config, _ = sweep_lib.expand(config)
+  start_all = time.perf_counter()
   data = job.data
   model, variables = job.runtime(config)
   inputs = demo_metrics.fixed_noisy_inputs(data['heldout_images'], data['heldout_labels'], config.seed)
@@ -74,9 +86,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
 
   registry = _registry()
   rows, images = [], {}
+  kept = {d.get('after') for d in config.compare.row_defs.values()}  # rows that later rows start from
+  done = {}
   for name in tqdm(config.compare.rows, desc='compare', unit='row'):
     cfg, stages = rows_lib.row_config(config, name)
-    row = dataclasses.replace(job, report=copy.deepcopy(job.report), notes=[], chain=None)
+    row_def = config.compare.row_defs[name]
+    base = done.pop(row_def['after']) if row_def.get('after') else job  # a row continues where its `after` stopped
+    row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None)
     row.report['timings_s'] = {}
     row_dir = os.path.join(workdir, 'rows', name)
     for stage in stages:
@@ -85,13 +101,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
     row_model, row_variables = row.runtime(cfg)
-    metrics, images[name] = demo_metrics.evaluate(
-      row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs
-    )
+    metrics, ci, images[name] = demo_metrics.evaluate(
+      row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs,
+      config.compare.bootstrap_resamples,
+    )  # fmt: skip
     row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
     rep = row.report
     rows.append({'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics,
-                 'timings_s': rep['timings_s']})  # fmt: skip
+                 'ci95': ci, 'timings_s': rep['timings_s']})  # fmt: skip
+    if row_def.get('sweep'):
+      rows[-1]['sweep'] = row_def['sweep'].to_dict()
+    if name in kept:
+      done[name] = row
     job.notes += [f'{name}: {n}' for n in row.notes]
   job.report['rows'] = rows
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -100,10 +121,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     'sampler': f'{sample_cfg.sampler} {sample_cfg.steps} steps, cfg {sample_cfg.cfg_scale}',
     'grid': 'compare_grid.png',
     'plot': 'compare_plot.png',
-    'reading': rows_lib.reading(config, rows),
+    'reading': sweep_lib.reading(rows) if sweep_lib.active(config) else rows_lib.reading(config, rows),
     'peak_rss_mib': round(peak_mib, 1),
+    'seconds': round(time.perf_counter() - start_all, 1),
   }
-  print(f'compare: {len(rows)} rows; peak memory (RSS) of the run so far {peak_mib:.0f} MiB')
+  print(f'compare: {len(rows)} rows in {job.report["compare"]["seconds"]:.0f} s; peak memory (RSS) of the run so far '
+        f'{peak_mib:.0f} MiB')  # fmt: skip
   figures.save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
-  figures.save_plot(os.path.join(workdir, 'compare_plot.png'), rows, rows_lib.budget_bits(config))
+  if sweep_lib.active(config):  # a line per method with its interval band
+    figures.save_sweep_plot(os.path.join(workdir, 'compare_plot.png'), rows, rows_lib.budget_bits(config))
+  else:
+    figures.save_plot(os.path.join(workdir, 'compare_plot.png'), rows, rows_lib.budget_bits(config))
   return job

@@ -10,7 +10,7 @@ from tests import helpers
 
 ROW_KEYS = {
     'name', 'model', 'method', 'index_bits_per_weight', 'effective_bits_per_weight', 'bytes', 'fp32_bytes',
-    'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'metrics', 'timings_s',
+    'compression_ratio', 'compression_ratio_model', 'weight_rel_mse', 'metrics', 'ci95', 'timings_s',
 }  # fmt: skip
 
 
@@ -53,8 +53,9 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   assert names[0] == 'fp' and {'rtn-1bit', 'vq-1bit', 'pq-1bit'} <= set(names)
   for row in report['rows']:
     assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-    assert set(row['metrics']) == {'fd', 'class_accuracy', 'eps_rel_error'}
-    assert np.isfinite(list(row['metrics'].values())).all()
+    assert set(row['metrics']) == set(row['ci95']) == {'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error'}
+    assert np.isfinite(list(row['metrics'].values())).all() and np.isfinite(list(row['ci95'].values())).all()
+    assert all(lo <= hi for lo, hi in row['ci95'].values())
   rows = {row['name']: row for row in report['rows']}
   assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['fp']['effective_bits_per_weight'] == 32.0
   for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit'):
@@ -63,14 +64,14 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
     # the row's artifact on disk is what the row reports
     art = tmp_path / 'rows' / name / 'quantized'
     assert sum(f.stat().st_size for f in art.iterdir()) == rows[name]['bytes']['total']
-  # report.md: the rows table and a reading computed from the same numbers (fd order as report.json's).
+  # report.md: the rows table and a reading computed from the same numbers (log p order as report.json's).
   md = (tmp_path / 'report.md').read_text()
   assert '## Rows' in md and all(f'| {name} |' in md for name in names)
   reading = report['compare']['reading']
   ranked = next(line for line in reading if line.startswith('At <= 1 index bit'))
   one_bit = [n for n in names if rows[n]['index_bits_per_weight'] == 1.0 and 'calibrated' not in n]
-  by_fd = sorted(one_bit, key=lambda n: rows[n]['metrics']['fd'])
-  assert [ranked.index(f'{n} (fd') for n in by_fd] == sorted(ranked.index(f'{n} (fd') for n in by_fd)
+  by_logp = sorted(one_bit, key=lambda n: -rows[n]['metrics']['class_logprob'])
+  assert [ranked.index(f'{n} (log p') for n in by_logp] == sorted(ranked.index(f'{n} (log p') for n in by_logp)
   for png in ('compare_grid.png', 'compare_plot.png'):
     assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert report['train']['cached'] is False

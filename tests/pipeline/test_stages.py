@@ -24,6 +24,8 @@ SHIPPED = [
   ('digits', None, ()),
   ('digits', 'full', ()),
   ('digits', 'tiny', ()),
+  ('digits', 'sweep', ()),
+  ('digits', 'tiny,sweep', ()),
   ('smoke', None, ()),
   ('dit_xl_1bit', 'runlocal', ()),
   ('dit_xl_1bit', 'smoke', ()),
