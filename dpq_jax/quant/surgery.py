@@ -122,9 +122,37 @@ def quantize_params(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(targets), desc=f'quantize ({method})', unit='layer')
+  stacked = {}  # target index -> (codebooks, codes, scale, rel_mse, sq_norm) of the layers quantized in stacks
+  if method != 'rtn' and not (channel_scale and scale_rule == 'lsq'):
+    plain = [i for i, (p, _) in enumerate(targets) if moments is None or '/'.join(p) not in moments]
+    scale_dtype = side_dtype if channel_scale else None
+    for group in stack_groups([(targets[i][1].shape, rules.spec_for('/'.join(targets[i][0]))) for i in plain]):
+      group = [plain[g] for g in group]
+      kernels = np.stack([np.asarray(targets[i][1], np.float32) for i in group])  # [num_layers, in, out]
+      spec = rules.spec_for('/'.join(targets[group[0]][0]))
+      out = jax.device_get(
+        pq.quantize_stack(kernels, spec, jax.random.fold_in(key, group[0]), iters, codebook_dtype, scale_dtype)
+      )
+      for j, i in enumerate(group):
+        stacked[i] = (out.codebooks[j], out.codes[j], None if out.scale is None else out.scale[j],
+                      float(out.rel_mse[j]), float(out.sq_norm[j]))  # fmt: skip
+      if bar is not None:
+        bar.update(len(group))
+        bar.set_postfix(rel_mse=f'{float(np.mean(out.rel_mse)):.3f}')
   for i, (path, kernel) in enumerate(targets):
     name = '/'.join(path)
     spec = rules.spec_for(name)
+    if i in stacked:
+      codebooks, codes, scale, rel_mse, sq_norm = stacked[i]
+      code_dtype = packing.code_dtype(spec.codebook_size)
+      w = qweight.PQWeight(jnp.asarray(codebooks), jnp.asarray(codes.astype(code_dtype)))
+      if scale is not None:
+        w = w.replace(scale=jnp.asarray(scale))
+      pq_weights[name] = w
+      rows.append({'name': name, 'shape': [kernel.shape[1], kernel.shape[0]],
+                   'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits,
+                   'bytes': _pq_bytes(w, spec, codebook_dtype, side_bytes), 'rel_mse': rel_mse, 'sq_norm': sq_norm})  # fmt: skip
+      continue
     kernel = jnp.asarray(kernel, jnp.float32)
     in_f, out_f = kernel.shape
     if method == 'rtn':
@@ -144,17 +172,12 @@ def quantize_params(
       codes = pq.encode(kernel, codebooks, spec, u)  # nearest codeword of the stored (rounded) codebooks
       code_dtype = packing.code_dtype(spec.codebook_size)
       w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
-      nbytes = (
-        packing.packed_nbytes(codes.size, spec.index_bits)
-        + codebooks.size * codebook_values.value_bytes(codebook_dtype)
-        + codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
-      )
       if channel_scale:
         w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))  # [out_features]
         if scale_rule == 'lsq':  # codes for W / s, then s again: each step lowers the objective
           w = w.replace(codes=pq.encode(kernel / w.scale, codebooks, spec, u).astype(code_dtype))
           w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))
-        nbytes += w.scale.size * side_bytes
+      nbytes = _pq_bytes(w, spec, codebook_dtype, side_bytes)
       approx = w.decode()
       pq_weights[name] = w
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
@@ -177,6 +200,38 @@ def quantize_params(
     bar.close()
   fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
   return QuantizedParams(fp, pq_weights, rtn_layers, rows)
+
+
+def _pq_bytes(w: qweight.PQWeight, spec: pq.CodebookSpec, codebook_dtype: str, side_bytes: int) -> int:
+  """Bytes of a PQ/VQ layer as stored: packed codes, codebook values (+ int8 scales), channel scales."""
+  nbytes = (
+    packing.packed_nbytes(w.codes.size, spec.index_bits)
+    + w.codebooks.size * codebook_values.value_bytes(codebook_dtype)
+    + w.codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
+  )
+  return nbytes + (0 if w.scale is None else w.scale.size * side_bytes)
+
+
+def stack_groups(layers: list[tuple[tuple[int, int], Any]], budget: int = pq.STACK_BUDGET_BYTES) -> list[list[int]]:
+  """Which layers quantize together (pq.quantize_stack): those of one (kernel shape, spec), in consecutive groups
+  of equal size (so that one compiled program serves them all) of at most `budget` float32 kernel bytes (one layer
+  per group where a layer alone is larger).
+
+  Args:
+    layers: (kernel shape, spec) of each layer, in order.
+
+  Returns:
+    groups of indices into `layers`, every index once.
+  """
+  buckets: dict[tuple, list[int]] = {}
+  for i, (shape, spec) in enumerate(layers):
+    buckets.setdefault((tuple(shape), spec), []).append(i)
+  groups = []
+  for (shape, _), members in buckets.items():
+    fit = max(1, budget // (4 * int(np.prod(shape))))  # layers per call within the budget
+    size = max(s for s in range(1, min(fit, len(members)) + 1) if len(members) % s == 0)  # equal groups
+    groups += [members[g : g + size] for g in range(0, len(members), size)]
+  return groups
 
 
 def subvector_dims(params: dict, rules: layers.QuantRules, method: str) -> dict[str, int]:
