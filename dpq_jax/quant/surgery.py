@@ -10,7 +10,9 @@ plain DiT.
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -125,20 +127,9 @@ def quantize_params(
   stacked = {}  # target index -> (codebooks, codes, scale, rel_mse, sq_norm) of the layers quantized in stacks
   if method != 'rtn' and not (channel_scale and scale_rule == 'lsq'):
     plain = [i for i, (p, _) in enumerate(targets) if moments is None or '/'.join(p) not in moments]
-    scale_dtype = side_dtype if channel_scale else None
-    for group in stack_groups([(targets[i][1].shape, rules.spec_for('/'.join(targets[i][0]))) for i in plain]):
-      group = [plain[g] for g in group]
-      kernels = np.stack([np.asarray(targets[i][1], np.float32) for i in group])  # [num_layers, in, out]
-      spec = rules.spec_for('/'.join(targets[group[0]][0]))
-      out = jax.device_get(
-        pq.quantize_stack(kernels, spec, jax.random.fold_in(key, group[0]), iters, codebook_dtype, scale_dtype)
-      )
-      for j, i in enumerate(group):
-        stacked[i] = (out.codebooks[j], out.codes[j], None if out.scale is None else out.scale[j],
-                      float(out.rel_mse[j]), float(out.sq_norm[j]))  # fmt: skip
-      if bar is not None:
-        bar.update(len(group))
-        bar.set_postfix(rel_mse=f'{float(np.mean(out.rel_mse)):.3f}')
+    layers_ = [(targets[i][1], rules.spec_for('/'.join(targets[i][0]))) for i in plain]
+    out = _quantize_stacks(layers_, key, plain, iters, codebook_dtype, side_dtype if channel_scale else None, bar)
+    stacked = {plain[j]: result for j, result in out.items()}
   for i, (path, kernel) in enumerate(targets):
     name = '/'.join(path)
     spec = rules.spec_for(name)
@@ -200,6 +191,47 @@ def quantize_params(
     bar.close()
   fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
   return QuantizedParams(fp, pq_weights, rtn_layers, rows)
+
+
+def _quantize_stacks(
+  layers_: list[tuple[Any, pq.CodebookSpec]],
+  key: jax.Array,
+  indices: list[int],
+  iters: int,
+  codebook_dtype: str,
+  scale_dtype: str | None,
+  bar: Any,
+) -> dict[int, tuple]:
+  """pq.quantize_stack over the groups of `stack_groups`; {position in layers_: (codebooks, codes, scale, rel_mse,
+  sq_norm)} as numpy arrays and floats. A group's seeding key is key folded with indices[its first layer].
+
+  Every distinct program (one per kernel shape and spec) is compiled up front on a thread pool: XLA's compiles
+  release the GIL, so on a multi-core host they run side by side, and beside the k-means of the groups whose
+  program is ready.
+  """
+  groups = stack_groups([(np.shape(kernel), spec) for kernel, spec in layers_])
+  keys = [jax.random.fold_in(key, indices[g[0]]) for g in groups]
+  programs = {}
+  with futures.ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as pool:
+    for g, group_key in zip(groups, keys):
+      kernel, spec = layers_[g[0]]
+      signature = ((len(g), *np.shape(kernel)), spec)
+      if signature not in programs:
+        stack = jax.ShapeDtypeStruct(signature[0], jnp.float32)
+        lowered = pq.quantize_stack.lower(stack, spec, group_key, iters, codebook_dtype, scale_dtype)
+        programs[signature] = pool.submit(lowered.compile)
+    out = {}
+    for g, group_key in zip(groups, keys):
+      kernels = np.stack([np.asarray(layers_[i][0], np.float32) for i in g])  # [num_layers, in, out]
+      compiled = programs[(kernels.shape, layers_[g[0]][1])].result()
+      result = jax.device_get(compiled(kernels, group_key))
+      for j, i in enumerate(g):
+        scale = None if result.scale is None else result.scale[j]
+        out[i] = (result.codebooks[j], result.codes[j], scale, float(result.rel_mse[j]), float(result.sq_norm[j]))
+      if bar is not None:
+        bar.update(len(g))
+        bar.set_postfix(rel_mse=f'{float(np.mean(result.rel_mse)):.3f}')
+  return out
 
 
 def _pq_bytes(w: qweight.PQWeight, spec: pq.CodebookSpec, codebook_dtype: str, side_bytes: int) -> int:
