@@ -22,8 +22,8 @@ from dpq_jax.quant import kmeans as kmeans_lib
 
 # Kernel bytes (float32) that one `quantize_stack` call takes at most: its k-means holds a few copies of the
 # sub-vectors plus the seeding's [num_problems, num_trials, num_points] candidate distances (~2x the kernels
-# at K=256), so a call's peak stays within ~1 GiB. All 12 layers of a shape of DiT-S/2 fit one call; DiT-XL/2
-# takes its 28 blocks in 4 to 7 calls (surgery.stack_groups).
+# at K=256), so a call's peak should stay within ~1 GiB (estimated, not measured). All 12 layers of a shape of
+# DiT-S/2 fit one call; DiT-XL/2 takes its 28 blocks in 2 to 7 calls (surgery.stack_groups).
 STACK_BUDGET_BYTES = 128 * 2**20
 
 
