@@ -19,7 +19,7 @@ import time
 import ml_collections
 from absl import logging
 
-from dpq_jax import distributed, errors, io_utils
+from dpq_jax import compile_cache, distributed, errors, io_utils
 from dpq_jax import workdir as workdir_lib
 from dpq_jax.calibrate import loop as calibrate_loop
 from dpq_jax.evaluate import report as report_lib
@@ -73,6 +73,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   distributed.maybe_initialize()  # multi-host jobs: before anything touches a JAX backend
   config = with_stages(config)
   check_config(config)
+  compile_cache.setup(config.get('compile_cache', ''))  # before the first compile of the job
   writer = distributed.is_writer()  # process 0 writes every output; the others compute alongside it
   if not writer:
     return _run_stages(config, workdir, writer)

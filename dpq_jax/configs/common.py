@@ -24,6 +24,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.name = 'job'
   config.seed = 0
   config.stages = ('load', 'sample')
+  # JAX's persistent compilation cache (dpq_jax/compile_cache.py): '' a cache already set up (JAX_COMPILATION_CACHE_DIR)
+  # or else $XDG_CACHE_HOME/dpq_jax/jax; 'off'; or a directory. Reruns and later stages load what was compiled.
+  config.compile_cache = ''
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'DiT-XL/2'

@@ -274,8 +274,8 @@ def realize(
   packed = jnp.take_along_axis(codebooks, order[..., None], axis=1)
   alive = jnp.arange(codebook_size)[None] < num_live[:, None]
   packed = jnp.where(alive[..., None], packed, packed[:, :1])
-  for _ in range(lloyd_steps):
-    packed = _masked_lloyd(x, packed, alive, weights)
+  # A loop, not lloyd_steps unrolled copies: each step holds an assignment kernel, compiled once this way.
+  packed = jax.lax.fori_loop(0, lloyd_steps, lambda _, p: _masked_lloyd(x, p, alive, weights), packed)
   new_codes = kmeans_lib.assign(x, packed, alive=alive)
   return Compressed(packed, new_codes, alive)
 

@@ -11,13 +11,20 @@ Index cost is log2(codebook_size) / subvector_dim bits per weight either way.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
+from dpq_jax.quant import codebook_values, metric, packing
 from dpq_jax.quant import kmeans as kmeans_lib
-from dpq_jax.quant import metric, packing
+
+# Kernel bytes (float32) that one `quantize_stack` call takes at most: its k-means holds a few copies of the
+# sub-vectors plus the seeding's [num_problems, num_trials, num_points] candidate distances (~2x the kernels
+# at K=256), so a call's peak should stay within ~1 GiB (estimated, not measured). All 12 layers of a shape of
+# DiT-S/2 fit one call; DiT-XL/2 takes its 28 blocks in 2 to 7 calls (surgery.stack_groups).
+STACK_BUDGET_BYTES = 128 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +126,67 @@ def fit(
     codebooks, codes = metric.vq_lloyd(sub, result.codebooks, u, iters)
     return codebooks, codes, result.objective
   return result.codebooks, codes, result.objective
+
+
+class StackResult(NamedTuple):
+  """`quantize_stack`'s output for num_layers kernels of one shape."""
+
+  codebooks: jax.Array  # [num_layers, num_codebooks, K, d] float32, rounded to the stored dtype
+  codes: jax.Array  # [num_layers, num_subvectors, out_features] int32, nearest codewords of the rounded codebooks
+  scale: jax.Array | None  # [num_layers, out_features] float32 per-output-channel scales ('norm'), or None
+  rel_mse: jax.Array  # [num_layers] ||W - W_hat||^2 / ||W||^2 of the decoded (and scaled) kernels
+  sq_norm: jax.Array  # [num_layers] ||W||^2
+
+
+@functools.partial(jax.jit, static_argnames=('spec', 'iters', 'codebook_dtype', 'scale_dtype'))
+def quantize_stack(
+  kernels: jax.Array,
+  spec: CodebookSpec,
+  key: jax.Array,
+  iters: int = 25,
+  codebook_dtype: str = 'float32',
+  scale_dtype: str | None = None,
+) -> StackResult:
+  """`fit`, codebooks rounded to `codebook_dtype`, `encode`, and optionally `channel_scale`, for several kernels
+  of one shape in one compiled program: their k-means problems run as one batch (the problems of a layer are
+  independent, so layers just add problems: PQ num_layers x num_subvectors of out_features points, VQ num_layers
+  of num_subvectors x out_features), and one program serves every call of that shape.
+
+  Args:
+    kernels: [num_layers, in_features, out_features].
+    spec: the layers' CodebookSpec (static).
+    key: PRNG key of the seeding (one stream for all the problems).
+    iters: Lloyd iterations (static).
+    codebook_dtype: stored codebook values (codebook_values.DTYPES, static).
+    scale_dtype: per-output-channel scales restoring each channel's norm, rounded to this dtype (static); None:
+      no scales.
+
+  Returns:
+    StackResult; layer i's codes are those of `encode(kernels[i], codebooks[i], spec)`.
+  """
+  num_layers, in_features, out_features = kernels.shape
+  spec.check(in_features, out_features)
+  d = spec.subvector_dim
+  num_subvectors = in_features // d
+  kernels = jnp.asarray(kernels, jnp.float32)
+  sub = kernels.reshape(num_layers, num_subvectors, d, out_features).transpose(0, 1, 3, 2)  # [L, M, out, d]
+  x = sub.reshape(num_layers, -1, d) if spec.shared else sub.reshape(-1, out_features, d)  # [problems, points, d]
+  # fit's own codes and objective are unused here, so XLA drops its final assignment from this program.
+  codebooks = kmeans_lib.kmeans(x, spec.codebook_size, key, iters=iters).codebooks  # [problems, K, d]
+  codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)
+  codes = kmeans_lib.assign(x, codebooks)  # [problems, points]: nearest codeword of the stored codebooks
+  chosen = jnp.take_along_axis(codebooks, codes[..., None], axis=1)  # [problems, points, d]
+  approx = chosen.reshape(num_layers, num_subvectors, out_features, d).transpose(0, 1, 3, 2)
+  approx = approx.reshape(num_layers, in_features, out_features)
+  scale = None
+  if scale_dtype is not None:
+    scale = jax.vmap(functools.partial(channel_scale, dtype=scale_dtype))(kernels, approx)  # [L, out]
+    approx = approx * scale[:, None, :]
+  num = jnp.sum(jnp.square(kernels - approx), axis=(1, 2))
+  den = jnp.sum(jnp.square(kernels), axis=(1, 2))
+  codebooks = codebooks.reshape(num_layers, -1, spec.codebook_size, d)
+  codes = codes.reshape(num_layers, num_subvectors, out_features)
+  return StackResult(codebooks, codes, scale, jnp.where(den > 0, num / den, num), den)
 
 
 def channel_scale(kernel: jax.Array, approx: jax.Array, dtype: Any = jnp.float16) -> jax.Array:

@@ -10,7 +10,9 @@ plain DiT.
 
 from __future__ import annotations
 
+import os
 import re
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -122,9 +124,26 @@ def quantize_params(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(targets), desc=f'quantize ({method})', unit='layer')
+  stacked = {}  # target index -> (codebooks, codes, scale, rel_mse, sq_norm) of the layers quantized in stacks
+  if method != 'rtn' and not (channel_scale and scale_rule == 'lsq'):
+    plain = [i for i, (p, _) in enumerate(targets) if moments is None or '/'.join(p) not in moments]
+    layers_ = [(targets[i][1], rules.spec_for('/'.join(targets[i][0]))) for i in plain]
+    out = _quantize_stacks(layers_, key, plain, iters, codebook_dtype, side_dtype if channel_scale else None, bar)
+    stacked = {plain[j]: result for j, result in out.items()}
   for i, (path, kernel) in enumerate(targets):
     name = '/'.join(path)
     spec = rules.spec_for(name)
+    if i in stacked:
+      codebooks, codes, scale, rel_mse, sq_norm = stacked[i]
+      code_dtype = packing.code_dtype(spec.codebook_size)
+      w = qweight.PQWeight(jnp.asarray(codebooks), jnp.asarray(codes.astype(code_dtype)))
+      if scale is not None:
+        w = w.replace(scale=jnp.asarray(scale))
+      pq_weights[name] = w
+      rows.append({'name': name, 'shape': [kernel.shape[1], kernel.shape[0]],
+                   'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits,
+                   'bytes': _pq_bytes(w, spec, codebook_dtype, side_bytes), 'rel_mse': rel_mse, 'sq_norm': sq_norm})  # fmt: skip
+      continue
     kernel = jnp.asarray(kernel, jnp.float32)
     in_f, out_f = kernel.shape
     if method == 'rtn':
@@ -144,17 +163,12 @@ def quantize_params(
       codes = pq.encode(kernel, codebooks, spec, u)  # nearest codeword of the stored (rounded) codebooks
       code_dtype = packing.code_dtype(spec.codebook_size)
       w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
-      nbytes = (
-        packing.packed_nbytes(codes.size, spec.index_bits)
-        + codebooks.size * codebook_values.value_bytes(codebook_dtype)
-        + codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
-      )
       if channel_scale:
         w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))  # [out_features]
         if scale_rule == 'lsq':  # codes for W / s, then s again: each step lowers the objective
           w = w.replace(codes=pq.encode(kernel / w.scale, codebooks, spec, u).astype(code_dtype))
           w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))
-        nbytes += w.scale.size * side_bytes
+      nbytes = _pq_bytes(w, spec, codebook_dtype, side_bytes)
       approx = w.decode()
       pq_weights[name] = w
       row = {'k': spec.codebook_size, 'd': spec.subvector_dim, 'index_bits': spec.index_bits}
@@ -177,6 +191,79 @@ def quantize_params(
     bar.close()
   fp = qweight.drop_kernels(params, ['/'.join(path) for path, _ in targets])
   return QuantizedParams(fp, pq_weights, rtn_layers, rows)
+
+
+def _quantize_stacks(
+  layers_: list[tuple[Any, pq.CodebookSpec]],
+  key: jax.Array,
+  indices: list[int],
+  iters: int,
+  codebook_dtype: str,
+  scale_dtype: str | None,
+  bar: Any,
+) -> dict[int, tuple]:
+  """pq.quantize_stack over the groups of `stack_groups`; {position in layers_: (codebooks, codes, scale, rel_mse,
+  sq_norm)} as numpy arrays and floats. A group's seeding key is key folded with indices[its first layer].
+
+  Every distinct program (one per kernel shape and spec) is compiled up front on a thread pool: XLA's compiles
+  release the GIL, so on a multi-core host they run side by side, and beside the k-means of the groups whose
+  program is ready.
+  """
+  groups = stack_groups([(np.shape(kernel), spec) for kernel, spec in layers_])
+  keys = [jax.random.fold_in(key, indices[g[0]]) for g in groups]
+  programs = {}
+  with futures.ThreadPoolExecutor(max_workers=max(1, min(len(groups), os.cpu_count() or 1))) as pool:
+    for g, group_key in zip(groups, keys):
+      kernel, spec = layers_[g[0]]
+      signature = ((len(g), *np.shape(kernel)), spec)
+      if signature not in programs:
+        stack = jax.ShapeDtypeStruct(signature[0], jnp.float32)
+        lowered = pq.quantize_stack.lower(stack, spec, group_key, iters, codebook_dtype, scale_dtype)
+        programs[signature] = pool.submit(lowered.compile)
+    out = {}
+    for g, group_key in zip(groups, keys):
+      kernels = np.stack([np.asarray(layers_[i][0], np.float32) for i in g])  # [num_layers, in, out]
+      compiled = programs[(kernels.shape, layers_[g[0]][1])].result()
+      result = jax.device_get(compiled(kernels, group_key))
+      for j, i in enumerate(g):
+        scale = None if result.scale is None else result.scale[j]
+        out[i] = (result.codebooks[j], result.codes[j], scale, float(result.rel_mse[j]), float(result.sq_norm[j]))
+      if bar is not None:
+        bar.update(len(g))
+        bar.set_postfix(rel_mse=f'{float(np.mean(result.rel_mse)):.3f}')
+  return out
+
+
+def _pq_bytes(w: qweight.PQWeight, spec: pq.CodebookSpec, codebook_dtype: str, side_bytes: int) -> int:
+  """Bytes of a PQ/VQ layer as stored: packed codes, codebook values (+ int8 scales), channel scales."""
+  nbytes = (
+    packing.packed_nbytes(w.codes.size, spec.index_bits)
+    + w.codebooks.size * codebook_values.value_bytes(codebook_dtype)
+    + w.codebooks.shape[0] * codebook_values.overhead_bytes(codebook_dtype)
+  )
+  return nbytes + (0 if w.scale is None else w.scale.size * side_bytes)
+
+
+def stack_groups(layers: list[tuple[tuple[int, int], Any]], budget: int = pq.STACK_BUDGET_BYTES) -> list[list[int]]:
+  """Which layers quantize together (pq.quantize_stack): those of one (kernel shape, spec), in consecutive groups
+  of equal size (so that one compiled program serves them all) of at most `budget` float32 kernel bytes (one layer
+  per group where a layer alone is larger).
+
+  Args:
+    layers: (kernel shape, spec) of each layer, in order.
+
+  Returns:
+    groups of indices into `layers`, every index once.
+  """
+  buckets: dict[tuple, list[int]] = {}
+  for i, (shape, spec) in enumerate(layers):
+    buckets.setdefault((tuple(shape), spec), []).append(i)
+  groups = []
+  for (shape, _), members in buckets.items():
+    fit = max(1, budget // (4 * int(np.prod(shape))))  # layers per call within the budget
+    size = max(s for s in range(1, min(fit, len(members)) + 1) if len(members) % s == 0)  # equal groups
+    groups += [members[g : g + size] for g in range(0, len(members), size)]
+  return groups
 
 
 def subvector_dims(params: dict, rules: layers.QuantRules, method: str) -> dict[str, int]:

@@ -83,8 +83,11 @@ def test_int8_artifact_loads_exactly_and_has_closed_form_size(tiny_dit, tmp_path
   q = surgery.quantize_params(params, rules, key, method=method, iters=2, codebook_dtype='int8', channel_scale=True,
                               progress=False)  # fmt: skip
   first = q.rows[0]['name']
-  kernel = jnp.asarray(_get(params, first)['kernel'])
-  cb32, _, _ = pq.fit(kernel, rules.spec_for(first), jax.random.fold_in(key, 0), 2)  # what surgery fit first
+  # What surgery fit first: the k-means of the layers of its shape, stacked (surgery.stack_groups), in float32.
+  kernels = [k for p, k in surgery.module_kernels(params) if rules.spec_for('/'.join(p)) is not None]
+  group = surgery.stack_groups([(np.shape(k), rules.spec_for(first)) for k in kernels])[0]
+  stack = np.stack([np.asarray(kernels[i], np.float32) for i in group])
+  cb32 = pq.quantize_stack(stack, rules.spec_for(first), jax.random.fold_in(key, 0), 2, 'float32').codebooks[0]
   np.testing.assert_array_equal(
     _get(q.variables()['params'], first)['codebooks'], codebook_values.round_codebooks(cb32, 'int8')
   )
