@@ -232,8 +232,12 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
     for r in q.rows])  # fmt: skip
   sizes = storage.save(str(tmp_path / 'quantized'), q, {'name': 'tiny'})
   batch = max(4, jax.device_count())  # 8 when test_calibrate_sharded.py gave this process 8 devices
+  # objective 'weight': tiny_setup's codes were fitted on the weights, and the final codes are checked against the
+  # Euclidean nearest codeword below (the DiT-XL/2 configs' objective 'output' assigns in the layer-output metric,
+  # which tests/quant/test_metric.py checks).
   config = runlocal(**{'calibrate.steps': 4, 'calibrate.batch_size': batch, 'calibrate.lr': 1e-2,
-                        'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'data.num_samples': 8})  # fmt: skip
+                        'calibrate.warmup': 0, 'calibrate.checkpoint_every': 2, 'data.num_samples': 8,
+                        'quant.objective': 'weight'})  # fmt: skip
   config.model.init = 'checkpoint'  # no smoke caps
   config.model.input_size = 8
   report = {'num_params': 1000, **sizes_lib.summary(q.rows, sizes, 1000)}
