@@ -265,8 +265,8 @@ def test_evaluate_stage_end_to_end(tmp_path, inception, monkeypatch):
   np.savez(tmp_path / 'ref.npz', arr_0=ref)
   w = np.random.default_rng(2).normal(size=(2048, 10)).astype(np.float32)
   np.savez(tmp_path / 'head.npz', w=w)
-  # scipy's sqrtm of a 2048x2048 product takes minutes on this CPU: the stage's statistics are recorded and
-  # checked here, frechet_distance itself against closed forms above.
+  # The stage's statistics are recorded and checked here, frechet_distance itself against closed forms and
+  # ADM's sqrtm above.
   calls = []
   mean_term = lambda mu1, sigma1, mu2, sigma2: float(np.sum((mu1 - mu2) ** 2))
   monkeypatch.setattr(metrics, 'frechet_distance', lambda *args, **kw: calls.append(args) or mean_term(*args))
