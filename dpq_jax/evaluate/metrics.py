@@ -25,6 +25,7 @@ import scipy.linalg
 
 IS_SPLIT_SIZE = 5000  # ADM's compute_inception_score(split_size=5000)
 NHOOD_SIZE = 3  # ADM's ManifoldEstimator(nhood_sizes=(3,))
+FID_SQRT = ('eigh', 'adm')  # frechet_distance(sqrt=...): the default first
 
 
 def gaussian_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -80,7 +81,7 @@ def frechet_distance(
     raise ValueError(f'mean vectors of different lengths: {mu1.shape} vs {mu2.shape}')
   if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
     raise ValueError(f'covariances {sigma1.shape}, {sigma2.shape} do not match means of length {mu1.shape[0]}')
-  if sqrt not in ('eigh', 'adm'):
+  if sqrt not in FID_SQRT:
     raise ValueError(f"sqrt={sqrt!r}: expected 'eigh' or 'adm'")
   diff = mu1 - mu2
   tr_covmean = trace_sqrt_product(sigma1, sigma2) if sqrt == 'eigh' else _adm_trace_sqrt_product(sigma1, sigma2, eps)

@@ -193,9 +193,6 @@ def check_samples(path: str) -> list[str]:
   return check_images(*header['arr_0'], what)
 
 
-FID_SQRT = ('eigh', 'adm')  # metrics.frechet_distance(sqrt=...)
-
-
 def check_config(
   cfg: ml_collections.ConfigDict, stages: tuple[str, ...] = (), vae: ml_collections.ConfigDict | None = None
 ) -> list[str]:
@@ -208,8 +205,8 @@ def check_config(
     )
   if cfg.batch_size <= 0:
     problems.append(f'config.evaluate.batch_size={cfg.batch_size}: expected a positive number of images')
-  if cfg.get('fid_sqrt', 'eigh') not in FID_SQRT:
-    problems.append(f'config.evaluate.fid_sqrt={cfg.fid_sqrt!r}: expected one of {", ".join(FID_SQRT)}')
+  if cfg.get('fid_sqrt', metrics_lib.FID_SQRT[0]) not in metrics_lib.FID_SQRT:
+    problems.append(f'config.evaluate.fid_sqrt={cfg.fid_sqrt!r}: expected one of {", ".join(metrics_lib.FID_SQRT)}')
   if cfg.image_size < 0:
     problems.append(f'config.evaluate.image_size={cfg.image_size}: expected a resolution, or 0 to accept any')
   problems += check_reference(cfg.reference)
@@ -329,9 +326,10 @@ def evaluate(
   else:
     ref = reference_features(reference, feature_fn, cfg.batch_size, cache_dir, weights_id)
 
+  sqrt = cfg.get('fid_sqrt', metrics_lib.FID_SQRT[0])  # configs saved before the option: the default
   out = {
-    'fid': metrics_lib.frechet_distance(mu, sigma, ref['mu'], ref['sigma'], sqrt=cfg.get('fid_sqrt', 'eigh')),
-    'sfid': metrics_lib.frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s'], sqrt=cfg.get('fid_sqrt', 'eigh')),
+    'fid': metrics_lib.frechet_distance(mu, sigma, ref['mu'], ref['sigma'], sqrt=sqrt),
+    'sfid': metrics_lib.frechet_distance(mu_s, sigma_s, ref['mu_s'], ref['sigma_s'], sqrt=sqrt),
     'inception_score': None,
     'precision': None,
     'recall': None,
