@@ -241,14 +241,22 @@ def remove_dead_builds(parent: str, base: str) -> list[str]:
       live = True
     finally:
       os.close(fd)
-  old, target = os.path.join(parent, base + '.old'), os.path.join(parent, base)
+  old = os.path.join(parent, base + '.old')
   if os.path.isdir(old) and not live:
-    if os.path.exists(target):
+    if not restore_old(old):
       shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(old, target)  # killed between replace_dir's renames: the previous version, whole
     done.append(old)
   return done
+
+
+def restore_old(old: str) -> bool:
+  """Puts `DIR.old` back as DIR where DIR is missing (replace_dir killed between its renames: the old copy is
+  whole); returns whether it did."""
+  target = old[: -len('.old')]
+  if os.path.exists(target):
+    return False
+  os.rename(old, target)
+  return True
 
 
 def replace_dir(tmp: str, directory: str, commit_file: str | None = None) -> None:

@@ -82,8 +82,7 @@ def remove_stale(workdir: str) -> list[str]:
   for root, dirs, files in os.walk(workdir):
     for name in [d for d in dirs if _STALE.fullmatch(d)] + [f for f in files if _STALE.fullmatch(f)]:
       target = os.path.join(root, name)
-      if name.endswith('.old') and not os.path.exists(target[: -len('.old')]):
-        os.rename(target, target[: -len('.old')])  # killed between replace_dir's renames: the old copy is whole
+      if name.endswith('.old') and io_utils.restore_old(target):
         continue
       shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
       removed.append(target)
