@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -30,6 +31,8 @@ from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import codebook_values, qweight
 
 CHECKPOINT_DIR = 'checkpoints'
+# (steps, fn(step, params, quant)): `calibrate` hands fn the model as it stands after each of those steps.
+Probe = tuple[tuple[int, ...], Callable[[int, dict, dict], None]]
 METRICS_FILE = 'metrics.jsonl'
 TENSORBOARD_DIR = 'tensorboard'  # event files (tensorboardX: no TensorFlow needed)
 
@@ -64,6 +67,14 @@ def check_finite(pending: list[tuple[int, dict]], state: Any, lr: float) -> None
     )
 
 
+def _host(state: dict) -> tuple[dict, dict]:
+  """(trainable params, mutable quant) of the train state on the host, per block."""
+  return (
+    scan_lib.unstack_blocks(distributed.to_host(state['params'])),
+    scan_lib.unstack_blocks(distributed.to_host(state['quant'])),
+  )
+
+
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -94,11 +105,16 @@ def calibrate(
   progress: bool = True,
   fingerprint: str | None = None,
   metrics: dict | None = None,
+  probe: Probe | None = None,
 ) -> dict[str, Any]:
   """Runs config.calibrate `cfg` on the quantized model (params, quant); resumes from workdir.
 
   metrics: {module path: whitening factors [num_subvectors, d, d]}: the dynamic assignment's metric
   (train_step.attach_latent), as quantize fitted in; None: Euclidean.
+
+  probe: (steps, fn): fn(step, params, quant) is called with the model as it stands after each of `steps` that this
+  run passes through, exactly as it would be returned if calibration stopped there, and for step 0 with the model
+  as given (the demo's calibration-budget curves); steps a resumed run starts after are not probed.
 
   fingerprint: what decided the model being calibrated and how (quant/lineage.py); kept inside each
   checkpoint, and a checkpoint written under another one, or none, is refused (CheckpointError), never resumed.
@@ -174,6 +190,21 @@ def calibrate(
   def data_state() -> dict:
     return {'iterator': iterator.get_state().decode(), 'fingerprint': fingerprint}
 
+  def finish(params_host: dict, quant_host: dict) -> tuple[dict, dict]:
+    """(params without latent weights, quant) of the model the state holds: codebooks rounded to what the
+    artifact stores and the codes refreshed against them."""
+    trained = _round_codebooks(
+      trainable_lib.merge(params_host, frozen_params), trainable_lib.merge(quant_host, constant_q), codebook_dtype
+    )
+    sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
+    quant_out = step_lib.refresh_codes(dynamic_model, trained, trainable_lib.merge(quant_host, constant_q), sample)
+    quant_out = trainable_lib.pick(quant_host, jax.device_get(quant_out))
+    params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
+    return params_out, quant_out
+
+  probe_steps, probe_fn = probe if probe is not None else ((), None)
+  if probe_fn is not None and start == 0 and 0 in probe_steps:  # the model as given, before any step
+    probe_fn(0, params, quant)
   board = None
   if writer:
     from tensorboardX import SummaryWriter
@@ -198,6 +229,10 @@ def calibrate(
           compile_s = time.perf_counter() - tick
           tick, tick_step = time.perf_counter(), step
         pending.append((step, metrics))
+        if probe_fn is not None and step in probe_steps:
+          probe_start = time.perf_counter()
+          probe_fn(step, *finish(*_host(state)))
+          tick += time.perf_counter() - probe_start  # the probe's time is not a step's
         if step == cfg.steps or checkpointer.should_save(step):
           check_finite(pending, state, cfg.lr)  # no checkpoint holds a diverged state
         checkpointer.save(step, state, data_state(), force=step == cfg.steps)
@@ -241,17 +276,9 @@ def calibrate(
     checkpointer.wait()
     checkpointer.close()
 
-  quant_now = scan_lib.unstack_blocks(distributed.to_host(state['quant']))
-  trained = _round_codebooks(
-    trainable_lib.merge(scan_lib.unstack_blocks(distributed.to_host(state['params'])), frozen_params),
-    trainable_lib.merge(quant_now, constant_q),
-    codebook_dtype,
-  )
+  host = _host(state)
   del state, frozen
-  sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
-  quant_out = step_lib.refresh_codes(dynamic_model, trained, trainable_lib.merge(quant_now, constant_q), sample)
-  quant_out = trainable_lib.pick(quant_now, jax.device_get(quant_out))
-  params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
+  params_out, quant_out = finish(*host)
   return {
     'params': params_out,
     'quant': quant_out,

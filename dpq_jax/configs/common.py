@@ -78,6 +78,10 @@ def base_config() -> ml_collections.ConfigDict:
   # sample in the batches, but nearly free without the image path (statistics.input_moments); 0: the batches only.
   config.quant.stats_conditions = 0
   config.quant.scale_rule = 'norm'  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective)
+  # channel_scale: re-assign the codes (quantize, compress) to the nearest codewords of W / s once the scale is set, as
+  # calibration's dynamic assignment does. Lower error per layer, but the channels shrink again: worse samples on the
+  # demo before calibration (README, "Codes for the scale"), so off.
+  config.quant.scaled_codes = False
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`
 
@@ -152,6 +156,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.compare.num_samples = 500  # generated digits per row (balanced labels, the same noise in every row)
   config.compare.batch_size = 250
   config.compare.grid_columns = 20
+  # Calibration-budget curves: every calibrated row also scored after these calibration steps (0: before the first)
+  # of its one run, and after its last (report.json rows[i].curve, DIR/compare_curves.png); () none.
+  config.compare.curve_steps = ()
   config.compare.bootstrap_resamples = 1000  # resamples of every metric's 95% interval (demo/intervals.py)
   # The rate-distortion sweep (demo/sweep.py): {method: (target bits per quantized weight, ...)} expanded into rows
   # (each also as '-cal' after calibration, and per objective); empty: config.compare.rows as given.

@@ -8,6 +8,7 @@ in the workdir), and a digit classifier trained alongside for the metrics.
   python -m dpq_jax.main --config=digits:full   # + equal-bytes and calibrated baselines
   python -m dpq_jax.main --config=digits:tiny   # seconds: the test suite's setting
   python -m dpq_jax.main --config=digits:sweep  # the rate-distortion sweep: every method at 5 byte budgets
+  python -m dpq_jax.main --config=digits:curves # calibration-budget curves: quality after 0..300 steps per method
 
 The DiT is 'DiT-2x640x10/4': depth 2, width 640, 10 heads, patch 4 on 8x8x1 images (4 tokens, so a
 training step costs about what a 2.8M-parameter patch-2 model's does). Its linear layers have C_out of
@@ -23,7 +24,7 @@ from dpq_jax.configs import common
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  args = common.parse_arg(arg, tiny=False, full=False, sweep=False, model='DiT-2x640x10/4', steps=1500)
+  args = common.parse_arg(arg, tiny=False, full=False, sweep=False, curves=False, model='DiT-2x640x10/4', steps=1500)
   config = common.base_config()
   config.name = 'digits'
   config.stages = ('train', 'compare')
@@ -115,10 +116,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'stages': ('quantize', 'calibrate'),
       'overrides': {'quant': {'method': 'vq', 'k': 256, 'd': 8}},
     },
+    'vq-k1024-calibrated': {
+      'stages': ('quantize', 'calibrate'),
+      'overrides': {'quant': {'method': 'vq', 'k': 1024, 'd': 8}},
+    },
   }
   # The same rows with the quantizers blind to the data, as before issue 15 (weight-space k-means, min-max RTN,
   # compression by each layer's relative weight error): `-w`.
-  for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
+  for name in (
+    'rtn-1bit',
+    'vq-1bit',
+    'pq-1bit',
+    'pq-1bit-compressed',
+    'pq-1bit-calibrated',
+    'vq-k1024',
+    'vq-1bit-calibrated',
+  ):
     row = config.compare.row_defs[name].to_dict()
     row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax')
     if 'compress' in row['stages']:
@@ -135,6 +148,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated', 'rtn-1bit-w', 'vq-1bit-w', 'pq-1bit-w',
       'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel',
     )  # fmt: skip
+  if args.curves:
+    # Calibration-budget curves (README): each calibrated method within the 24x budget scored after 0, 25, 50 and 100
+    # of its 300 calibration steps and after the last, from the one run of each row; `-w`: the quantizers (and the
+    # dynamic assignment) blind to the data, as before issue 15.
+    config.compare.rows = (
+      'fp', 'pq-1bit-calibrated', 'pq-1bit-calibrated-w', 'vq-1bit-calibrated', 'vq-1bit-calibrated-w',
+      'vq-k1024-calibrated',
+    )  # fmt: skip
+    config.compare.curve_steps = (0, 25, 50, 100)
   if args.sweep:
     # Every method at effective bits per quantized weight from ~2 to ~0.5 (14x to 58x vs fp32), both objectives,
     # each codebook point also calibrated with the same 100 steps (demo/sweep.py says how each point's bytes are
@@ -156,7 +178,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.calibrate.warmup = 1
     config.calibrate.checkpoint_every = 2
     config.compare.rows = ('fp', 'rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-calibrated')
-    for row in ('vq-1bit', 'pq-1bit-calibrated'):  # seconds, not a 256-codeword seeding
+    if args.curves:  # the compressed row is the calibrated row's step 0
+      config.compare.rows = ('fp', 'pq-1bit-compressed', 'pq-1bit-calibrated')
+      config.compare.curve_steps = (0, 2)
+    for row in ('vq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated'):  # seconds, not a 256-codeword seeding
       config.compare.row_defs[row].overrides.quant.update(k=16, d=4)
     if args.sweep:  # one point per method; C_out = 64 rows make codebooks dear, so the points sit higher
       config.compare.sweep.points = {'rtn': (2.5,), 'vq': (1.6,), 'pq': (1.6,), 'pqc': (2.0,)}

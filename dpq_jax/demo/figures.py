@@ -37,8 +37,11 @@ def _errors(row: dict, key: str) -> list[list[float]] | None:
   return [[max(value - ci[0], 0.0)], [max(ci[1] - value, 0.0)]] if ci else None
 
 
-def _references(ax, key: str, fp: list[dict], budget: float | None, title: str) -> None:
-  """fp as a dashed line with its 95% interval shaded, the budget as a dotted one; axis labels, log fd."""
+BITS_AXIS = 'effective bits per quantized weight (codebooks included)'
+
+
+def _references(ax, key: str, fp: list[dict], budget: float | None, title: str, xlabel: str = BITS_AXIS) -> None:
+  """fp as a dashed line with its 95% interval shaded, the budget (if any) as a dotted one; axis labels, log fd."""
   for row in fp:
     ax.axhline(row['metrics'][key], color='k', linestyle='--', linewidth=1, label=f'{row["name"]} (32 bits)')
     if row.get('ci95', {}).get(key):
@@ -47,7 +50,7 @@ def _references(ax, key: str, fp: list[dict], budget: float | None, title: str) 
     ax.axvline(budget, color='grey', linestyle=':', linewidth=1, label=f'{32 / budget:.4g}x budget ({budget:.3f} bits)')
   if key == 'fd':
     ax.set_yscale('log')
-  ax.set_xlabel('effective bits per quantized weight (codebooks included)')
+  ax.set_xlabel(xlabel)
   ax.set_title(title)
   ax.grid(alpha=0.3)
 
@@ -124,6 +127,36 @@ def save_sweep_plot(path: str, rows: list[dict], budget: float | None = None) ->
     if lab not in labels:
       handles.append(h)
       labels.append(lab)
+  _save(fig, path, handles, labels)
+
+
+def save_curves(path: str, rows: list[dict]) -> None:
+  """The calibration-budget curves: one panel per metric, a line per calibrated row through its scores after
+  0..N calibration steps of one run (x: steps, symmetric-log so that 0 shows) with the 95% interval as a band,
+  fp as a dashed line with its interval shaded; the legend names each row's effective bits."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fp = [r for r in rows if not r['effective_bits_per_quantized_weight']]
+  curved = [r for r in rows if r.get('curve')]
+  colors = plt.get_cmap('tab10').colors
+  fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS) + 2, 4.4))
+  for ax, key in zip(axes, PANELS):
+    for i, row in enumerate(curved):
+      pts = sorted(row['curve'], key=lambda p: p['step'])
+      x = [p['step'] for p in pts]
+      bits = row['effective_bits_per_quantized_weight']
+      label = f'{row["name"]} ({bits:.2f} bits)' if bits else row['name']
+      ax.plot(x, [p['metrics'][key] for p in pts], marker='o', color=colors[i % len(colors)], label=label, zorder=3)
+      if all(p.get('ci95', {}).get(key) for p in pts):
+        lo, hi = zip(*(p['ci95'][key] for p in pts))
+        ax.fill_between(x, lo, hi, color=colors[i % len(colors)], alpha=0.15, linewidth=0)
+    ax.set_xscale('symlog', linthresh=10)
+    _references(ax, key, fp, None, f'{key}{" (log)" if key == "fd" else ""} vs calibration steps, 95% intervals',
+                xlabel='calibration steps (one run per row)')  # fmt: skip
+  handles, labels = axes[0].get_legend_handles_labels()
   _save(fig, path, handles, labels)
 
 

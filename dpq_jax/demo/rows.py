@@ -123,4 +123,39 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
       changes = [f'{label} {b["metrics"][key]:{spec}} -> {r["metrics"][key]:{spec}} ({verdict(r, b, key)})'
                  for key, label, spec in METRICS]  # fmt: skip
       out.append(f'Calibration ({r["name"]} vs {b["name"]}): ' + ', '.join(changes) + '.')
+  return out + curve_reading(rows)
+
+
+CURVE_KEYS = ('class_logprob', 'fd')
+
+
+def first_reaching(curve: list[dict], target: dict, keys: tuple[str, ...] = CURVE_KEYS) -> int | None:
+  """The first step of `curve` (points {'step', 'metrics', 'ci95'}) not worse than `target` on every key (its
+  95% interval better than or overlapping target's), or None."""
+  for point in sorted(curve, key=lambda p: p['step']):
+    if all(verdict(point, target, k) != 'worse' for k in keys):
+      return point['step']
+  return None
+
+
+def curve_reading(rows: list[dict]) -> list[str]:
+  """Sentences from the calibration-budget curves: each curve's path, the first step whose log p and fd are not
+  worse than its own last point's, and where a row's `-w` counterpart (the quantizers blind to the data) has a
+  curve too, the first step at which the row reaches the `-w` row's final quality."""
+  curved = {r['name']: r for r in rows if r.get('curve')}
+  out = []
+  for name, r in curved.items():
+    pts = sorted(r['curve'], key=lambda p: p['step'])
+    last = pts[-1]
+    path = ', '.join(f'{p["step"]}: {p["metrics"]["class_logprob"]:.4f} / {p["metrics"]["fd"]:.2f}' for p in pts)
+    out.append(f'Calibration budget ({name}; step: log p / fd): {path}; not worse than its step-{last["step"]} '
+               f'quality on log p and fd (95% intervals) from step {first_reaching(pts, last)}.')  # fmt: skip
+    other = curved.get(f'{name}-w')
+    if other:
+      target = sorted(other['curve'], key=lambda p: p['step'])[-1]
+      step = first_reaching(pts, target)
+      out.append(
+        f"{name} reaches {name}-w's quality after {target['step']} steps (log p and fd, 95% intervals) "
+        + (f'at step {step}.' if step is not None else f'at none of its steps ({pts[-1]["step"]} the last).')
+      )
   return out

@@ -8,6 +8,7 @@ to DIR/checkpoints; metrics (one JSON line per step) to DIR/metrics.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 
@@ -121,6 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
     fingerprint=lineage.fingerprint(job.links('calibrate')),
     metrics=metrics,
+    probe=_probe(job, q, rules),
   )
   q = surgery.QuantizedParams.from_variables(out['params'], out['quant'], q.rtn, q.rows)
   q = q.replace(rows=_layer_rows(q, job.fp_params))
@@ -139,6 +141,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     job.notes.append(f'calibrate: config.model.scan_blocks, but the blocks ran unrolled: {out["unrolled_because"]}')
   job.quantized = QuantizedModel(q, rules, meta)
   return job
+
+
+def _probe(job: Job, q: surgery.QuantizedParams, rules) -> loop_lib.Probe | None:
+  """The loop's probe for job.calibration_probe (steps, fn(step, job)): fn gets the job with the model as it
+  stands after that step."""
+  if job.calibration_probe is None:
+    return None
+  steps, fn = job.calibration_probe
+
+  def on_step(step: int, params: dict, quant: dict) -> None:
+    weights = surgery.QuantizedParams.from_variables(params, quant, q.rtn, q.rows)
+    fn(step, dataclasses.replace(job, quantized=QuantizedModel(weights, rules, job.quantized.meta)))
+
+  return tuple(steps), on_step
 
 
 def _layer_rows(q: surgery.QuantizedParams, fp_params: dict) -> list[dict]:

@@ -61,6 +61,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
         )
       else:
         errors += [f'row {name}: {e}' for e in _registry()[stage].check(row_cfg)]
+  if any(not isinstance(s, int) or s < 0 for s in cfg.curve_steps):
+    errors.append(f'config.compare.curve_steps={tuple(cfg.curve_steps)}: expected calibration steps, integers >= 0')
   if cfg.bootstrap_resamples < 2:
     errors.append(f'config.compare.bootstrap_resamples={cfg.bootstrap_resamples}: expected >= 2')
   if cfg.num_samples < 2:
@@ -88,29 +90,50 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   rows, images = [], {}
   kept = {d.get('after') for d in config.compare.row_defs.values()}  # rows that later rows start from
   done = {}
+
+  def score(row_job: Job, cfg: ml_collections.ConfigDict) -> tuple[dict, dict, object]:
+    row_model, row_variables = row_job.runtime(cfg)
+    return demo_metrics.evaluate(
+      row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs,
+      config.compare.bootstrap_resamples,
+    )  # fmt: skip
+
   for name in tqdm(config.compare.rows, desc='compare', unit='row'):
     cfg, stages = rows_lib.row_config(config, name)
     row_def = config.compare.row_defs[name]
     base = done.pop(row_def['after']) if row_def.get('after') else job  # a row continues where its `after` stopped
-    row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None)
+    row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None, calibration_probe=None)
     row.report['timings_s'] = {}
+    curve = []  # the calibration-budget curve: the row scored after each of config.compare.curve_steps
+    if 'calibrate' in stages and config.compare.curve_steps:
+
+      def probe(step: int, probe_job: Job, cfg=cfg, curve=curve) -> None:
+        start = time.perf_counter()
+        metrics, ci, _ = score(probe_job, cfg)
+        curve.append({'step': step, 'metrics': metrics, 'ci95': ci, 'seconds': round(time.perf_counter() - start, 2)})
+
+      steps = tuple(s for s in config.compare.curve_steps if s < cfg.calibrate.steps)
+      row.calibration_probe = (steps, probe)
     row_dir = os.path.join(workdir, 'rows', name)
     for stage in stages:
       start = time.perf_counter()
       row = registry[stage].run(cfg, row_dir, row)
       row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
     start = time.perf_counter()
-    row_model, row_variables = row.runtime(cfg)
-    metrics, ci, images[name] = demo_metrics.evaluate(
-      row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs,
-      config.compare.bootstrap_resamples,
-    )  # fmt: skip
+    metrics, ci, images[name] = score(row, cfg)
     row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
     rep = row.report
     rows.append({'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics,
                  'ci95': ci, 'timings_s': rep['timings_s']})  # fmt: skip
     if row_def.get('sweep'):
       rows[-1]['sweep'] = row_def['sweep'].to_dict()
+    if row.calibration_probe is not None:  # the last point: the row itself, after all its calibration steps
+      rows[-1]['curve'] = curve + [{'step': rep['calibrate']['steps'], 'metrics': metrics, 'ci95': ci}]
+      missed = sorted(set(row.calibration_probe[0]) - {p['step'] for p in curve})
+      if missed:
+        job.notes.append(f'{name}: no calibration-budget point at steps {missed}: its calibration resumed from a '
+                         f'checkpoint in {row_dir} after them')  # fmt: skip
+      row.calibration_probe = None
     if name in kept:
       done[name] = row
     job.notes += [f'{name}: {n}' for n in row.notes]
@@ -128,6 +151,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   print(f'compare: {len(rows)} rows in {job.report["compare"]["seconds"]:.0f} s; peak memory (RSS) of the run so far '
         f'{peak_mib:.0f} MiB')  # fmt: skip
   figures.save_grid(os.path.join(workdir, 'compare_grid.png'), images, per_row=config.compare.grid_columns)
+  if any('curve' in r for r in rows):
+    figures.save_curves(os.path.join(workdir, 'compare_curves.png'), rows)
+    job.report['compare']['curves'] = 'compare_curves.png'
   if sweep_lib.active(config):  # a line per method with its interval band
     figures.save_sweep_plot(os.path.join(workdir, 'compare_plot.png'), rows, rows_lib.budget_bits(config))
   else:

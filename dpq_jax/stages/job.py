@@ -9,6 +9,7 @@ once: the module and variables that run it are derived (`Job.runtime`), never st
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -42,6 +43,9 @@ class Job:
   chain: list[dict[str, str]] | None = None  # the pipeline's planned lineage of quantize/compress/calibrate
   moments: dict[str, Any] | None = None  # input second moments {layer: [num_subvectors, d, d]} (objective 'output')
   grad2: dict[str, Any] | None = None  # output-gradient energies {layer: [out_features]} (compress distortion 'loss')
+  # (steps, fn(step, job)): stage `calibrate` calls fn with the job's model as it stands after each of those steps
+  # (0: before the first); the demo's calibration-budget curves. None: no probe.
+  calibration_probe: tuple[tuple[int, ...], Callable[[int, Job], None]] | None = None
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict) -> Job:

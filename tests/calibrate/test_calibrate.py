@@ -220,7 +220,8 @@ class _TinySpec:
 
 def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   """Stage `calibrate` on data-free samples: metrics.jsonl, report keys, and DIR/quantized holding
-  the calibrated codebooks with codes that are their argmin of the latent weights."""
+  the calibrated codebooks with codes that are their argmin of the latent weights; a calibration probe sees the
+  starting model at step 0 and at the last step the model the artifact holds."""
   from dpq_jax.quant import sizes as sizes_lib
   from dpq_jax.quant import storage
   from dpq_jax.stages import Job, QuantizedModel
@@ -244,6 +245,15 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   job = Job(report=report, spec=_TinySpec(fp), fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'tiny'}))
   config.data.source = 'data_free'
   assert calibrate_stage.check(config) == []
+  probed = []  # (step, the probed job's quantized params)
+
+  def probe(step, probe_job):
+    probed.append((step, probe_job.quantized.weights))
+    model, variables = probe_job.runtime(config)  # runnable as it stands
+    assert np.isfinite(model.apply(variables, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
+                                   jnp.zeros((1,), jnp.int32))).all()  # fmt: skip
+
+  job.calibration_probe = ((0, 2, 4, 9), probe)  # 9: never reached
   job = calibrate_stage.run(config, str(tmp_path), job)
   summary = job.report['calibrate']
   assert summary['steps'] == 4 and summary['num_examples'] == 8 and summary['resumed_from_step'] is None
@@ -265,6 +275,16 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
     assert not np.allclose(cb, node_old['codebooks'])  # calibrated
     np.testing.assert_array_equal(node_q['codes'], pq.encode(node_fp['kernel'], cb, pq.CodebookSpec(16, 4)))
   assert job.report['layers'][0]['rel_mse'] < 1.0  # recomputed against the fp weights
+  assert [step for step, _ in probed] == [0, 2, 4]
+  start_cb = {n: np.asarray(w.codebooks) for n, w in q.pq.items()}
+  for n, w in probed[0][1].pq.items():  # step 0: the model as given, codebooks and codes
+    np.testing.assert_array_equal(w.codebooks, start_cb[n])
+    np.testing.assert_array_equal(w.codes, q.pq[n].codes)
+  for n, w in probed[-1][1].pq.items():  # the last step: exactly the model written to DIR/quantized
+    np.testing.assert_array_equal(w.codebooks, back.pq[n].codebooks)
+    np.testing.assert_array_equal(w.codes, back.pq[n].codes)
+    assert not np.allclose(probed[1][1].pq[n].codebooks, w.codebooks)  # step 2 is neither end
+    assert not np.allclose(probed[1][1].pq[n].codebooks, start_cb[n])
   # The runtime model of the next stage runs on the calibrated variables.
   model, variables = job.runtime(config)
   out = model.apply(variables, jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),

@@ -46,7 +46,9 @@ def _main(workdir, *overrides):
 
 @pytest.mark.slow
 def test_tiny_demo_end_to_end_and_cache(tmp_path):
-  r = _main(tmp_path)
+  # The default tiny rows, the compressed row the calibrated one starts from, and its calibration-budget curve.
+  r = _main(tmp_path, '--config.compare.rows=fp,rtn-1bit,vq-1bit,pq-1bit,pq-1bit-compressed,pq-1bit-calibrated',
+            '--config.compare.curve_steps=0,2')  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
   names = [row['name'] for row in report['rows']]
@@ -72,7 +74,17 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   one_bit = [n for n in names if rows[n]['index_bits_per_weight'] == 1.0 and 'calibrated' not in n]
   by_logp = sorted(one_bit, key=lambda n: -rows[n]['metrics']['class_logprob'])
   assert [ranked.index(f'{n} (log p') for n in by_logp] == sorted(ranked.index(f'{n} (log p') for n in by_logp)
-  for png in ('compare_grid.png', 'compare_plot.png'):
+  # The curve: the calibrated row scored after 0, 2 and its 4 steps, from its one run. Step 0 is the compressed model
+  # it started from (the compressed row, scored alone: its codes are already the calibration's argmin); the last
+  # point is the row itself.
+  curve = rows['pq-1bit-calibrated']['curve']
+  assert [p['step'] for p in curve] == [0, 2, 4] and 'curve' not in rows['pq-1bit-compressed']
+  for key, value in rows['pq-1bit-compressed']['metrics'].items():
+    assert curve[0]['metrics'][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+  assert curve[-1]['metrics'] == rows['pq-1bit-calibrated']['metrics']
+  assert curve[1]['metrics']['eps_rel_error'] != curve[0]['metrics']['eps_rel_error']
+  assert any(line.startswith('Calibration budget (pq-1bit-calibrated') for line in reading)
+  for png in ('compare_grid.png', 'compare_plot.png', 'compare_curves.png'):
     assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert report['train']['cached'] is False
   # A rerun reuses the trained model and classifier: same fp metrics, no training.
