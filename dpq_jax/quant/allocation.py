@@ -57,12 +57,22 @@ def layers_of(
   return out
 
 
+def _points(layer: Layer, scale: Any, u: jax.Array | None) -> jax.Array:
+  """The sub-vectors [M, out, d] the layer's codewords approximate: of W / s (pq.scaled_target) with a
+  per-output-channel scale s, whitened by u where given (the layer-output metric)."""
+  x = pq.to_subvectors(pq.scaled_target(jnp.asarray(layer.reference, jnp.float32), scale), layer.codebooks.shape[2])
+  return x if u is None else metric.whiten(x, u)
+
+
 def _problems(
-  layer: Layer, distortion: str = 'absolute', damping: float = 0.01
+  layer: Layer, distortion: str = 'absolute', damping: float = 0.01, scaled: bool = False
 ) -> tuple[jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array | None]:
   """(x [num_codebooks, num_points, d], codes [num_codebooks, num_points], weights or None, codebooks
   [num_codebooks, K, d], whitening factors [M, d, d] or None): the compression problem of a layer.
 
+  scaled (compress_layers' scaled_codes), with a per-output-channel scale s: the points are the sub-vectors of
+  W / s, what the codewords approximate, each weighted by s_r^2 so that a squared distance is the error of the
+  layer's own output channel; otherwise the points are W's, as quantize assigned them before its scale.
   With input moments (PQ, objective 'output') points and codebooks are whitened (metric.py): every squared
   distance, Ward merge cost and centroid of compress.py is then the layer-output error, and the codebooks
   are mapped back after realisation.
@@ -74,12 +84,11 @@ def _problems(
   layer's squared error counts relative to its size (the allocation across layers no longer favours layers
   with large weights or inputs); within a layer the order and the centroids are unchanged."""
   num_codebooks, _, d = layer.codebooks.shape
-  x = pq.to_subvectors(jnp.asarray(layer.reference, jnp.float32), d)  # [M, out, d]
+  u = None if layer.moments is None else metric.factor(layer.moments, damping)  # [M, d, d]
+  x = _points(layer, layer.scale if scaled else None, u)
   codebooks = jnp.asarray(layer.codebooks, jnp.float32)
-  u = None
-  if layer.moments is not None:
-    u = metric.factor(layer.moments, damping)  # [M, d, d]
-    x, codebooks = metric.whiten(x, u), metric.whiten(codebooks, u)
+  if u is not None:
+    codebooks = metric.whiten(codebooks, u)
   codes = jnp.asarray(layer.codes, jnp.int32)  # [M, out]
   weights = None
   if layer.energy is not None:
@@ -92,8 +101,15 @@ def _problems(
   if distortion == 'relative':
     ref = np.asarray(layer.reference, np.float32)  # [in, out]
     energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)
-    norm = float(jnp.sum(jnp.square(x))) if u is not None else float(np.sum(energy[:, None] * np.square(ref)))
+    norm = (
+      float(jnp.sum(jnp.square(_points(layer, None, u))))
+      if u is not None
+      else float(np.sum(energy[:, None] * np.square(ref)))
+    )
     weights = (jnp.ones(codes.shape, jnp.float32) if weights is None else weights) / max(norm, 1e-30)
+  if scaled and layer.scale is not None:  # ||w_r - s_r c||^2 = s_r^2 ||w_r / s_r - c||^2: the layer's own units
+    s2 = jnp.broadcast_to(jnp.square(jnp.asarray(layer.scale, jnp.float32))[None, :], codes.shape)
+    weights = s2 if weights is None else weights * s2
   if num_codebooks == 1:  # VQ: one problem over all of the layer's sub-vectors
     x, codes = x.reshape(1, -1, d), codes.reshape(1, -1)
     weights = None if weights is None else weights.reshape(1, -1)
@@ -113,12 +129,14 @@ def compress_layers(
   distortion: str = 'absolute',
   damping: float = 0.01,
   scale_rule: str = 'norm',
+  scaled_codes: bool = False,
 ) -> tuple[list[qweight.PQWeight], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
   Returns the compressed layers (codebooks rounded to what codebook_dtype stores, codebook_values.round_codebooks
   over the survivors; codes re-assigned to the rounded survivors, in the stored code dtype; the alive mask; the
-  per-output-channel scale recomputed by `scale_rule` where the layer had one) and an info dict with the predicted
+  per-output-channel scale recomputed by `scale_rule` where the layer had one, and with scaled_codes the codes then
+  re-assigned to the nearest survivors of W / scale, every step in W / s with s^2-weighted points) and an info dict with the predicted
   bytes, the allocation and per-layer rows. merge and order: how each codebook's removal path is made
   (compress.removal_path).
 
@@ -134,7 +152,7 @@ def compress_layers(
     raise ValueError('compress_layers: every layer needs the same codebook size K and sub-vector length d')
   w_all, m_all, nbytes = [], [], []
   for layer in layers:
-    x, codes, weights, codebooks, _ = _problems(layer, distortion, damping)
+    x, codes, weights, codebooks, _ = _problems(layer, distortion, damping, scaled_codes)
     num_codebooks, codebook_size, d = layer.codebooks.shape
     w, m = compress.atoms(x, codebooks, codes, weights)
     w_all.append(np.asarray(w))
@@ -159,7 +177,7 @@ def compress_layers(
     ) from None
   out, rows, offset = [], [], 0
   for layer in layers:
-    x, codes, weights, codebooks, u = _problems(layer, distortion, damping)
+    x, codes, weights, codebooks, u = _problems(layer, distortion, damping, scaled_codes)
     num_codebooks = layer.codebooks.shape[0]
     part = slice(offset, offset + num_codebooks)
     path = compress.Path(*(jnp.asarray(a[part]) for a in path_all))
@@ -174,6 +192,9 @@ def compress_layers(
     scale = None
     if layer.scale is not None:  # the norms (or least-squares fit) of the re-assigned reconstruction
       scale = pq.scale_of(layer.reference, pq.decode(rounded, new_codes), scale_rule, layer.moments, side_dtype)
+      if scaled_codes:  # then the nearest survivors of W / s for that scale
+        points = _points(layer, scale, u).reshape(x.shape)
+        new_codes = compress.assign_survivors(points, stored, result.alive).reshape(layer.codes.shape)
     out.append(qweight.PQWeight(np.asarray(rounded), np.asarray(new_codes).astype(packing.code_dtype(rounded.shape[1])),
                                 np.asarray(result.alive), None if scale is None else np.asarray(scale)))  # fmt: skip
     rows.append(_row(layer, rounded, new_codes, np.asarray(num_live), codebook_dtype, scale))

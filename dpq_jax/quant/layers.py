@@ -121,8 +121,7 @@ class PQDense(nn.Module):
     if self.remat:  # the argmin's kernel-sized copies exist only while this layer runs, not all at once
       target = _after(target, x)
     if self.has_variable('params', 'scale'):  # the layer computes (x @ C[a]) * s: C[a] approximates W / s
-      scale = jax.lax.stop_gradient(self.get_variable('params', 'scale'))  # [out_features]
-      target = target / jnp.where(scale != 0, scale, 1.0)
+      target = pq.scaled_target(target, jax.lax.stop_gradient(self.get_variable('params', 'scale')))
     sub = pq.to_subvectors(target, spec.subvector_dim)  # [M, out, d]
     # After codebook compression the `quant/alive` mask [num_codebooks, K] bool marks the live codewords
     # (dead ones are never assigned); without it every codeword is live, as before compression.

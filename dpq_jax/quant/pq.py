@@ -138,7 +138,7 @@ class StackResult(NamedTuple):
   sq_norm: jax.Array  # [num_layers] ||W||^2
 
 
-@functools.partial(jax.jit, static_argnames=('spec', 'iters', 'codebook_dtype', 'scale_dtype'))
+@functools.partial(jax.jit, static_argnames=('spec', 'iters', 'codebook_dtype', 'scale_dtype', 'scaled_codes'))
 def quantize_stack(
   kernels: jax.Array,
   spec: CodebookSpec,
@@ -146,6 +146,7 @@ def quantize_stack(
   iters: int = 25,
   codebook_dtype: str = 'float32',
   scale_dtype: str | None = None,
+  scaled_codes: bool = False,
 ) -> StackResult:
   """`fit`, codebooks rounded to `codebook_dtype`, `encode`, and optionally `channel_scale`, for several kernels
   of one shape in one compiled program: their k-means problems run as one batch (the problems of a layer are
@@ -160,9 +161,12 @@ def quantize_stack(
     codebook_dtype: stored codebook values (codebook_values.DTYPES, static).
     scale_dtype: per-output-channel scales restoring each channel's norm, rounded to this dtype (static); None:
       no scales.
+    scaled_codes: with scales, re-assign each code to the nearest codeword of W / s afterwards (static;
+      surgery.quantize_params).
 
   Returns:
-    StackResult; layer i's codes are those of `encode(kernels[i], codebooks[i], spec)`.
+    StackResult; layer i's codes are those of `encode(kernels[i], codebooks[i], spec)` (with scaled_codes:
+    `encode(scaled_target(kernels[i], scale[i]), codebooks[i], spec)`).
   """
   num_layers, in_features, out_features = kernels.shape
   spec.check(in_features, out_features)
@@ -175,18 +179,36 @@ def quantize_stack(
   codebooks = kmeans_lib.kmeans(x, spec.codebook_size, key, iters=iters).codebooks  # [problems, K, d]
   codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)
   codes = kmeans_lib.assign(x, codebooks)  # [problems, points]: nearest codeword of the stored codebooks
-  chosen = jnp.take_along_axis(codebooks, codes[..., None], axis=1)  # [problems, points, d]
-  approx = chosen.reshape(num_layers, num_subvectors, out_features, d).transpose(0, 1, 3, 2)
-  approx = approx.reshape(num_layers, in_features, out_features)
+
+  def decoded(codes):  # [L, in, out]
+    chosen = jnp.take_along_axis(codebooks, codes[..., None], axis=1)  # [problems, points, d]
+    approx = chosen.reshape(num_layers, num_subvectors, out_features, d).transpose(0, 1, 3, 2)
+    return approx.reshape(num_layers, in_features, out_features)
+
+  approx = decoded(codes)
   scale = None
   if scale_dtype is not None:
     scale = jax.vmap(functools.partial(channel_scale, dtype=scale_dtype))(kernels, approx)  # [L, out]
+    if scaled_codes:  # the layer computes (x @ C[a]) * s: the nearest codewords of W / s (scaled_target)
+      target = scaled_target(kernels, scale[:, None, :])
+      sub = target.reshape(num_layers, num_subvectors, d, out_features).transpose(0, 1, 3, 2)
+      codes = kmeans_lib.assign(sub.reshape(x.shape), codebooks)
+      approx = decoded(codes)
     approx = approx * scale[:, None, :]
   num = jnp.sum(jnp.square(kernels - approx), axis=(1, 2))
   den = jnp.sum(jnp.square(kernels), axis=(1, 2))
   codebooks = codebooks.reshape(num_layers, -1, spec.codebook_size, d)
   codes = codes.reshape(num_layers, num_subvectors, out_features)
   return StackResult(codebooks, codes, scale, jnp.where(den > 0, num / den, num), den)
+
+
+def scaled_target(kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
+  """What the codewords of a layer with a per-output-channel scale approximate: W / s (its output is
+  (x @ C[a]) * s), channel by channel; W itself where there is no scale (or a channel's scale is 0)."""
+  if scale is None:
+    return kernel
+  scale = jnp.asarray(scale, jnp.float32)
+  return jnp.asarray(kernel, jnp.float32) / jnp.where(scale != 0, scale, 1.0)
 
 
 def channel_scale(kernel: jax.Array, approx: jax.Array, dtype: Any = jnp.float16) -> jax.Array:

@@ -78,6 +78,7 @@ def quantize_params(
   moments: dict[str, Any] | None = None,
   damping: float = 0.01,
   scale_rule: str = 'norm',
+  scaled_codes: bool = False,
   progress: bool = True,
 ) -> QuantizedParams:
   """Quantizes every Dense kernel whose module path matches `rules` (all others untouched).
@@ -87,7 +88,9 @@ def quantize_params(
   channel_scale: PQ/VQ layers also get a `scale` [out_features] (stored like the codebooks; float16 for
   int8 codebooks); the layer computes (x @ W_hat) * scale. scale_rule 'norm' restores each output channel's
   norm (pq.channel_scale); 'lsq' is the least-squares scale in the objective (pq.lsq_scale), after which the codes
-  are re-assigned to W / scale and the scale solved again (both steps lower the objective).
+  are re-assigned to W / scale and the scale solved again (both steps lower the objective). scaled_codes: then
+  every code re-assigned to the nearest codeword of W / scale (pq.scaled_target), what calibration's dynamic
+  assignment picks: lower error per layer, but the channels shrink again (README: worse samples on the demo).
   moments: {module path: [num_subvectors, d, d]} input second moments (statistics.input_moments): the layers
   found there are fitted, encoded and scaled by their output error (metric.py, `damping`) instead of the weight
   error, and their rows gain `rel_out_err`.
@@ -128,7 +131,9 @@ def quantize_params(
   if method != 'rtn' and not (channel_scale and scale_rule == 'lsq'):
     plain = [i for i, (p, _) in enumerate(targets) if moments is None or '/'.join(p) not in moments]
     layers_ = [(targets[i][1], rules.spec_for('/'.join(targets[i][0]))) for i in plain]
-    out = _quantize_stacks(layers_, key, plain, iters, codebook_dtype, side_dtype if channel_scale else None, bar)
+    out = _quantize_stacks(
+      layers_, key, plain, iters, codebook_dtype, side_dtype if channel_scale else None, bar, scaled_codes
+    )
     stacked = {plain[j]: result for j, result in out.items()}
   for i, (path, kernel) in enumerate(targets):
     name = '/'.join(path)
@@ -164,10 +169,13 @@ def quantize_params(
       code_dtype = packing.code_dtype(spec.codebook_size)
       w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
       if channel_scale:
-        w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))  # [out_features]
-        if scale_rule == 'lsq':  # codes for W / s, then s again: each step lowers the objective
-          w = w.replace(codes=pq.encode(kernel / w.scale, codebooks, spec, u).astype(code_dtype))
-          w = w.replace(scale=pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype))
+        scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype)  # [out_features]
+        if scale_rule == 'lsq':  # codes for W / s, then s again (of the unscaled codewords): each lowers the objective
+          codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
+          scale = pq.scale_of(kernel, pq.decode(codebooks, codes), scale_rule, layer_moments, side_dtype)
+        if scaled_codes:  # the nearest codewords of W / s, in the metric the codebooks were fitted in
+          codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
+        w = w.replace(codes=codes.astype(code_dtype), scale=scale)
       nbytes = _pq_bytes(w, spec, codebook_dtype, side_bytes)
       approx = w.decode()
       pq_weights[name] = w
@@ -201,6 +209,7 @@ def _quantize_stacks(
   codebook_dtype: str,
   scale_dtype: str | None,
   bar: Any,
+  scaled_codes: bool = False,
 ) -> dict[int, tuple]:
   """pq.quantize_stack over the groups of `stack_groups`; {position in layers_: (codebooks, codes, scale, rel_mse,
   sq_norm)} as numpy arrays and floats. A group's seeding key is key folded with indices[its first layer].
@@ -218,7 +227,7 @@ def _quantize_stacks(
       signature = ((len(g), *np.shape(kernel)), spec)
       if signature not in programs:
         stack = jax.ShapeDtypeStruct(signature[0], jnp.float32)
-        lowered = pq.quantize_stack.lower(stack, spec, group_key, iters, codebook_dtype, scale_dtype)
+        lowered = pq.quantize_stack.lower(stack, spec, group_key, iters, codebook_dtype, scale_dtype, scaled_codes)
         programs[signature] = pool.submit(lowered.compile)
     out = {}
     for g, group_key in zip(groups, keys):

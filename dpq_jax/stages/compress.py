@@ -146,6 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       distortion=cfg.distortion,
       damping=qcfg.damping,
       scale_rule=qcfg.scale_rule,
+      scaled_codes=bool(qcfg.scaled_codes),
     )
   except compress.BudgetError as e:
     raise errors.ConfigError(f'config.compress: {e}') from None

@@ -122,6 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     moments=None if cfg.method == 'rtn' else moments,
     damping=cfg.damping,
     scale_rule=cfg.scale_rule,
+    scaled_codes=bool(cfg.scaled_codes),
   )
   seconds = time.perf_counter() - start
   spec = job.spec

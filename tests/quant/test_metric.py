@@ -193,3 +193,80 @@ def test_compression_in_the_metric_keeps_less_output_error_at_the_same_bytes():
   out_err = lambda ws: sum(_objective(kernels[n], w.decode(), layers[n][2]) for n, w in zip(layers, ws))
   assert out_err(aware) < 0.95 * out_err(blind), (out_err(aware), out_err(blind))
   assert all('rel_out_err' in row for row in aware_info['rows'])
+
+
+def _nearest(target, books, moments=None, alive=None):
+  """numpy: codes [M, out] of the nearest codeword (of books [M or 1, K, d]) to each sub-vector of target
+  [in, out], in the damped metric of moments where given, among the live codewords where alive [M, K]."""
+  d = books.shape[-1]
+  sub = np.asarray(target, np.float64).reshape(-1, d, target.shape[1]).transpose(0, 2, 1)  # [M, out, d]
+  books = np.broadcast_to(np.asarray(books, np.float64), (sub.shape[0], *books.shape[1:]))
+  diff = sub[:, :, None, :] - books[:, None]  # [M, out, K, d]
+  h = np.broadcast_to(np.eye(d), (sub.shape[0], d, d)) if moments is None else _damped_numpy(moments, 0.01)
+  dist = np.einsum('mokd,mde,moke->mok', diff, h, diff)
+  if alive is not None:
+    dist = np.where(np.asarray(alive)[:, None, :], dist, np.inf)
+  return dist.argmin(-1)
+
+
+def _unscaled(w):
+  return np.asarray(pq.decode(w.codebooks, w.codes), np.float64)
+
+
+@pytest.mark.parametrize(
+  'objective,rule,scaled', [('weight', 'norm', True), ('output', 'norm', True), ('output', 'lsq', True),
+                            ('output', 'lsq', False)]
+)  # fmt: skip
+def test_codes_and_scales_of_the_scale_rules(objective, rule, scaled):
+  """The layer computes (x @ C[a]) * s. 'norm' scales restore each channel's norm of the k-means codes; 'lsq'
+  alternates closed-form scale and codes (s0 of the k-means codes, codes for W / s0, s1 of those unscaled codewords);
+  with scaled_codes every code is then the nearest codeword of W / s (in the metric it was fitted in), as
+  calibration's dynamic assignment would pick it at step 0. numpy references of each step."""
+  from dpq_jax.quant import surgery
+
+  rng = np.random.default_rng(8)
+  in_f, out_f, d, k = 16, 48, 4, 8
+  kernel = helpers.heavy_tailed((in_f, out_f), seed=3)
+  params = {'blocks_0': {'mlp': {'fc1': {'kernel': kernel, 'bias': np.zeros(out_f, np.float32)}}}}
+  moments = {'blocks_0/mlp/fc1': _moments(rng, in_f // d, d)} if objective == 'output' else None
+  m = None if moments is None else moments['blocks_0/mlp/fc1']
+  q = surgery.quantize_params(
+    params, surgery.default_rules('pq', k, d), jax.random.key(0), iters=5, codebook_dtype='float32',
+    channel_scale=True, moments=moments, scale_rule=rule, scaled_codes=scaled, progress=False,
+  )  # fmt: skip
+  w = q.pq['blocks_0/mlp/fc1']
+  books, scale = np.asarray(w.codebooks), np.asarray(w.scale)
+  codes = _nearest(kernel, books, m)  # the k-means codes before any scale
+  for step in range(2 if rule == 'lsq' else 1):
+    approx = _unscaled(w.replace(codes=codes))
+    if rule == 'norm':
+      want = np.linalg.norm(kernel, axis=0) / np.linalg.norm(approx, axis=0)
+    else:
+      want = np.asarray(pq.lsq_scale(kernel, approx, m, np.float32))
+    want = want.astype(np.float16).astype(np.float32)  # stored in float16
+    if step == 0 and rule == 'lsq':
+      codes = _nearest(kernel / want, books, m)
+  np.testing.assert_allclose(scale, want, rtol=2e-3)
+  np.testing.assert_array_equal(w.codes, _nearest(kernel / scale, books, m) if scaled else codes)
+  assert not np.array_equal(_nearest(kernel / scale, books, m), _nearest(kernel, books, m))  # W itself: other codes
+
+
+@pytest.mark.parametrize('with_moments', [False, True])
+def test_compressed_codes_are_the_nearest_live_codewords_of_w_over_the_new_scale(with_moments):
+  """compress_layers(scaled_codes=True): the scale recomputed for the compressed codebooks, then each code the
+  nearest live codeword of W / s (numpy)."""
+  from dpq_jax.quant import allocation
+
+  rng = np.random.default_rng(9)
+  in_f, out_f, d, k = 32, 96, 4, 16
+  kernel = helpers.heavy_tailed((in_f, out_f), seed=4)
+  moments = _moments(rng, in_f // d, d) if with_moments else None
+  u = None if moments is None else metric.factor(moments, 0.01)
+  books, codes, _ = pq.fit(kernel, pq.CodebookSpec(k, d), jax.random.key(2), iters=10, u=u)
+  scale = np.asarray(pq.channel_scale(kernel, pq.decode(books, codes)))
+  layer = allocation.Layer('a', np.asarray(books), np.asarray(codes), kernel, scale=scale, moments=moments)
+  (w,), info = allocation.compress_layers([layer], 1100, progress=False, scaled_codes=True)  # ~1600 bytes before
+  assert info['predicted_bytes'] <= 1100 and not np.asarray(w.alive).all()
+  new_scale = np.asarray(w.scale)
+  assert not np.allclose(new_scale, scale)  # recomputed for the compressed codebooks
+  np.testing.assert_array_equal(w.codes, _nearest(kernel / new_scale, np.asarray(w.codebooks), moments, w.alive))

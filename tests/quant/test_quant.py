@@ -259,6 +259,20 @@ def test_channel_scale_restores_output_norms_and_round_trips(small_dit, tmp_path
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), back.variables()['params'], q.variables()['params']
   )
+  # scaled_codes: the same scale, then the codes of W / s (the stacked program; numpy argmin): a lower error of the
+  # scaled kernel, the channels shorter again.
+  r = surgery.quantize_params(params, rules, jax.random.key(0), method=method, iters=3, channel_scale=True,
+                              scaled_codes=True, progress=False)  # fmt: skip
+  scale = r.variables()['params']['blocks_1']['mlp']['fc1']['scale']
+  np.testing.assert_array_equal(scale, want)
+  books = np.asarray(r.pq['blocks_1/mlp/fc1'].codebooks, np.float64)
+  sub = (w / scale).reshape(-1, 4, w.shape[1]).transpose(0, 2, 1)  # [M, out, d]
+  books = np.broadcast_to(books, (sub.shape[0], *books.shape[1:]))
+  nearest = ((sub[:, :, None, :] - books[:, None]) ** 2).sum(-1).argmin(-1)
+  np.testing.assert_array_equal(r.variables()['quant']['blocks_1']['mlp']['fc1']['codes'], nearest)
+  w_r = np.asarray(r.dense_params()['blocks_1']['mlp']['fc1']['kernel'])
+  assert np.sum((w - w_r) ** 2) < np.sum((w - w_scaled) ** 2)
+  assert np.median(norm(w_r) / norm(w)) < np.median(norm(w_scaled) / norm(w))
 
 
 def _main(workdir, *overrides):
