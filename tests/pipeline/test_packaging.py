@@ -104,13 +104,17 @@ def test_wheel_installs_with_its_dependencies_and_runs_outside_the_tree(tmp_path
   m = report['metrics']
   assert m['fid'] > 0 and m['sfid'] > 0 and 0 <= m['precision'] <= 1 and 0 <= m['recall'] <= 1
 
-  # The digits demo's fastest config, named as an installed user names it: its first stage (the DiT and the
-  # classifier trained on the digits inside scikit-learn's wheel). The rows after it are the in-tree stages
-  # that tests/pipeline/test_demo.py runs; here they would only add compile time.
-  _run(python, '-m', 'dpq_jax.main', '--config=digits:tiny', '--workdir=run', "--config.stages=('train',)",
-       cwd=outside)  # fmt: skip
+  # The digits demo's fastest config, named as an installed user names it, whole: the DiT and the classifier trained
+  # on the digits inside scikit-learn's wheel, then every row (tests/pipeline/test_demo.py checks the rows' numbers).
+  _run(python, '-m', 'dpq_jax.main', '--config=digits:tiny', '--workdir=run', cwd=outside, timeout=900)
   report = json.loads((outside / 'run' / 'report.json').read_text())
-  assert report['config_name'] == 'digits' and report['stages'] == ['train'] and report['train']['cached'] is False
+  assert report['config_name'] == 'digits' and report['stages'] == ['train', 'compare']
+  assert report['train']['cached'] is False
+  rows = {row['name']: row for row in report['rows']}
+  assert list(rows) == ['fp', 'rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-calibrated']
+  assert all(np.isfinite(list(row['metrics'].values())).all() for row in rows.values())
+  assert set(rows['pq-1bit-calibrated']['timings_s']) == {'quantize', 'compress', 'calibrate', 'evaluate'}
+  assert (outside / 'run' / 'compare_grid.png').read_bytes()[:4] == b'\x89PNG'
 
 
 def test_requirements_txt_lists_pyproject_runtime_dependencies():
