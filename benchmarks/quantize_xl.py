@@ -6,6 +6,7 @@ r"""Quantize the whole DiT-XL/2 (the 140 block layers) as the `quantize` stage d
   .venv/bin/python -m benchmarks.quantize_xl --blocks 2          # a quick look at the first blocks
   .venv/bin/python -m benchmarks.quantize_xl --objective output   # output-aware: statistics, then quantize
   .venv/bin/python -m benchmarks.quantize_xl --objective both     # weight, then output: one table, their ratio
+  .venv/bin/python -m benchmarks.quantize_xl --objective output --stats-only [--stats-gradients]  # statistics alone
 
 Weights are random with realistic heavy tails (student-t df=4 x 0.02, benchmarks/_common.py)
 in every Dense kernel of DiT-XL/2 (675M parameters); the quantizer is `surgery.quantize_params`,
@@ -27,7 +28,8 @@ output objective carry `rel_out_err` (metric.rel_error: the layer's output error
 --objective both each objective runs in a fresh process (its own peak RSS and its own compilations: the whitened
 k-means has the shapes of the plain one, and a shared process would reuse its compiles), weight first, and the
 weight objective's quantization is also scored in the output metric (rel_out_err of the same layers and moments,
-computed after the timed part), so the two error columns compare like with like. Target of the output-aware issue:
+computed after the timed part), so the two error columns compare like with like. --stats-only stops after the
+statistics (no quantize: its columns read 0 and nan), e.g. to price --stats-gradients, run once with and once without. Target of the output-aware issue:
 statistics + output-aware quantization within 1.5x the weight objective's quantize time and 8 GiB.
 
 The random model: the heavy-tailed weights replace DiT's zero-initialised adaLN-Zero and final layers too (the
@@ -123,6 +125,11 @@ def run_objective(args, objective: str, weight_codes: str | None = None) -> dict
   moments = None
   if objective == 'output':
     moments = output_moments(args, params, surgery.subvector_dims(params, rules, args.method), result)
+    if args.stats_only:
+      result.update(quantize_s=0.0, quantize_cpu_s=0.0, rss_peak=gib(_common.peak_rss_bytes()), layers=len(moments))
+      result.update(weights=sum(h.shape[0] * h.shape[1] * params_out(params, name) for name, h in moments.items()))
+      result['rel_mse'] = float('nan')
+      return result
   start, cpu_start = time.perf_counter(), cpu_seconds()
   q = surgery.quantize_params(
     params, rules, jax.random.key(args.seed), method=args.method, iters=args.iters, rtn_bits=args.bits,
@@ -152,6 +159,10 @@ def run_objective(args, objective: str, weight_codes: str | None = None) -> dict
       ]
     result['weight_rel_out_err'] = float(np.mean(errs))
   return result
+
+
+def params_out(params: dict, name: str) -> int:
+  return int(params_kernel(params, name).shape[1])
 
 
 def params_kernel(params: dict, name: str):
@@ -227,8 +238,12 @@ def main(argv=None) -> None:
                       help='config.quant.stats_conditions: (t, y) pairs of the conditioning pass (adaLN layers)')  # fmt: skip
   parser.add_argument('--stats-gradients', action='store_true',
                       help="also the output-gradient energies (compress.distortion='loss': a backward pass per batch)")  # fmt: skip
+  parser.add_argument('--stats-only', action='store_true',
+                      help='--objective output: stop after the statistics (time, CPU and memory of that phase alone)')  # fmt: skip
   parser.add_argument('--damping', type=float, default=0.01, help='config.quant.damping (output objective)')
   args = parser.parse_args(argv)
+  if args.stats_only and args.objective != 'output':
+    parser.error(f'--stats-only: expected --objective output (got {args.objective!r})')
 
   if args.objective == 'both':
     with tempfile.TemporaryDirectory() as tmp:

@@ -221,6 +221,85 @@ def test_scanned_model_gives_the_numpy_moments_and_the_per_sample_gradients():
   np.testing.assert_allclose(grad2['blocks_1/adaLN_modulation'], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max())
 
 
+def _output_grad2(model, params, batch, name):
+  """sum over tokens of (dL/dy)^2 [out_features] of layer `name`'s output y: plain jax.grad w.r.t. a zero delta of
+  y's whole shape added to it (the reference for statistics' per-channel probes)."""
+  import jax.numpy as jnp
+
+  shapes = {}
+
+  def add(delta):
+    def intercept(next_fun, args, kwargs, context):
+      out = next_fun(*args, **kwargs)
+      if context.method_name != '__call__' or '/'.join(context.module.path) != name:
+        return out
+      shapes[name] = out.shape
+      return out if delta is None else out + delta
+
+    return intercept
+
+  def loss(delta):
+    with nn.intercept_methods(add(delta)):
+      out = model.apply({'params': params}, batch['x'], batch['t'], batch['y'])
+    return jnp.sum(jnp.square(out[..., : batch['noise'].shape[-1]] - batch['noise']))
+
+  loss(None)
+  g = np.asarray(jax.grad(loss)(jnp.zeros(shapes[name], jnp.float32)), np.float64)
+  return np.sum(np.square(g).reshape(-1, g.shape[-1]), axis=0)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_token_layers_gradient_energies_are_the_summed_squared_output_gradients(scan):
+  """Layers fed by image tokens (qkv, fc2): each output channel's squared gradient summed over every token, as a
+  zero perturbation of the layer's whole output gives it, scanned (second block's slice) and unrolled."""
+  model, params, targets, latents, labels = _setup()
+  batch = next(statistics.noisy_batches(latents, labels, 1, 2, 10, seed=3))
+  run = model.clone(scan_blocks=True) if scan else model
+  _, grad2 = statistics.split(
+    statistics.input_moments(run, params, targets, iter([batch]), 1, progress=False, gradients=True)
+  )
+  for name in ('blocks_1/attn/qkv', 'blocks_0/mlp/fc2'):
+    want = _output_grad2(model, params, batch, name)
+    np.testing.assert_allclose(grad2[name], want, rtol=1e-3, atol=1e-12 + 1e-6 * want.max(), err_msg=name)
+
+
+def test_scanned_gradient_statistics_do_not_hold_every_layer_output():
+  """The output-gradient energies come from [out_features] probes (statistics._tap): on the scanned model the
+  backward pass adds less XLA temporaries than the target layers' outputs stacked over the blocks, where zeros of
+  the outputs' shape and their gradients added two such stacks (2.2x here before the probes; 0.5x with them)."""
+  import jax.numpy as jnp
+
+  from dpq_jax.models import dit
+  from dpq_jax.models import scan as scan_lib
+
+  model = dit.create_model('DiT-4x64x2/2', input_size=16, num_classes=10, scan_blocks=True, remat=True)
+  params = dit.init_params(model.clone(scan_blocks=False, remat=False), jax.random.key(0))
+  targets = surgery.subvector_dims(params, surgery.default_rules('pq', 16, 4), 'pq')
+  rows, tokens = 8, (16 // 2) ** 2
+  outputs = 4 * sum(
+    rows * (1 if name.endswith('adaLN_modulation') else tokens) * params_out
+    for name in targets
+    for params_out in [_kernel(params, name).shape[1]]
+  )
+  x = jnp.zeros((rows, 16, 16, 4), jnp.float32)
+  t = jnp.zeros((rows,), jnp.int32)
+  stacked = scan_lib.stack_blocks(params, model.depth)
+
+  def temporaries(gradients: bool) -> int:
+    fn = jax.jit(statistics._moment_sums(model, targets, gradients, 1.5))
+    return fn.lower(stacked, x, t, t, x).compile().memory_analysis().temp_size_in_bytes
+
+  added = temporaries(True) - temporaries(False)
+  assert added < outputs, (added, outputs)
+
+
+def _kernel(params, name):
+  node = params
+  for key in name.split('/'):
+    node = node[key]
+  return node['kernel']
+
+
 def test_conditioning_pass_adds_its_rows_to_the_layers_fed_by_t_and_y_only():
   """stats_conditions: adaLN's moments are one numpy pass over the batches' rows and the conditioning batch's
   (guided rows included); layers fed by image tokens are those of the batches alone."""
