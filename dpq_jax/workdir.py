@@ -4,7 +4,8 @@
 stage runs; `hold` takes an advisory fcntl lock on DIR/.lock (the holder's pid inside; removed when the run ends)
 before anything is written, so a second run on the same workdir is refused instead of rewriting what the first one uses, and
 then removes the temp files and directories that killed runs left (atomic writers' `.NAME.*.tmp` files,
-`.NAME.tmp-*` directories and `quantized.old` copies: none can belong to a live run while the lock is held).
+`.NAME.tmp-*` directories, `quantized.old` copies and orbax's unfinished `checkpoints/N.orbax-checkpoint-tmp*` steps:
+none can belong to a live run while the lock is held).
 Object-store workdirs (gs://) are checked for being a file only and are not locked: fcntl needs a local file.
 """
 
@@ -20,9 +21,9 @@ from typing import Iterator
 from dpq_jax import errors, io_utils
 
 LOCK = '.lock'
-# Temp names of io_utils.atomic_write ('.report.json.ab12cd.tmp'), mkdtemp-built dirs ('.quantized.tmp-ab12')
-# and replace_dir's aside copy ('quantized.old').
-_STALE = re.compile(r'\..+\.tmp(-[A-Za-z0-9_]+)?|quantized\.old')
+# Temp names of io_utils.atomic_write ('.report.json.ab12cd.tmp'), mkdtemp-built dirs ('.quantized.tmp-ab12'),
+# replace_dir's aside copy ('quantized.old') and orbax's unfinished checkpoint steps ('2.orbax-checkpoint-tmp-1234').
+_STALE = re.compile(r'\..+\.tmp(-[A-Za-z0-9_]+)?|quantized\.old|\d+\.orbax-checkpoint-tmp(-\d+)?')
 _STALE_DEPTH = 3  # DIR, DIR/samples, DIR/rows/<name>: where the writers put temps
 
 
@@ -66,8 +67,9 @@ def hold(workdir: str) -> Iterator[None]:
       break
     os.close(fd)  # the holder removed the file between our open and lock: lock the one at `path` now
   try:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    with errors.writing(path):  # a full disk is found here, before any work
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
     remove_stale(workdir)
     yield
   finally:
