@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,7 @@ import ml_collections
 from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
+from dpq_jax.calibrate import events as events_lib
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
@@ -66,6 +67,20 @@ def check_finite(pending: list[tuple[int, dict]], state: Any, lr: float) -> None
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _finish(closers: list[Callable[[], None]], failed: bool) -> None:
+  """Calls every closer (the progress bar, the checkpointer's wait for the save in flight and its close), each also
+  when one before it failed: an unfinished orbax save must not be left to interpreter shutdown. Their first error
+  is raised, unless the loop itself `failed`: its own error is the one to show (a full disk fails closers too)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      first = first or e
+  if first is not None and not failed:
+    raise first
 
 
 def _rewrite_metrics(path: str, upto: int) -> None:
@@ -174,11 +189,9 @@ def calibrate(
   def data_state() -> dict:
     return {'iterator': iterator.get_state().decode(), 'fingerprint': fingerprint}
 
-  board = None
-  if writer:
-    from tensorboardX import SummaryWriter
-
-    board = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+  board = (
+    events_lib.EventWriter(os.path.join(workdir, TENSORBOARD_DIR), start + 1 if start else None) if writer else None
+  )
   bar = None
   if progress and writer:
     from tqdm.auto import tqdm
@@ -187,6 +200,7 @@ def calibrate(
   compile_s, timed_steps, timed_s = 0.0, 0, 0.0
   tick, tick_step = time.perf_counter(), step
   pending: list[tuple[int, dict]] = []
+  failed = True
   try:
     with ckpt_lib.PreemptionGuard() as guard:
       while step < cfg.steps:
@@ -216,11 +230,7 @@ def calibrate(
           pending = []
           if writer:  # (on gs:// an append rewrites the object: it stays small, one line per logged step)
             io_utils.append_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
-            for row in rows:
-              for key, value in row.items():
-                if key != 'step':
-                  board.add_scalar(f'calibrate/{key}', value, row['step'])
-            board.flush()
+            board.scalars(rows)
           if bar is not None:
             bar.set_postfix(loss=f'{rows[-1]["loss"]:.4f}', changed=f'{rows[-1]["changed"]:.3f}')
         if guard.requested():
@@ -233,13 +243,9 @@ def calibrate(
           print(f'calibrate: {name} at step {step}: checkpoint saved in {checkpointer.directory}; '
                 'run the same command to resume', file=sys.stderr)  # fmt: skip
           raise ckpt_lib.Preempted(128 + (guard.signum or 15))
+    failed = False
   finally:
-    if bar is not None:
-      bar.close()
-    if board is not None:
-      board.close()
-    checkpointer.wait()
-    checkpointer.close()
+    _finish(([bar.close] if bar is not None else []) + [checkpointer.wait, checkpointer.close], failed)
 
   quant_now = scan_lib.unstack_blocks(distributed.to_host(state['quant']))
   trained = _round_codebooks(
