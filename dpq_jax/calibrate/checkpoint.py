@@ -39,7 +39,10 @@ def _join_orbax_threads(timeout_s: float = 60.0) -> None:
   deadline = time.monotonic() + timeout_s
   for thread in threading.enumerate():
     if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
-      thread.join(max(deadline - time.monotonic(), 0.0))
+      try:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+      except Exception:  # orbax's threads re-raise their own failure from join(): the one being reported
+        pass
 
 
 class Checkpointer:

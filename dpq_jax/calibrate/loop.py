@@ -32,7 +32,7 @@ from dpq_jax.quant import codebook_values, qweight
 
 CHECKPOINT_DIR = 'checkpoints'
 METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'  # event files (tensorboardX: no TensorFlow needed)
+TENSORBOARD_DIR = 'tensorboard'  # event files (calibrate/events.py, tensorboardX's protos: no TensorFlow needed)
 
 
 def check_finite_loss(rows: list[dict], lr: float) -> None:
