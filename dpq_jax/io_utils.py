@@ -34,6 +34,8 @@ import tempfile
 import uuid
 from typing import IO, Any, Callable, Iterator
 
+from dpq_jax import errors
+
 _COPY_CHUNK = 16 << 20
 _TEMP_DIRS: list[str] = []  # local_copy's downloads, removed at exit
 
@@ -180,25 +182,26 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
   the local temp dir ($TMPDIR) and is uploaded (see `upload`) once write() returned.
   """
   remote = is_remote(path)
-  if remote:
-    directory = None
-  else:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
-  os.close(fd)
-  try:
-    write(tmp)
+  with errors.writing(path):  # a full disk names `path` (a failed write() names no file)
     if remote:
-      upload(tmp, path)
-      os.remove(tmp)
+      directory = None
     else:
-      os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
-      os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+      directory = os.path.dirname(os.path.abspath(path))
+      os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    os.close(fd)
+    try:
+      write(tmp)
+      if remote:
+        upload(tmp, path)
+        os.remove(tmp)
+      else:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 @contextlib.contextmanager
@@ -207,18 +210,20 @@ def building_dir(directory: str, parent: str | None) -> Iterator[str]:
   on the way out unless it was moved into place (replace_dir). While this process builds it, it holds an flock
   on the temp dir itself; so first, beside a local `directory`, what killed builders of it left is cleaned up:
   temp dirs nobody holds are removed, and `DIR.old` (a kill between replace_dir's renames) becomes DIR again
-  where DIR is missing, else is removed."""
+  where DIR is missing, else is removed. A full disk (or another user fault) while building it is a WriteError
+  naming `directory`."""
   base = os.path.basename(directory.rstrip('/'))
-  if parent is not None:
-    remove_dead_builds(parent, base)
-  tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
-  fd = os.open(tmp, os.O_RDONLY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    yield tmp
-  finally:
-    os.close(fd)
-    shutil.rmtree(tmp, ignore_errors=True)  # gone already where replace_dir moved it
+  with errors.writing(directory):
+    if parent is not None:
+      remove_dead_builds(parent, base)
+    tmp = tempfile.mkdtemp(prefix=f'.{base}.tmp-', dir=parent)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      yield tmp
+    finally:
+      os.close(fd)
+      shutil.rmtree(tmp, ignore_errors=True)  # gone already where replace_dir moved it
 
 
 def remove_dead_builds(parent: str, base: str) -> list[str]:
@@ -320,13 +325,37 @@ def write_text(path: str, text: str) -> None:
   atomic_write(path, write)
 
 
-def append_text(path: str, text: str) -> None:
-  """Appends to a text file: in place locally; on object stores (immutable objects) by rewriting it atomically."""
-  if not is_remote(path):
-    with open(path, 'a') as f:
-      f.write(text)
+def append_bytes(path: str, data: bytes) -> None:
+  """Appends to a file, all or nothing: in place locally (a failed append, e.g. on a full disk, is cut off again:
+  nothing half-written is left; the error names the file); on object stores (immutable objects) by rewriting it
+  atomically."""
+  if is_remote(path):
+    old = read_bytes(path) if exists(path) else b''
+
+    def write(tmp: str) -> None:
+      with open(tmp, 'wb') as f:
+        f.write(old + data)
+
+    atomic_write(path, write)
     return
-  write_text(path, (read_text(path) if exists(path) else '') + text)
+  with errors.writing(path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+      size = os.fstat(fd).st_size
+      try:
+        done = 0
+        while done < len(data):
+          done += os.write(fd, data[done:])
+      except BaseException:
+        os.ftruncate(fd, size)
+        raise
+    finally:
+      os.close(fd)
+
+
+def append_text(path: str, text: str) -> None:
+  """append_bytes of `text`, UTF-8."""
+  append_bytes(path, text.encode())
 
 
 def write_json(path: str, obj: Any) -> None:

@@ -80,18 +80,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir_lib.check(workdir)
   created = not io_utils.exists(workdir)
   try:
-    with workdir_lib.hold(workdir):  # (object stores have no directories to make, and no lock)
-      return _run_stages(config, workdir, writer)
+    with workdir_lib.hold(workdir) as held:  # (object stores have no directories to make)
+      return _run_stages(config, workdir, writer, held.check)
   except BaseException:
     if created and not io_utils.is_remote(workdir) and os.path.isdir(workdir) and not os.listdir(workdir):
       os.rmdir(workdir)  # A run that failed before writing anything leaves no trace.
     raise
 
 
-def _run_stages(config: ml_collections.ConfigDict, workdir: str, writer: bool) -> dict:
+def _run_stages(config: ml_collections.ConfigDict, workdir: str, writer: bool, still_held=lambda: None) -> dict:
   job = Job.start(config)
   skip: set[str] = set()
   for name in config.stages:
+    still_held()  # WorkdirError once the workdir's lock is no longer this run's
     start = time.perf_counter()
     if name in lineage.CHAIN and job.chain is None:  # the first stage that writes DIR/quantized/
       job.chain = lineage.plan(config, job.fp_params)

@@ -6,21 +6,43 @@ wrote it (quant/lineage.py): each checkpoint says which job it belongs to, and o
 without a fingerprint, is refused rather than resumed. `save` is called after every step
 and the manager decides (save_interval_steps), so a forced preemption save is never skipped;
 orbax commits a step atomically (temporary directory, then rename), so a save killed half-way
-never replaces the last good checkpoint.
+never replaces the last good checkpoint. A save that fails for a reason the user fixes (a full disk: orbax
+raises it from its writer threads as a ValueError carrying the errno) is one WriteError naming the step's
+directory and the last complete step; its temporary directory is removed at once (a killed run's is removed by
+the next run on the workdir: workdir.remove_stale).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import threading
+import time
 import types
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from dpq_jax import errors, io_utils
+
+TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for a step being written: '<step>.orbax-checkpoint-tmp[-<time>]'
+
+
+def _join_orbax_threads(timeout_s: float = 60.0) -> None:
+  """Waits (up to `timeout_s`) for orbax's threads still writing a failed save: its wait returns the first failed
+  part while others run on; left to interpreter shutdown, each logs a traceback ('cannot schedule new futures')
+  after the run's one-line error, and could write into the temp dir after it is removed."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
+      try:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+      except Exception:  # orbax's threads re-raise their own failure from join(): the one being reported
+        pass
 
 
 class Checkpointer:
@@ -35,6 +57,7 @@ class Checkpointer:
       create=True,
     )
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'data'))
+    self._saving: int | None = None  # the step of the save in flight (orbax finishes it in the background)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -45,7 +68,39 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: dict, force: bool = False) -> bool:
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state))
-    return self.manager.save(step, args=args, force=force)
+    with self._faults():  # (a save first waits for the one in flight: its fault shows here)
+      started = self.manager.save(step, args=args, force=force)
+    if started:
+      self._saving = step
+    return started
+
+  @contextlib.contextmanager
+  def _faults(self) -> Iterator[None]:
+    """A user fault of the save in flight (a full disk) -> WriteError naming its step; its temp dir removed."""
+    try:
+      yield
+    except Exception as e:
+      step, self._saving = self._saving, None
+      where = os.path.join(self.directory, str(step)) if step is not None else self.directory
+      fault = errors.write_fault(e, where)
+      if fault is None:
+        raise
+      _join_orbax_threads()
+      self.remove_temps()
+      if not io_utils.is_remote(self.directory):  # what a rerun resumes from, read from the disk
+        done = [int(n) for n in os.listdir(self.directory) if n.isdigit()] if os.path.isdir(self.directory) else []
+        fault = errors.write_fault(e, where, f'; the same command resumes from checkpoint {max(done)}, the last '
+                                   'complete one' if done else '; no checkpoint was completed')  # fmt: skip
+      raise fault from e
+
+  def remove_temps(self) -> list[str]:
+    """Removes orbax's temporary step directories of unfinished saves (local directories; none is in flight)."""
+    if io_utils.is_remote(self.directory) or not os.path.isdir(self.directory):
+      return []
+    out = [os.path.join(self.directory, n) for n in os.listdir(self.directory) if TMP_SUFFIX in n]
+    for path in out:
+      shutil.rmtree(path, ignore_errors=True)
+    return out
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int]:
     """(state, data_state, step) of checkpoint `step` (default the latest).
@@ -100,10 +155,13 @@ class Checkpointer:
       )
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._faults():
+      self.manager.wait_until_finished()
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.close()
+    with self._faults():  # (orbax's close waits for the save in flight too)
+      self.manager.close()
 
 
 class PreemptionGuard:

@@ -24,6 +24,7 @@ import ml_collections
 from dpq_jax import distributed, errors, io_utils
 from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.calibrate import data as data_lib
+from dpq_jax.calibrate import events as events_lib
 from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
@@ -34,7 +35,7 @@ CHECKPOINT_DIR = 'checkpoints'
 # (steps, fn(step, params, quant)): `calibrate` hands fn the model as it stands after each of those steps.
 Probe = tuple[tuple[int, ...], Callable[[int, dict, dict], None]]
 METRICS_FILE = 'metrics.jsonl'
-TENSORBOARD_DIR = 'tensorboard'  # event files (tensorboardX: no TensorFlow needed)
+TENSORBOARD_DIR = 'tensorboard'  # event files (calibrate/events.py, tensorboardX's protos: no TensorFlow needed)
 
 
 def check_finite_loss(rows: list[dict], lr: float) -> None:
@@ -77,6 +78,20 @@ def _host(state: dict) -> tuple[dict, dict]:
 
 def _abstract(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _finish(closers: list[Callable[[], None]], failed: bool) -> None:
+  """Calls every closer (the progress bar, the checkpointer's wait for the save in flight and its close), each also
+  when one before it failed: an unfinished orbax save must not be left to interpreter shutdown. Their first error
+  is raised, unless the loop itself `failed`: its own error is the one to show (a full disk fails closers too)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:
+      first = first or e
+  if first is not None and not failed:
+    raise first
 
 
 def _rewrite_metrics(path: str, upto: int) -> None:
@@ -205,11 +220,9 @@ def calibrate(
   probe_steps, probe_fn = probe if probe is not None else ((), None)
   if probe_fn is not None and start == 0 and 0 in probe_steps:  # the model as given, before any step
     probe_fn(0, params, quant)
-  board = None
-  if writer:
-    from tensorboardX import SummaryWriter
-
-    board = SummaryWriter(os.path.join(workdir, TENSORBOARD_DIR), purge_step=start + 1 if start else None)
+  board = (
+    events_lib.EventWriter(os.path.join(workdir, TENSORBOARD_DIR), start + 1 if start else None) if writer else None
+  )
   bar = None
   if progress and writer:
     from tqdm.auto import tqdm
@@ -218,6 +231,7 @@ def calibrate(
   compile_s, timed_steps, timed_s = 0.0, 0, 0.0
   tick, tick_step = time.perf_counter(), step
   pending: list[tuple[int, dict]] = []
+  failed = True
   try:
     with ckpt_lib.PreemptionGuard() as guard:
       while step < cfg.steps:
@@ -251,11 +265,7 @@ def calibrate(
           pending = []
           if writer:  # (on gs:// an append rewrites the object: it stays small, one line per logged step)
             io_utils.append_text(metrics_path, ''.join(json.dumps(r) + '\n' for r in rows))
-            for row in rows:
-              for key, value in row.items():
-                if key != 'step':
-                  board.add_scalar(f'calibrate/{key}', value, row['step'])
-            board.flush()
+            board.scalars(rows)
           if bar is not None:
             bar.set_postfix(loss=f'{rows[-1]["loss"]:.4f}', changed=f'{rows[-1]["changed"]:.3f}')
         if guard.requested():
@@ -268,13 +278,9 @@ def calibrate(
           print(f'calibrate: {name} at step {step}: checkpoint saved in {checkpointer.directory}; '
                 'run the same command to resume', file=sys.stderr)  # fmt: skip
           raise ckpt_lib.Preempted(128 + (guard.signum or 15))
+    failed = False
   finally:
-    if bar is not None:
-      bar.close()
-    if board is not None:
-      board.close()
-    checkpointer.wait()
-    checkpointer.close()
+    _finish(([bar.close] if bar is not None else []) + [checkpointer.wait, checkpointer.close], failed)
 
   host = _host(state)
   del state, frozen

@@ -71,6 +71,20 @@ class _Writer:
       f.close()
     return out
 
+  def __enter__(self) -> _Writer:
+    return self
+
+  def __exit__(self, exc_type, *_) -> None:
+    """A failed write closes its files at once: open, they would keep their disk space after their temp dir is
+    removed (on a full disk, the space that the error message reports free)."""
+    if exc_type is None:
+      return
+    for f in self.handles.values():
+      try:
+        f.close()
+      except OSError:
+        pass  # the unflushed rest of a file on a full disk: its directory is being removed anyway
+
 
 def _layout(q: QuantizedParams) -> list[tuple[tuple[str, ...], str, str]]:
   """(sort key, kind, path) of every group of entries, sorted as the leaves of the runtime params tree
@@ -129,25 +143,25 @@ def save(
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)  # same filesystem, so the final rename is atomic
   with io_utils.building_dir(directory, parent) as tmp:  # removed after, unless moved into place
-    w = _Writer(tmp)
-    for _, kind, path in _layout(q):  # the order of the model's params tree, as index.json always had it
-      if kind == 'fp':
-        value = np.asarray(tree_utils.get_path(q.fp, path.split('/')))
-        w.add('full_precision', path, value.astype(np.float32), shape=list(value.shape), dtype='float32')
-      elif kind == 'pq':
-        _add_pq(w, path, q.pq[path], codebook_dtype)
-      elif kind == 'scale':
-        value = np.asarray(q.pq[path].scale)
-        w.add('codebooks', f'{path}/{SCALE}', value.astype(side_dtype), shape=list(value.shape), dtype=side_dtype)
-      else:
-        r = q.rtn[path]
-        codes = np.asarray(r.codes)
-        w.add('codes', f'{path}/{RTN_CODES}', packing.pack(codes, r.bits), shape=list(codes.shape), bits=r.bits,
-              rtn=True)  # fmt: skip
-        for name, arr in zip(RTN_SIDE, (r.scale, r.offset)):
-          arr = np.asarray(arr)
-          w.add('codebooks', f'{path}/{name}', arr.astype(side_dtype), shape=list(arr.shape), dtype=side_dtype)
-    files = w.close()
+    with _Writer(tmp) as w:
+      for _, kind, path in _layout(q):  # the order of the model's params tree, as index.json always had it
+        if kind == 'fp':
+          value = np.asarray(tree_utils.get_path(q.fp, path.split('/')))
+          w.add('full_precision', path, value.astype(np.float32), shape=list(value.shape), dtype='float32')
+        elif kind == 'pq':
+          _add_pq(w, path, q.pq[path], codebook_dtype)
+        elif kind == 'scale':
+          value = np.asarray(q.pq[path].scale)
+          w.add('codebooks', f'{path}/{SCALE}', value.astype(side_dtype), shape=list(value.shape), dtype=side_dtype)
+        else:
+          r = q.rtn[path]
+          codes = np.asarray(r.codes)
+          w.add('codes', f'{path}/{RTN_CODES}', packing.pack(codes, r.bits), shape=list(codes.shape), bits=r.bits,
+                rtn=True)  # fmt: skip
+          for name, arr in zip(RTN_SIDE, (r.scale, r.offset)):
+            arr = np.asarray(arr)
+            w.add('codebooks', f'{path}/{name}', arr.astype(side_dtype), shape=list(arr.shape), dtype=side_dtype)
+      files = w.close()
     if check is not None:
       check({k: os.path.getsize(os.path.join(tmp, f)) for k, f in FILES.items()}, w.entries)  # raises: nothing replaced
     with open(os.path.join(tmp, INDEX), 'w') as f:

@@ -8,8 +8,10 @@ stage reads; DIR/samples_grid.png.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +59,16 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
+@contextlib.contextmanager
+def _resumable(chunk_dir: str) -> Iterator[None]:
+  """A write that fails (a full disk) says that the finished chunks stay for the rerun to resume from."""
+  try:
+    yield
+  except errors.WriteError as e:
+    e.args = (f'{e}; the samples finished so far stay in {chunk_dir}: the same command resumes from them',)
+    raise
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   """Samples from the job's model in resumable chunks; writes the ADM batch and a grid."""
   from tqdm.auto import tqdm
@@ -81,7 +93,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   todo = [(s, p) for s, p, f in zip(starts, paths, finished) if not f]
   writer = distributed.is_writer()
   sampling_s, done = 0.0, 0
-  with tqdm(total=cfg.num_samples, initial=cfg.num_samples - sum(min(cfg.batch_size, cfg.num_samples - s) for s, _ in todo),
+  with _resumable(chunk_dir), tqdm(total=cfg.num_samples, initial=cfg.num_samples - sum(min(cfg.batch_size, cfg.num_samples - s) for s, _ in todo),
             desc='sampling', unit='img', disable=not writer) as bar:  # fmt: skip
     for start, path in todo:
       t0 = time.perf_counter()
@@ -99,7 +111,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
 
   report = {}
   if writer:  # the others hold no chunks (they may not even see process 0's files)
-    report = sample_batch.assemble(workdir, cfg, batch.labels, paths, vae is not None)
+    with _resumable(chunk_dir):
+      report = sample_batch.assemble(workdir, cfg, batch.labels, paths, vae is not None)
     io_utils.rmtree(chunk_dir)  # the npz files now hold everything
   report.update(
     sampler=cfg.sampler, steps=cfg.steps, cfg_scale=cfg.cfg_scale, labels=str(cfg.labels), seed=cfg.seed,

@@ -1,6 +1,6 @@
-"""Fault injection, runs: unusable workdirs (a full disk simulated as ENOSPC from the writer: mounting a full tmpfs
-needs root privileges the suite must not assume), config and flag errors, a concurrent run, killed writers. Each
-ends as main ends it (tests/pipeline/faults.py) with nothing half-written or clobbered; subprocesses only where a
+"""Fault injection, runs: unusable workdirs (a full disk simulated as ENOSPC from the writer, which runs everywhere;
+a real one, where a tmpfs can be mounted, is test_faults_disk.py's), config and flag errors, a concurrent run,
+killed writers. Each ends as main ends it (tests/pipeline/faults.py) with nothing half-written or clobbered; subprocesses only where a
 second process is the point (the lock holder, kill -9) or flag parsing is (it exits before importing JAX).
 """
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from etils.epath import testing as epath_testing
 
-from dpq_jax import io_utils
+from dpq_jax import gcs_lock, io_utils
 from tests import helpers
+from tests.pipeline import faults
+from tests.pipeline.fake_gcs import FakeGcs
 
 
 @contextlib.contextmanager
@@ -51,8 +53,13 @@ def fake_gcs(root):
     return [remote(p) for p in orig(local(pattern))]
 
   fns = {k: one for k in ('exists', 'isdir', 'listdir', 'makedirs', 'mkdir', 'remove', 'rmtree', 'stat')}
-  with epath_testing.mock_epath(open=open_, rename=two, replace=two, copy=two, walk=walk, glob=glob, **fns):
-    yield
+  lock_fs = FakeGcs()  # the workdir's lease goes through gcsfs calls, not epath: their fake (fake_gcs.py)
+  real_filesystem, gcs_lock.filesystem = gcs_lock.filesystem, lambda: lock_fs
+  try:
+    with epath_testing.mock_epath(open=open_, rename=two, replace=two, copy=two, walk=walk, glob=glob, **fns):
+      yield lock_fs
+  finally:
+    gcs_lock.filesystem = real_filesystem
 
 
 def _files(top):
@@ -214,9 +221,12 @@ def test_pipeline_with_gs_workdir_equals_local_run(tmp_path, monkeypatch):
   local = tmp_path / 'local'
   pipeline.run(helpers.tiny_pipeline_config(), str(local))
   store = tmp_path / 'store'
-  with fake_gcs(store):
+  with fake_gcs(store) as lock_fs:
     report = pipeline.run(helpers.tiny_pipeline_config(), 'gs://bkt/runs/smoke')
   remote = store / 'bkt/runs/smoke'
+  # held by a lease on gs://bkt/runs/smoke/.lock (create-only), released at the end
+  assert lock_fs.calls[0] == ('UPLOAD', 'runs/smoke/.lock', {'ifGenerationMatch': '0'}) and lock_fs.objects == {}
+  assert lock_fs.calls[-1][0] == 'DELETE'
   assert sorted(os.listdir(tmp_path)) == ['local', 'store']
   assert _files(remote) == _files(local) and 'quantized/index.json' in _files(local), _files(remote)
   for rel in _files(local):
@@ -229,3 +239,20 @@ def test_pipeline_with_gs_workdir_equals_local_run(tmp_path, monkeypatch):
   assert report['bytes']['total'] == sum(
     (remote / 'quantized' / f).stat().st_size for f in os.listdir(remote / 'quantized')
   )
+
+
+def test_a_second_run_on_a_gs_workdir_is_refused_naming_the_holder(tmp_path, capsys):
+  """Another run holds gs://bkt/w's lease (a live one: renewed just now, on the fake server's clock): this run is
+  refused before anything is written. The lease itself is tested in test_gcs_lock.py (against a fake, not GCS)."""
+  from dpq_jax import pipeline
+
+  store = tmp_path / 'store'
+  with fake_gcs(store) as lock_fs:
+    other = gcs_lock.Lease('gs://bkt/w/.lock', lock_fs, clock=lambda: lock_fs.now)
+    other.holder.update(pid='4242', host='vm-7')
+    other.acquire('W')
+    line = faults.refused(capsys, pipeline.run, faults.config(), 'gs://bkt/w')
+    assert 'gs://bkt/w is in use by another run (pid 4242 on host vm-7' in line, line
+    assert not store.exists()  # nothing written
+    other.release()
+    assert lock_fs.objects == {}
