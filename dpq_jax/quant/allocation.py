@@ -102,7 +102,7 @@ def _problems(
     ref = np.asarray(layer.reference, np.float32)  # [in, out]
     energy = np.ones(ref.shape[0], np.float32) if layer.energy is None else np.asarray(layer.energy, np.float32)
     norm = (
-      float(jnp.sum(jnp.square(_points(layer, None, u))))
+      float(jnp.sum(jnp.square(x if not scaled or layer.scale is None else _points(layer, None, u))))
       if u is not None
       else float(np.sum(energy[:, None] * np.square(ref)))
     )
