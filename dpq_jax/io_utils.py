@@ -31,6 +31,8 @@ import json
 import os
 import shutil
 import tempfile
+import threading
+import time
 import uuid
 from typing import IO, Any, Callable, Iterator
 
@@ -223,7 +225,37 @@ def building_dir(directory: str, parent: str | None) -> Iterator[str]:
       yield tmp
     finally:
       os.close(fd)
-      shutil.rmtree(tmp, ignore_errors=True)  # gone already where replace_dir moved it
+      if os.path.exists(tmp):  # not moved into place: a failed build
+        remove_settled(tmp)
+
+
+def remove_settled(path: str, settle_s: float = 1.0, timeout_s: float = 30.0) -> None:
+  """Removes the tree at `path` and again while it reappears within `settle_s` (up to `timeout_s` in all): after a
+  failed orbax save, tensorstore's writes still in flight (C++ threads no Python join reaches) finish after the
+  first removal and recreate their file's parent dirs."""
+  deadline, quiet_since = time.monotonic() + timeout_s, None
+  while time.monotonic() < deadline:
+    if os.path.lexists(path):
+      shutil.rmtree(path, ignore_errors=True)
+      quiet_since = None
+    elif quiet_since is None:
+      quiet_since = time.monotonic()
+    elif time.monotonic() - quiet_since >= settle_s:
+      return
+    time.sleep(0.05)
+
+
+def join_threads_of(module_prefix: str, timeout_s: float = 60.0) -> None:
+  """Waits (up to `timeout_s` in all) for the live threads whose class comes from modules `module_prefix*` (orbax's
+  writers of a failed save: its wait returns the first failed part while others run on; left alone they log
+  tracebacks after the run's one-line error and write into a temp dir after it is removed)."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if type(thread).__module__.startswith(module_prefix) and thread is not threading.current_thread():
+      try:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+      except Exception:  # orbax's threads re-raise their own failure from join(): the one being reported
+        pass
 
 
 def remove_dead_builds(parent: str, base: str) -> list[str]:

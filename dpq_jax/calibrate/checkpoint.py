@@ -18,8 +18,6 @@ import contextlib
 import os
 import shutil
 import signal
-import threading
-import time
 import types
 from typing import Any, Iterator
 
@@ -30,19 +28,6 @@ import orbax.checkpoint as ocp
 from dpq_jax import errors, io_utils
 
 TMP_SUFFIX = '.orbax-checkpoint-tmp'  # orbax's name for a step being written: '<step>.orbax-checkpoint-tmp[-<time>]'
-
-
-def _join_orbax_threads(timeout_s: float = 60.0) -> None:
-  """Waits (up to `timeout_s`) for orbax's threads still writing a failed save: its wait returns the first failed
-  part while others run on; left to interpreter shutdown, each logs a traceback ('cannot schedule new futures')
-  after the run's one-line error, and could write into the temp dir after it is removed."""
-  deadline = time.monotonic() + timeout_s
-  for thread in threading.enumerate():
-    if type(thread).__module__.startswith('orbax.') and thread is not threading.current_thread():
-      try:
-        thread.join(max(deadline - time.monotonic(), 0.0))
-      except Exception:  # orbax's threads re-raise their own failure from join(): the one being reported
-        pass
 
 
 class Checkpointer:
@@ -85,7 +70,7 @@ class Checkpointer:
       fault = errors.write_fault(e, where)
       if fault is None:
         raise
-      _join_orbax_threads()
+      io_utils.join_threads_of('orbax.')
       self.remove_temps()
       if not io_utils.is_remote(self.directory):  # what a rerun resumes from, read from the disk
         done = [int(n) for n in os.listdir(self.directory) if n.isdigit()] if os.path.isdir(self.directory) else []

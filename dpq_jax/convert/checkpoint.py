@@ -44,8 +44,12 @@ def save_dir(output_dir: str, meta: dict[str, Any], params: Params) -> None:
   else:
     os.makedirs(parent, exist_ok=True)
   with io_utils.building_dir(output_dir, parent) as tmp:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    try:
+      with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    except BaseException:
+      io_utils.join_threads_of('orbax.')  # the rest of a failed save, before building_dir removes tmp
+      raise
     with open(os.path.join(tmp, SPEC_FILE), 'w') as f:
       json.dump({**meta, 'files': integrity.tree_digests(os.path.join(tmp, PARAMS_DIR))}, f, indent=2)
     io_utils.replace_dir(tmp, output_dir, commit_file=SPEC_FILE)
