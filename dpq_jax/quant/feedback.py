@@ -196,19 +196,11 @@ def quantize(
   return books, jnp.concatenate(out_codes)
 
 
-def output_error(kernel: jax.Array, approx: jax.Array, hessian: jax.Array) -> jax.Array:
-  """tr((W - W_hat)^T H (W - W_hat)) [] float32: the layer-output error with every cross term."""
-  e = jnp.asarray(kernel, jnp.float32) - jnp.asarray(approx, jnp.float32)
-  return jnp.einsum('io,ij,jo->', e, jnp.asarray(hessian, jnp.float32), e, precision=_HIGHEST)
-
-
-def output_norm_scale(kernel: jax.Array, approx: jax.Array, hessian: jax.Array, dtype=jnp.float16) -> jax.Array:
-  """Per-output-channel scale [out_features] restoring each channel's output energy, s_r = sqrt(w_r^T H w_r /
-  q_r^T H q_r) (1 where q_r^T H q_r = 0), rounded to `dtype` and returned as float32: the norm rule of
-  pq.channel_scale in the metric the codes were chosen in."""
+def rel_error(kernel: jax.Array, approx: jax.Array, hessian: jax.Array) -> float:
+  """Relative output error of a layer with every cross term: tr(E^T H E) / tr(W^T H W), E = W - W_hat."""
   h = jnp.asarray(hessian, jnp.float32)
-  kernel, approx = jnp.asarray(kernel, jnp.float32), jnp.asarray(approx, jnp.float32)
-  num = jnp.einsum('io,ij,jo->o', kernel, h, kernel, precision=_HIGHEST)
-  den = jnp.einsum('io,ij,jo->o', approx, h, approx, precision=_HIGHEST)
-  scale = jnp.where(den > 0, jnp.sqrt(jnp.maximum(num, 0) / jnp.where(den > 0, den, 1.0)), 1.0)
-  return scale.astype(dtype).astype(jnp.float32)
+  kernel = jnp.asarray(kernel, jnp.float32)
+  e = kernel - jnp.asarray(approx, jnp.float32)
+  num = jnp.einsum('io,ij,jo->', e, h, e, precision=_HIGHEST)
+  den = jnp.einsum('io,ij,jo->', kernel, h, kernel, precision=_HIGHEST)
+  return float(jnp.where(den > 0, num / den, num))

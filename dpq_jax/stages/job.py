@@ -42,6 +42,7 @@ class Job:
   chain: list[dict[str, str]] | None = None  # the pipeline's planned lineage of quantize/compress/calibrate
   moments: dict[str, Any] | None = None  # input second moments {layer: [num_subvectors, d, d]} (objective 'output')
   grad2: dict[str, Any] | None = None  # output-gradient energies {layer: [out_features]} (compress distortion 'loss')
+  hessians: dict[str, Any] | None = None  # full input second moments {layer: [in, in]} (quant.error_feedback)
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict) -> Job:

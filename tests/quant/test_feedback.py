@@ -114,9 +114,14 @@ def test_output_norm_scale_restores_each_channels_output_energy():
   h = _hessian(rng, 12)
   kernel = rng.normal(size=(12, 5))
   approx = 0.7 * kernel + 0.1 * rng.normal(size=(12, 5))
-  scale = np.asarray(feedback.output_norm_scale(kernel, approx, h, np.float32), np.float64)
+  scale = np.asarray(pq.scale_of(kernel, approx, 'output_norm', dtype=np.float32, hessian=h), np.float64)
   got = np.einsum('io,ij,jo->o', approx * scale, h, approx * scale)
   np.testing.assert_allclose(got, np.einsum('io,ij,jo->o', kernel, h, kernel), rtol=1e-4)
+  # with only the diagonal blocks: the per-position metric's energies
+  moments = feedback.blocks(h, 4)
+  scale = np.asarray(pq.scale_of(kernel, approx, 'output_norm', moments, np.float32), np.float64)
+  energy = lambda w: np.einsum('mdo,mde,meo->o', w.reshape(3, 4, 5), moments, w.reshape(3, 4, 5))  # noqa: E731
+  np.testing.assert_allclose(energy(approx * scale), energy(kernel), rtol=1e-4)
 
 
 def test_bad_values_fail_with_one_line():
