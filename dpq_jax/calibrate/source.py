@@ -188,11 +188,11 @@ def layer_statistics(
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
   """(moments {layer: [num_subvectors, d, d]}, output-gradient energies (`input_moments`), hessians {layer:
   [in_features, in_features]} or None) of the layers `dims` {module path: d}. With config.quant.error_feedback
-  the statistics are each layer's full input second moment H (`input_moments` with d = in_features: one
+  (PQ/VQ) the statistics are each layer's full input second moment H (`input_moments` with d = in_features: one
   position), the per-position moments its diagonal blocks; otherwise only the blocks are collected."""
   from dpq_jax.quant import feedback, surgery
 
-  if not config.quant.error_feedback:
+  if not config.quant.error_feedback or config.quant.method == 'rtn':
     moments, grad2 = input_moments(config, workdir, job, dims, gradients)
     return moments, grad2, None
   in_features = {'/'.join(path): kernel.shape[0] for path, kernel in surgery.module_kernels(job.fp_params)}

@@ -44,6 +44,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.objective = 'output'
   config.quant.rtn_clip = 'mse'
   config.compress.distortion = 'loss'
+  # ... and PQ/VQ codes are chosen with error feedback across sub-vector positions (quant/feedback.py): the
+  # cross-position terms of each layer's output error, which the per-position metric leaves out, are most of it in
+  # the adaLN layers (the class signal's path); each channel's output energy restored by its scale. Without it
+  # compressed PQ lost the class (log p -0.035, README); the `-pos` rows are the per-position objective.
+  config.quant.error_feedback = True
+  config.quant.scale_rule = 'output_norm'
   # Every row quantizes the same trained model; index bits per weight in the name.
   config.calibrate.steps = 300
   config.calibrate.batch_size = 64
@@ -120,10 +126,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # compression by each layer's relative weight error): `-w`.
   for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
     row = config.compare.row_defs[name].to_dict()
-    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax')
+    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax',
+                                     error_feedback=False, scale_rule='norm')  # fmt: skip
     if 'compress' in row['stages']:
       row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='relative')
     config.compare.row_defs[f'{name}-w'] = row
+  # The output objective per sub-vector position, without error feedback (the demo's rows before it): `-pos`.
+  for name in ('vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
+    row = config.compare.row_defs[name].to_dict()
+    row['overrides']['quant'] = dict(row['overrides']['quant'], error_feedback=False, scale_rule='norm')
+    config.compare.row_defs[f'{name}-pos'] = row
   # Output-aware, but the compression budget allocated by each layer's relative output error instead of the
   # estimated loss: loses the class signal (README).
   row = config.compare.row_defs['pq-1bit-compressed'].to_dict()
@@ -133,7 +145,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compare.rows += (
       'pq-1bit-compressed-fp16', 'pq-1bit-calibrated-fp16', 'pq-1bit-unscaled', 'vq-1bit-unscaled', 'vq-k1024',
       'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated', 'rtn-1bit-w', 'vq-1bit-w', 'pq-1bit-w',
-      'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel',
+      'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel', 'vq-1bit-pos',
+      'pq-1bit-pos', 'pq-1bit-compressed-pos', 'vq-k1024-pos',
     )  # fmt: skip
   if args.sweep:
     # Every method at effective bits per quantized weight from ~2 to ~0.5 (14x to 58x vs fp32), both objectives,

@@ -47,12 +47,9 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'config.quant.objective={cfg.objective!r}: expected one of {", ".join(OBJECTIVES)}')
   if cfg.scale_rule not in pq.SCALE_RULES:
     errors.append(f'config.quant.scale_rule={cfg.scale_rule!r}: expected one of {", ".join(pq.SCALE_RULES)}')
-  if cfg.error_feedback:
-    if cfg.objective != 'output' or cfg.method not in ('pq', 'vq'):
-      errors.append(
-        f"config.quant.error_feedback=True: needs objective 'output' and method 'pq' or 'vq' "
-        f'(got {cfg.objective!r}, {cfg.method!r})'
-      )
+  if cfg.error_feedback:  # PQ/VQ layers; RTN rounds without it
+    if cfg.objective != 'output':
+      errors.append(f"config.quant.error_feedback=True: needs objective 'output' (got {cfg.objective!r})")
     if cfg.scale_rule == 'lsq':
       errors.append(
         "config.quant.error_feedback=True: scale_rule 'lsq' is not supported; expected 'norm' or 'output_norm'"
@@ -136,7 +133,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     moments=None if cfg.method == 'rtn' else moments,
     damping=cfg.damping,
     scale_rule=cfg.scale_rule,
-    hessians=job.hessians if cfg.error_feedback and moments is not None else None,
+    # {module path: [in, in]}: only with error_feedback (layer_statistics); RTN rounds without feedback
+    hessians=job.hessians if moments is not None and cfg.method != 'rtn' else None,
     feedback_group=cfg.feedback_group,
   )
   seconds = time.perf_counter() - start

@@ -127,10 +127,7 @@ def test_bad_statistics_values_fail_with_one_line(key, value, message):
 @pytest.mark.parametrize(
   'quant, message',
   [
-    ({'objective': 'weight'}, "config.quant.error_feedback=True: needs objective 'output' and method 'pq' or 'vq' "
-                              "(got 'weight', 'pq')"),
-    ({'method': 'rtn'}, "config.quant.error_feedback=True: needs objective 'output' and method 'pq' or 'vq' "
-                        "(got 'output', 'rtn')"),
+    ({'objective': 'weight'}, "config.quant.error_feedback=True: needs objective 'output' (got 'weight')"),
     ({'feedback_group': 0}, 'config.quant.feedback_group=0: expected >= 1 positions'),
     ({'scale_rule': 'lsq'}, "config.quant.error_feedback=True: scale_rule 'lsq' is not supported; expected 'norm' or "
                             "'output_norm'"),
