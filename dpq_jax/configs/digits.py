@@ -136,6 +136,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     row = config.compare.row_defs[name].to_dict()
     row['overrides']['quant'] = dict(row['overrides']['quant'], error_feedback=False, scale_rule='norm')
     config.compare.row_defs[f'{name}-pos'] = row
+  # Where the per-position objective lost the class (README, "Error feedback across positions"): K=256 PQ without
+  # compression, and the compressed row with the adaLN layers kept in full precision or quantized alone.
+  row = config.compare.row_defs['pq-1bit-compressed-pos'].to_dict()
+  config.compare.row_defs['pq-k256-pos'] = {'stages': ('quantize',), 'overrides': {'quant': row['overrides']['quant']}}
+  blocks = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2))'
+  for suffix, pattern in (('ada-fp', blocks), ('ada-only', r'blocks_\d+/adaLN_modulation')):
+    config.compare.row_defs[f'pq-1bit-compressed-pos-{suffix}'] = dict(
+      row, overrides=dict(row['overrides'], quant=dict(row['overrides']['quant'], pattern=pattern))
+    )
   # Output-aware, but the compression budget allocated by each layer's relative output error instead of the
   # estimated loss: loses the class signal (README).
   row = config.compare.row_defs['pq-1bit-compressed'].to_dict()
