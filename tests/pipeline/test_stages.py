@@ -82,7 +82,8 @@ def _tiny(**quant):
   """The demo's tiny config with the data-blind quantizers (no statistics pass: the job needs no data), unless
   `quant` says otherwise."""
   config = digits_config.get_config('tiny')
-  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2, objective='weight', rtn_clip='minmax')
+  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2, objective='weight', rtn_clip='minmax',
+                      error_feedback=False, scale_rule='norm')  # fmt: skip
   config.compress.distortion = 'relative'
   config.quant.update(quant)
   spec = train_lib.spec_of(config)
