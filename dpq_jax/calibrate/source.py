@@ -181,3 +181,21 @@ def input_moments(
   keys = [dict(key, gradients=True)] + ([] if gradients else [dict(key, gradients=False)])
   moments, grad2 = statistics.split(statistics.load_or_collect(workdir, keys, collect))
   return moments, grad2 if gradients else {}
+
+
+def layer_statistics(
+  config: ml_collections.ConfigDict, workdir: str, job, dims: dict[str, int], gradients: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray] | None]:
+  """(moments {layer: [num_subvectors, d, d]}, output-gradient energies (`input_moments`), hessians {layer:
+  [in_features, in_features]} or None) of the layers `dims` {module path: d}. With config.quant.error_feedback
+  (PQ/VQ) the statistics are each layer's full input second moment H (`input_moments` with d = in_features: one
+  position), the per-position moments its diagonal blocks; otherwise only the blocks are collected."""
+  from dpq_jax.quant import feedback, surgery
+
+  if not config.quant.error_feedback or config.quant.method == 'rtn':
+    moments, grad2 = input_moments(config, workdir, job, dims, gradients)
+    return moments, grad2, None
+  in_features = {'/'.join(path): kernel.shape[0] for path, kernel in surgery.module_kernels(job.fp_params)}
+  full, grad2 = input_moments(config, workdir, job, {name: in_features[name] for name in dims}, gradients)
+  hessians = {name: h[0] for name, h in full.items()}  # [1, in, in] -> [in, in]
+  return {name: feedback.blocks(h, dims[name]) for name, h in hessians.items()}, grad2, hessians

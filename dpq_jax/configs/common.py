@@ -77,11 +77,19 @@ def base_config() -> ml_collections.ConfigDict:
   # (t, y) pairs of an extra pass for the layers fed by the timestep and class alone (adaLN_modulation): one row per
   # sample in the batches, but nearly free without the image path (statistics.input_moments); 0: the batches only.
   config.quant.stats_conditions = 0
-  config.quant.scale_rule = 'norm'  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective)
+  # channel_scale: 'norm' (restores ||W_r||) | 'lsq' (least squares in the objective) | 'output_norm' (restores each
+  # channel's output energy w_r^T H w_r in the objective's metric; objective 'output')
+  config.quant.scale_rule = 'norm'
   # channel_scale: re-assign the codes (quantize, compress) to the nearest codewords of W / s once the scale is set, as
   # calibration's dynamic assignment does. Lower error per layer, but the channels shrink again: worse samples on the
   # demo before calibration (README, "Codes for the scale"), so off.
   config.quant.scaled_codes = False
+  # Error feedback across sub-vector positions (quant/feedback.py; objective 'output', PQ/VQ): positions quantized in
+  # order, each one's output error pushed onto the later ones through the full input second moment H [in, in] of
+  # the layer (its cross terms between positions, which the per-position metric leaves out); compression refits its
+  # survivors the same way. feedback_group: positions whose codebooks are fitted together (1: each on its own).
+  config.quant.error_feedback = False
+  config.quant.feedback_group = 1
   config.quant.pattern = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2)|adaLN_modulation)'
   config.quant.overrides = ()  # ('regex=K:d', ...) tried before `pattern`
 
@@ -99,7 +107,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Removal order along each codebook's path: 'importance' (lowest importance first, to its least-cost survivor)
   # | 'cost' (greedy Ward: the pair of least merge cost first; needs merge=True)
   config.compress.order = 'importance'
-  config.compress.lloyd_steps = 2  # Lloyd steps over the survivors after re-assignment
+  config.compress.lloyd_steps = 2  # Lloyd steps over the survivors after re-assignment (and error_feedback's refit)
   config.compress.min_live = 1  # live codewords kept per codebook at least
   config.compress.reference = 'original'  # re-assign the fp weights ('original') or the current decoded ones
   config.compress.sensitivity_batches = 2  # random-latent batches for the activation energy

@@ -45,6 +45,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.quant.objective = 'output'
   config.quant.rtn_clip = 'mse'
   config.compress.distortion = 'loss'
+  # ... and PQ/VQ codes are chosen with error feedback across sub-vector positions (quant/feedback.py): the
+  # cross-position terms of each layer's output error, which the per-position metric leaves out, are most of it in
+  # the adaLN layers (the class signal's path); each channel's output energy restored by its scale. Without it
+  # compressed PQ lost the class (log p -0.035, README); the `-pos` rows are the per-position objective.
+  config.quant.error_feedback = True
+  config.quant.scale_rule = 'output_norm'
   # Every row quantizes the same trained model; index bits per weight in the name.
   config.calibrate.steps = 300
   config.calibrate.batch_size = 64
@@ -133,10 +139,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     'vq-1bit-calibrated',
   ):
     row = config.compare.row_defs[name].to_dict()
-    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax')
+    row['overrides']['quant'] = dict(row['overrides']['quant'], objective='weight', rtn_clip='minmax',
+                                     error_feedback=False, scale_rule='norm')  # fmt: skip
     if 'compress' in row['stages']:
       row['overrides']['compress'] = dict(row['overrides']['compress'], distortion='relative')
     config.compare.row_defs[f'{name}-w'] = row
+  # The output objective per sub-vector position, without error feedback (the demo's rows before it): `-pos`.
+  for name in ('vq-1bit', 'pq-1bit', 'pq-1bit-compressed', 'pq-1bit-calibrated', 'vq-k1024'):
+    row = config.compare.row_defs[name].to_dict()
+    row['overrides']['quant'] = dict(row['overrides']['quant'], error_feedback=False, scale_rule='norm')
+    config.compare.row_defs[f'{name}-pos'] = row
+  # Where the per-position objective lost the class (README, "Error feedback across positions"): K=256 PQ without
+  # compression, and the compressed row with the adaLN layers kept in full precision or quantized alone.
+  row = config.compare.row_defs['pq-1bit-compressed-pos'].to_dict()
+  config.compare.row_defs['pq-k256-pos'] = {'stages': ('quantize',), 'overrides': {'quant': row['overrides']['quant']}}
+  blocks = r'blocks_\d+/(attn/(qkv|proj)|mlp/(fc1|fc2))'
+  for suffix, pattern in (('ada-fp', blocks), ('ada-only', r'blocks_\d+/adaLN_modulation')):
+    config.compare.row_defs[f'pq-1bit-compressed-pos-{suffix}'] = dict(
+      row, overrides=dict(row['overrides'], quant=dict(row['overrides']['quant'], pattern=pattern))
+    )
   # Output-aware, but the compression budget allocated by each layer's relative output error instead of the
   # estimated loss: loses the class signal (README).
   row = config.compare.row_defs['pq-1bit-compressed'].to_dict()
@@ -146,7 +167,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.compare.rows += (
       'pq-1bit-compressed-fp16', 'pq-1bit-calibrated-fp16', 'pq-1bit-unscaled', 'vq-1bit-unscaled', 'vq-k1024',
       'pq16-1bit-compressed', 'vq-1bit-calibrated', 'pq16-1bit-calibrated', 'rtn-1bit-w', 'vq-1bit-w', 'pq-1bit-w',
-      'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel',
+      'pq-1bit-compressed-w', 'pq-1bit-calibrated-w', 'vq-k1024-w', 'pq-1bit-compressed-rel', 'vq-1bit-pos',
+      'pq-1bit-pos', 'pq-1bit-compressed-pos', 'vq-k1024-pos',
     )  # fmt: skip
   if args.curves:
     # Calibration-budget curves (README): each calibrated method within the 24x budget scored after 0, 25, 50 and 100

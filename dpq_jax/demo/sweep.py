@@ -101,6 +101,8 @@ def _least_bits(method: str, shapes: list[tuple[int, int]], pqc: tuple[int, int]
 def _overrides(method: str, setting: dict, objective: str) -> dict:
   quant = {'method': 'pq' if method == 'pqc' else method, 'codebook_dtype': CODEBOOK_DTYPE, 'objective': objective}
   quant['rtn_clip'] = 'mse' if objective == 'output' else 'minmax'
+  if objective != 'output':  # error feedback and the output-energy scale need the output objective's statistics
+    quant.update(error_feedback=False, scale_rule='norm')
   if method == 'rtn':
     quant['bits'] = setting['bits']
   else:

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from dpq_jax import tree_utils
-from dpq_jax.quant import codebook_values, compress, metric, packing, pq, qweight
+from dpq_jax.quant import codebook_values, compress, feedback, metric, packing, pq, qweight
 
 
 @dataclasses.dataclass
@@ -32,17 +32,19 @@ class Layer:
   scale: np.ndarray | None = None  # [out_features] per-output-channel scale: recomputed after compression
   moments: np.ndarray | None = None  # [num_subvectors, d, d] input moments: compress in the output metric (PQ)
   grad2: np.ndarray | None = None  # [out_features] output-gradient energies: point weights (distortion 'loss')
+  hessian: np.ndarray | None = None  # [in_features, in_features] full input moment: survivors refitted with feedback
 
 
 def layers_of(
   q, reference: dict | None, energy: dict | None = None, biases: bool = False, moments: dict | None = None,
-  grad2: dict | None = None,
+  grad2: dict | None = None, hessians: dict | None = None,
 ) -> list[Layer]:  # fmt: skip
   """One Layer per PQ/VQ layer of q (a QuantizedParams): the weights its codes approximate are the fp kernel of
   `reference` (params), else the decoded codes; energy {name: [in_features]} where sensitivity is used; the fp32
   bytes of the layer's bias when `biases` (inside the budget scope); moments {name: [M, d, d]} where the
   objective is the layer output (used by PQ layers: VQ's shared codebook has no single metric); grad2
-  {name: [out_features]} where the distortion is the loss estimate."""
+  {name: [out_features]} where the distortion is the loss estimate; hessians {name: [in_features, in_features]}
+  where the codes are chosen with error feedback (quant.error_feedback)."""
   out = []
   for name, w in q.pq.items():
     keys = name.split('/')
@@ -53,7 +55,7 @@ def layers_of(
     layer_moments = (moments or {}).get(name) if codebooks.shape[0] > 1 else None
     out.append(Layer(name, codebooks, codes, np.asarray(kernel, np.float32), 0 if bias is None else 4 * int(np.size(bias)),
                      (energy or {}).get(name), None if w.scale is None else np.asarray(w.scale, np.float32),
-                     layer_moments, (grad2 or {}).get(name)))  # fmt: skip
+                     layer_moments, (grad2 or {}).get(name), (hessians or {}).get(name)))  # fmt: skip
   return out
 
 
@@ -130,6 +132,8 @@ def compress_layers(
   damping: float = 0.01,
   scale_rule: str = 'norm',
   scaled_codes: bool = False,
+  feedback_group: int = 1,
+  feedback_iters: int = 2,
 ) -> tuple[list[qweight.PQWeight], dict[str, Any]]:
   """Compresses `layers` so that their codes + codebooks + biases fit `target_bytes` on disk.
 
@@ -138,7 +142,9 @@ def compress_layers(
   per-output-channel scale recomputed by `scale_rule` where the layer had one, and with scaled_codes the codes then
   re-assigned to the nearest survivors of W / scale, every step in W / s with s^2-weighted points) and an info dict with the predicted
   bytes, the allocation and per-layer rows. merge and order: how each codebook's removal path is made
-  (compress.removal_path).
+  (compress.removal_path). A layer with a `hessian` then has its survivors refitted with error feedback across
+  positions (feedback.quantize: `feedback_iters` Lloyd steps from the survivors on each group of `feedback_group`
+  positions' fed-back targets, weighted like the compression's points; VQ: codes only), keeping the allocation.
 
   Raises:
     compress.BudgetError: target below the minimum reachable size (named in the message).
@@ -189,9 +195,16 @@ def compress_layers(
     stored = rounded if u is None else metric.whiten(rounded, u)  # in the problem's space
     new_codes = compress.assign_survivors(x, stored, result.alive)  # nearest survivor of the stored codebooks
     new_codes = new_codes.reshape(layer.codes.shape)
+    if layer.hessian is not None:
+      rounded, new_codes = feedback.quantize(
+        layer.reference, layer.hessian, rounded, jax.random.key(0), fit='fixed' if num_codebooks == 1 else 'lloyd',
+        alive=result.alive, weights=layer.grad2 if distortion == 'loss' else None, iters=feedback_iters,
+        group=feedback_group, damping=damping, codebook_dtype=codebook_dtype,
+      )  # fmt: skip
     scale = None
     if layer.scale is not None:  # the norms (or least-squares fit) of the re-assigned reconstruction
-      scale = pq.scale_of(layer.reference, pq.decode(rounded, new_codes), scale_rule, layer.moments, side_dtype)
+      scale = pq.scale_of(layer.reference, pq.decode(rounded, new_codes), scale_rule, layer.moments, side_dtype,
+                          hessian=layer.hessian)  # fmt: skip
       if scaled_codes:  # then the nearest survivors of W / s for that scale
         points = _points(layer, scale, u).reshape(x.shape)
         new_codes = compress.assign_survivors(points, stored, result.alive).reshape(layer.codes.shape)
@@ -244,6 +257,7 @@ def _row(layer: Layer, codebooks: jax.Array, codes: jax.Array, num_live: np.ndar
     'sq_norm': float(jnp.sum(jnp.square(reference))),
     'code_entropy_bits': compress.code_entropy_bits(per_codebook, codebook_size),
     **({} if layer.moments is None else {'rel_out_err': metric.rel_error(reference, decoded, layer.moments)}),
+    **({} if layer.hessian is None else {'rel_out_err_full': feedback.rel_error(reference, decoded, layer.hessian)}),
   }
 
 

@@ -246,17 +246,46 @@ def lsq_scale(kernel: jax.Array, approx: jax.Array, moments: jax.Array | None, d
   return scale.astype(dtype).astype(jnp.float32)
 
 
-SCALE_RULES = ('norm', 'lsq')
+def output_energy(kernel: jax.Array, moments: Any = None, hessian: Any = None) -> jax.Array:
+  """Each output channel's energy [out_features] in the layer-output metric: w_r^T H w_r with the full input
+  moment hessian [in_features, in_features], else sum_j w_rj^T H_j w_rj with the per-position moments
+  [num_subvectors, d, d], else ||w_r||^2."""
+  kernel = jnp.asarray(kernel, jnp.float32)
+  if hessian is not None:
+    h = jnp.asarray(hessian, jnp.float32)
+    return jnp.einsum('io,ij,jo->o', kernel, h, kernel, precision=jax.lax.Precision.HIGHEST)
+  if moments is not None:
+    w = to_subvectors(kernel, moments.shape[-1])  # [M, out, d]
+    m = jnp.asarray(moments, jnp.float32)
+    return jnp.einsum('mnd,mde,mne->n', w, m, w, precision=jax.lax.Precision.HIGHEST)
+  return jnp.sum(jnp.square(kernel), axis=0)
+
+
+def output_norm_scale(
+  kernel: jax.Array, approx: jax.Array, moments: Any = None, hessian: Any = None, dtype: Any = jnp.float16
+) -> jax.Array:
+  """Per-output-channel scale [out_features] restoring each channel's output energy (`output_energy`),
+  s_r = sqrt(w_r^T H w_r / q_r^T H q_r) (1 where q_r^T H q_r = 0): channel_scale's norm rule in the metric the
+  codes were chosen in. Rounded to `dtype`, returned as float32."""
+  num, den = output_energy(kernel, moments, hessian), output_energy(approx, moments, hessian)
+  scale = jnp.where(den > 0, jnp.sqrt(jnp.maximum(num, 0.0) / jnp.where(den > 0, den, 1.0)), 1.0)
+  return scale.astype(dtype).astype(jnp.float32)
+
+
+SCALE_RULES = ('norm', 'lsq', 'output_norm')
 
 
 def scale_of(
-  kernel: jax.Array, approx: jax.Array, rule: str, moments: Any = None, dtype: Any = jnp.float16
+  kernel: jax.Array, approx: jax.Array, rule: str, moments: Any = None, dtype: Any = jnp.float16, hessian: Any = None
 ) -> jax.Array:
   """The per-output-channel scale [out_features] of decoded weights `approx` by `rule` (SCALE_RULES): 'norm'
   restores ||W_r|| (channel_scale), 'lsq' is the least-squares scale in the metric of `moments` (or the
-  weights' where None; lsq_scale). Rounded to the stored `dtype`, returned as float32."""
+  weights' where None; lsq_scale), 'output_norm' restores each channel's output energy under `hessian` (the full
+  input moment), else `moments` (output_norm_scale). Rounded to the stored `dtype`, returned as float32."""
   if rule == 'lsq':
     return lsq_scale(kernel, approx, moments, dtype)
+  if rule == 'output_norm':
+    return output_norm_scale(kernel, approx, moments, hessian, dtype)
   if rule != 'norm':
     raise ValueError(f'scale_rule={rule!r}: expected one of {SCALE_RULES}')
   return channel_scale(kernel, approx, dtype)

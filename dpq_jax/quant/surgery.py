@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from dpq_jax.quant import codebook_values, layers, metric, packing, pq, qweight, rtn
+from dpq_jax.quant import codebook_values, feedback, layers, metric, packing, pq, qweight, rtn
 
 METHODS = ('pq', 'vq', 'rtn')
 
@@ -79,6 +79,8 @@ def quantize_params(
   damping: float = 0.01,
   scale_rule: str = 'norm',
   scaled_codes: bool = False,
+  hessians: dict[str, Any] | None = None,
+  feedback_group: int = 1,
   progress: bool = True,
 ) -> QuantizedParams:
   """Quantizes every Dense kernel whose module path matches `rules` (all others untouched).
@@ -94,6 +96,9 @@ def quantize_params(
   moments: {module path: [num_subvectors, d, d]} input second moments (statistics.input_moments): the layers
   found there are fitted, encoded and scaled by their output error (metric.py, `damping`) instead of the weight
   error, and their rows gain `rel_out_err`.
+  hessians: {module path: [in_features, in_features]} full input second moments: the layers found there (and in
+  `moments`) are quantized with error feedback across positions (feedback.py, groups of `feedback_group`
+  positions; VQ: the metric's codebook, codes assigned with feedback) and their rows gain `rel_out_err_full`.
   rtn_clip: the RTN grid range per group, 'minmax' or 'mse' (rtn.quantize's clip).
   rtn_weights: {module path: h [in_features]} for rtn_clip='mse', the per-input-channel weights of each RTN
   layer's squared error (the diagonal of its inputs' second moment E[x_i^2]); None: plain MSE for every layer.
@@ -102,6 +107,9 @@ def quantize_params(
     raise ValueError(f'method={method!r}: expected one of {METHODS}')
   if rtn_clip not in rtn.CLIPS:
     raise ValueError(f'rtn_clip={rtn_clip!r}: expected one of {rtn.CLIPS}')
+  if hessians and (method == 'rtn' or scale_rule == 'lsq' or moments is None):
+    raise ValueError(f'hessians: error feedback needs PQ/VQ with moments and a norm scale rule (method={method!r}, '
+                     f'scale_rule={scale_rule!r})')  # fmt: skip
   if rtn_weights is not None and (method != 'rtn' or rtn_clip != 'mse'):
     raise ValueError(f"rtn_weights: only method='rtn' with rtn_clip='mse' uses them (method={method!r})")
   codebook_dtype = codebook_values.dtype_name(codebook_dtype)
@@ -151,6 +159,7 @@ def quantize_params(
       continue
     kernel = jnp.asarray(kernel, jnp.float32)
     in_f, out_f = kernel.shape
+    hessian = None
     if method == 'rtn':
       h = None if rtn_weights is None else rtn_weights[name]  # [in_features]
       codes, scale, offset = rtn.quantize(kernel.T, rtn_bits, rtn_group_size, clip=rtn_clip, weights=h)
@@ -162,14 +171,24 @@ def quantize_params(
       row = {'k': 2**rtn_bits, 'd': 1, 'index_bits': rtn_bits}
     else:
       layer_moments = None if moments is None else moments.get(name)
+      hessian = None if hessians is None or layer_moments is None else hessians.get(name)  # [in, in]
       u = None if layer_moments is None else metric.factor(layer_moments, damping)  # [M, d, d]
-      codebooks, codes, _ = pq.fit(kernel, spec, jax.random.fold_in(key, i), iters, u=u)
-      codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)  # [num_codebooks, K, d] as stored
-      codes = pq.encode(kernel, codebooks, spec, u)  # nearest codeword of the stored (rounded) codebooks
+      layer_key = jax.random.fold_in(key, i)
+      if hessian is not None and not spec.shared:  # PQ: each group's codebooks fitted on its fed-back targets
+        books = jnp.zeros((spec.num_codebooks(in_f), spec.codebook_size, spec.subvector_dim), jnp.float32)
+        codebooks, codes = feedback.quantize(kernel, hessian, books, layer_key, iters=iters, group=feedback_group,
+                                             damping=damping, codebook_dtype=codebook_dtype)  # fmt: skip
+      else:
+        codebooks, codes, _ = pq.fit(kernel, spec, layer_key, iters, u=u)
+        codebooks = codebook_values.round_codebooks(codebooks, codebook_dtype)  # [num_codebooks, K, d] as stored
+        if hessian is not None:  # VQ: the metric's codebook, codes one position at a time with feedback
+          _, codes = feedback.quantize(kernel, hessian, codebooks, layer_key, fit='fixed', damping=damping)
+        else:
+          codes = pq.encode(kernel, codebooks, spec, u)  # nearest codeword of the stored (rounded) codebooks
       code_dtype = packing.code_dtype(spec.codebook_size)
       w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
       if channel_scale:
-        scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype)  # [out_features]
+        scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype, hessian=hessian)  # [out_features]
         if scale_rule == 'lsq':  # codes for W / s, then s again (of the unscaled codewords): each lowers the objective
           codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
           scale = pq.scale_of(kernel, pq.decode(codebooks, codes), scale_rule, layer_moments, side_dtype)
@@ -192,6 +211,8 @@ def quantize_params(
     )
     if method != 'rtn' and layer_moments is not None:
       rows[-1]['rel_out_err'] = metric.rel_error(kernel, approx, layer_moments)
+    if method != 'rtn' and hessian is not None:
+      rows[-1]['rel_out_err_full'] = feedback.rel_error(kernel, approx, hessian)
     if bar is not None:
       bar.update(1)
       bar.set_postfix(rel_mse=f'{rows[-1]["rel_mse"]:.3f}')

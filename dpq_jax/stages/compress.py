@@ -123,14 +123,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   reference = fp_params if cfg.reference == 'original' else None
   moments = None
   if qcfg.objective == 'output':  # the quantize stage's statistics, or the same ones from DIR/stats
-    if job.moments is None or (cfg.distortion == 'loss' and not job.grad2):
+    stale = (cfg.distortion == 'loss' and not job.grad2) or (qcfg.error_feedback and job.hessians is None)
+    if job.moments is None or stale:
       if job.fp_params is None or job.spec is None:
         job.spec, _, job.fp_params = load_lib.load_model(config.model, config.seed)
       dims = surgery.subvector_dims(job.fp_params, job.quantized.rules, qcfg.method)
-      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims, gradients=cfg.distortion == 'loss')
+      gradients = cfg.distortion == 'loss'
+      job.moments, job.grad2, job.hessians = source_lib.layer_statistics(config, workdir, job, dims, gradients)
     moments = job.moments
   layers = allocation.layers_of(q, reference, energy, biases=True, moments=moments,
-                                grad2=job.grad2 if cfg.distortion == 'loss' else None)  # fmt: skip
+                                grad2=job.grad2 if cfg.distortion == 'loss' else None,
+                                hessians=job.hessians if qcfg.error_feedback and moments is not None else None)  # fmt: skip
   quantized = sum(int(np.prod(layer.reference.shape)) for layer in layers)
   fp32 = 4 * quantized + sum(layer.bias_bytes for layer in layers)
   target = allocation.target_bytes(cfg, fp32, quantized)
@@ -147,6 +150,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       damping=qcfg.damping,
       scale_rule=qcfg.scale_rule,
       scaled_codes=bool(qcfg.scaled_codes),
+      feedback_group=qcfg.feedback_group,
+      feedback_iters=cfg.lloyd_steps,
     )
   except compress.BudgetError as e:
     raise errors.ConfigError(f'config.compress: {e}') from None

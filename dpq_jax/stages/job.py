@@ -46,6 +46,7 @@ class Job:
   # (steps, fn(step, job)): stage `calibrate` calls fn with the job's model as it stands after each of those steps
   # (0: before the first); the demo's calibration-budget curves. None: no probe.
   calibration_probe: tuple[tuple[int, ...], Callable[[int, Job], None]] | None = None
+  hessians: dict[str, Any] | None = None  # full input second moments {layer: [in, in]} (quant.error_feedback)
 
   @classmethod
   def start(cls, config: ml_collections.ConfigDict) -> Job:

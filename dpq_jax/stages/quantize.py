@@ -47,6 +47,17 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     errors.append(f'config.quant.objective={cfg.objective!r}: expected one of {", ".join(OBJECTIVES)}')
   if cfg.scale_rule not in pq.SCALE_RULES:
     errors.append(f'config.quant.scale_rule={cfg.scale_rule!r}: expected one of {", ".join(pq.SCALE_RULES)}')
+  if cfg.error_feedback:  # PQ/VQ layers; RTN rounds without it
+    if cfg.objective != 'output':
+      errors.append(f"config.quant.error_feedback=True: needs objective 'output' (got {cfg.objective!r})")
+    if cfg.scale_rule == 'lsq':
+      errors.append(
+        "config.quant.error_feedback=True: scale_rule 'lsq' is not supported; expected 'norm' or 'output_norm'"
+      )
+    if cfg.feedback_group < 1:
+      errors.append(f'config.quant.feedback_group={cfg.feedback_group}: expected >= 1 positions')
+  if cfg.scale_rule == 'output_norm' and cfg.objective != 'output':
+    errors.append(f"config.quant.scale_rule='output_norm': needs objective 'output' (got {cfg.objective!r})")
   if cfg.damping < 0:
     errors.append(f'config.quant.damping={cfg.damping}: expected >= 0 (a fraction of mean(diag H))')
   if cfg.objective == 'output':
@@ -99,7 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     start = time.perf_counter()
     dims = surgery.subvector_dims(params, rules, cfg.method)
     loss = config.compress.distortion == 'loss' and 'compress' in config.stages  # compress will need the gradients
-    job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims, gradients=loss)
+    job.moments, job.grad2, job.hessians = source_lib.layer_statistics(config, workdir, job, dims, gradients=loss)
     moments = job.moments
     job.report['stats_seconds'] = round(time.perf_counter() - start, 2)
   start = time.perf_counter()
@@ -123,6 +134,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     damping=cfg.damping,
     scale_rule=cfg.scale_rule,
     scaled_codes=bool(cfg.scaled_codes),
+    # {module path: [in, in]}: only with error_feedback (layer_statistics); RTN rounds without feedback
+    hessians=job.hessians if moments is not None and cfg.method != 'rtn' else None,
+    feedback_group=cfg.feedback_group,
   )
   seconds = time.perf_counter() - start
   spec = job.spec

@@ -16,7 +16,7 @@ from dpq_jax.demo import classifier, digits
 from dpq_jax.demo import train as train_lib
 from dpq_jax.models import dit, scan
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import storage, surgery
+from dpq_jax.quant import feedback, storage, surgery
 from dpq_jax.stages import REGISTRY, Job, QuantizedModel
 
 # (config file, argument, problems expected because the job needs files only its user has)
@@ -82,7 +82,8 @@ def _tiny(**quant):
   """The demo's tiny config with the data-blind quantizers (no statistics pass: the job needs no data), unless
   `quant` says otherwise."""
   config = digits_config.get_config('tiny')
-  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2, objective='weight', rtn_clip='minmax')
+  config.quant.update(method='pq', k=16, d=4, kmeans_iters=2, objective='weight', rtn_clip='minmax',
+                      error_feedback=False, scale_rule='norm')  # fmt: skip
   config.compress.distortion = 'relative'
   config.quant.update(quant)
   spec = train_lib.spec_of(config)
@@ -202,6 +203,46 @@ def test_output_objective_collects_statistics_once_for_quantize_and_compress(tmp
   assert all('rel_out_err' in row for row in job.report['layers']) and job.report['compress']['distortion'] == 'loss'
   assert sorted(job.grad2) == names and all(np.all(job.grad2[n] >= 0) for n in names)
   assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
+
+
+def test_error_feedback_quantizes_and_compresses_with_the_full_input_moments(tmp_path):
+  """quant.error_feedback: statistics of each layer's full H [in, in] (its diagonal blocks the per-position
+  moments), PQ fitted with feedback across positions, compression refitting the survivors the same way; both
+  leave less output error with every cross term than the per-position objective."""
+  jobs = {}
+  for on in (False, True):
+    config, spec, params = _tiny(objective='output', stats_batches=2, stats_batch_size=4, error_feedback=on,
+                                 scale_rule='output_norm')  # fmt: skip
+    rng = np.random.default_rng(0)
+    data = {'train_images': rng.normal(size=(8, 8, 8, spec.in_channels)).astype(np.float32),
+            'train_labels': rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
+    config.compress.update(budget=12.0, distortion='loss')
+    config.stages = ('quantize', 'compress')
+    assert REGISTRY['quantize'].check(config) == []
+    job = Job(report=_report(params), spec=spec, fp_params=params, data=data)
+    job = REGISTRY['quantize'].run(config, str(tmp_path / str(on)), job)
+    jobs[on] = job
+    if on:
+      names = sorted(job.quantized.weights.pq)
+      assert sorted(job.hessians) == names
+      for n in names:
+        in_f = tree_utils.get_path(params, n.split('/') + ['kernel']).shape[0]
+        assert job.hessians[n].shape == (in_f, in_f) and job.moments[n].shape == (in_f // 4, 4, 4)
+    else:
+      assert job.hessians is None
+  full = {}
+  for on, job in jobs.items():
+    full[on] = []
+    for n, w in job.quantized.weights.pq.items():
+      kernel = tree_utils.get_path(params, n.split('/') + ['kernel'])
+      full[on].append(feedback.rel_error(kernel, w.decode(), jobs[True].hessians[n]))
+  assert np.mean(full[True]) < np.mean(full[False]), full
+  assert [r['rel_out_err_full'] for r in jobs[True].report['layers']] == pytest.approx(full[True], rel=1e-4)
+  config.stages = ('quantize', 'compress')
+  job = REGISTRY['compress'].run(config, str(tmp_path / 'True'), jobs[True])
+  assert all('rel_out_err_full' in row for row in job.report['layers'])
+  assert job.report['compress']['measured_bytes'] <= job.report['compress']['target_bytes']
+  assert all(np.asarray(w.alive).any(axis=1).all() for w in job.quantized.weights.pq.values())
 
 
 def test_evaluate_scores_the_batch_the_job_names(tmp_path, monkeypatch):

@@ -110,7 +110,8 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
     ('stats_batches', 0, "config.quant.stats_batches=0: expected >= 1 for objective 'output'"),
     ('stats_batch_size', 0, "config.quant.stats_batch_size=0: expected >= 1 for objective 'output'"),
     ('objective', 'outputs', "config.quant.objective='outputs': expected one of weight, output"),
-    ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq"),
+    ('scale_rule', 'max', "config.quant.scale_rule='max': expected one of norm, lsq, output_norm"),
+    ('feedback_group', 0, None),  # only read with error_feedback
     ('stats_guidance', -1.0, 'config.quant.stats_guidance=-1.0: expected >= 0 (0: no guided inputs)'),
     ('stats_conditions', -1, 'config.quant.stats_conditions=-1: expected >= 0 (0: no conditioning pass)'),
   ],
@@ -119,6 +120,22 @@ def test_bad_statistics_values_fail_with_one_line(key, value, message):
   config = dit_xl_1bit.get_config('runlocal=1')
   config.quant.objective = 'output'
   config.quant[key] = value
+  problems = quantize_stage.check(config)
+  assert problems == ([message] if message else []), problems
+
+
+@pytest.mark.parametrize(
+  'quant, message',
+  [
+    ({'objective': 'weight'}, "config.quant.error_feedback=True: needs objective 'output' (got 'weight')"),
+    ({'feedback_group': 0}, 'config.quant.feedback_group=0: expected >= 1 positions'),
+    ({'scale_rule': 'lsq'}, "config.quant.error_feedback=True: scale_rule 'lsq' is not supported; expected 'norm' or "
+                            "'output_norm'"),
+  ],
+)  # fmt: skip
+def test_bad_error_feedback_values_fail_with_one_line(quant, message):
+  config = dit_xl_1bit.get_config('runlocal=1')
+  config.quant.update({'objective': 'output', 'error_feedback': True, **quant})
   problems = quantize_stage.check(config)
   assert problems == [message], problems
 
