@@ -120,12 +120,15 @@ def calibrate(
   progress: bool = True,
   fingerprint: str | None = None,
   metrics: dict | None = None,
+  latents: dict | None = None,
   probe: Probe | None = None,
 ) -> dict[str, Any]:
   """Runs config.calibrate `cfg` on the quantized model (params, quant); resumes from workdir.
 
   metrics: {module path: whitening factors [num_subvectors, d, d]}: the dynamic assignment's metric
   (train_step.attach_latent), as quantize fitted in; None: Euclidean.
+  latents: {module path: [in_features, out_features]} the dynamic assignment's latent weight where it is not the
+  fp kernel (config.calibrate.assign_target='feedback').
 
   probe: (steps, fn): fn(step, params, quant) is called with the model as it stands after each of `steps` that this
   run passes through, exactly as it would be returned if calibration stopped there, and for step 0 with the model
@@ -146,7 +149,7 @@ def calibrate(
   from dpq_jax import diffusion as diffusion_lib
 
   diffusion = diffusion or diffusion_lib.create_diffusion()
-  params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment, metrics)
+  params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment, metrics, latents)
   mutable_q, constant_q = step_lib.split_quant(quant_l)
   trainable, frozen_params = trainable_lib.split_trainable(params_l, trainable_lib.trainable_patterns(cfg.trainable))
   tx = trainable_lib.optimizer(cfg)

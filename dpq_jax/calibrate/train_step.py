@@ -68,9 +68,11 @@ def calibration_models(
 
 
 def attach_latent(
-  params: dict, quant: dict, fp_params: dict, assignment: str, metrics: dict | None = None
-) -> tuple[dict, dict]:
-  """Adds every quantized layer's full-precision kernel as its latent weight, and its assignment metric.
+  params: dict, quant: dict, fp_params: dict, assignment: str, metrics: dict | None = None,
+  latents: dict | None = None,
+) -> tuple[dict, dict]:  # fmt: skip
+  """Adds every quantized layer's full-precision kernel (or its entry in `latents` {module path: [in, out]}) as
+  its latent weight, and its assignment metric.
 
   Dynamic assignment keeps it in the `quant` collection (argmin target, never trained); 'ste'
   puts it in params (a straight-through weight that may be trained). metrics {module path: whitening
@@ -85,7 +87,8 @@ def attach_latent(
     for k in keys:
       fp = fp[k]
     target = params if assignment == 'ste' else quant
-    tree_utils.set_path(target, keys + [qweight.LATENT], jnp.asarray(fp[qweight.KERNEL], jnp.float32))
+    latent = fp[qweight.KERNEL] if not latents or name not in latents else latents[name]
+    tree_utils.set_path(target, keys + [qweight.LATENT], jnp.asarray(latent, jnp.float32))
     if metrics and name in metrics:
       tree_utils.set_path(quant, keys + [qweight.METRIC], jnp.asarray(metrics[name], jnp.float32))
   return params, quant

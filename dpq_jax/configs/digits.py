@@ -95,6 +95,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'stages': ('quantize', 'compress'),
       'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},
     },
+    # ... calibrated with the dynamic assignment re-picking codes for the fed-back targets error feedback left
+    # (calibrate.assign_target='feedback'), not for W / s per position; `:full` and `:curves` (README).
+    'pq-1bit-calibrated-fb': {
+      'stages': ('quantize', 'compress', 'calibrate'),
+      'overrides': {
+        'quant': {'method': 'pq', 'k': 256, 'd': 8, 'codebook_dtype': 'int8'},
+        'compress': {'budget': 24.0},
+        'calibrate': {'assign_target': 'feedback'},
+      },
+    },
     'pq-1bit-calibrated-fp16': {
       'stages': ('quantize', 'compress', 'calibrate'),
       'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},

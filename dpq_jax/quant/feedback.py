@@ -102,7 +102,8 @@ def _group_step(
     key: k-means seeding ('kmeans').
 
   Returns:
-    (targets with the later rows updated, codebooks [group, K, d] as stored, codes [group, out_features]).
+    (targets with the later rows updated, codebooks [group, K, d] as stored, codes [group, out_features], each
+    position's target as it was assigned [group * d, out_features], its conditional whitening [group, d, d]).
   """
   out_features = w.shape[1]
   t = _conditional_whitening(u_rows, start, group, d)  # [G, d, d]
@@ -121,22 +122,24 @@ def _group_step(
   zbooks = whiten(books)  # [G, K, d]
 
   def position(i, carry):
-    w_group, codes, errs = carry
+    w_group, codes, errs, assigned = carry
     rows = jax.lax.dynamic_slice_in_dim(w_group, i * d, d, axis=0)  # [d, out]
+    assigned = jax.lax.dynamic_update_slice_in_dim(assigned, rows, i * d, axis=0)
     z = jnp.einsum('ed,dn->ne', t[i], rows, precision=_HIGHEST)  # [out, d]
     code = kmeans_lib.assign(z[None], zbooks[i][None], alive=alive[i][None])[0]  # [out]
     e = z - zbooks[i][code]  # [out, d]: U_aa^-T (w_a - q_a)
     u_a = jax.lax.dynamic_slice_in_dim(u_group, i * d, d, axis=0)  # [d, G*d]
     # rows of this and earlier positions change too (U_a has zeros before a; its own rows are quantized already)
     w_group = w_group - jnp.einsum('dr,nd->rn', u_a, e, precision=_HIGHEST)
-    return w_group, codes.at[i].set(code), jax.lax.dynamic_update_slice_in_dim(errs, e.T, i * d, axis=0)
+    errs = jax.lax.dynamic_update_slice_in_dim(errs, e.T, i * d, axis=0)
+    return w_group, codes.at[i].set(code), errs, assigned
 
   codes = jnp.zeros((group, out_features), jnp.int32)
   errs = jnp.zeros((group * d, out_features), jnp.float32)
-  _, codes, errs = jax.lax.fori_loop(0, group, position, (w_group, codes, errs))
+  _, codes, errs, assigned = jax.lax.fori_loop(0, group, position, (w_group, codes, errs, jnp.zeros_like(errs)))
   later = jnp.arange(w.shape[0]) >= start + group * d
   w = w - jnp.where(later[:, None], jnp.einsum('ri,rn->in', u_rows, errs, precision=_HIGHEST), 0.0)
-  return w, books, codes
+  return w, books, codes, assigned, t
 
 
 def quantize(
@@ -162,6 +165,34 @@ def quantize(
   Returns:
     (codebooks [num_codebooks, K, d] float32 as stored, codes [num_subvectors, out_features] int32).
   """
+  books, codes, _, _ = _run(kernel, hessian, codebooks, key, fit=fit, alive=alive, weights=weights, iters=iters,
+                            group=group, damping=damping, codebook_dtype=codebook_dtype)  # fmt: skip
+  return books, codes
+
+
+def assignment_targets(
+  kernel: jax.Array, hessian: jax.Array, codebooks: jax.Array, alive: jax.Array | None = None, *, group: int = 1,
+  damping: float = 0.01,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+  """What a later nearest-codeword assignment needs to keep the codes error feedback chose for `codebooks` (as
+  given, fit 'fixed'): (codes [num_subvectors, out_features], targets [in_features, out_features]: each position's
+  fed-back rows as they were assigned, factors [num_subvectors, d, d]: its conditional whitening U_aa^-T). The
+  nearest live codeword of targets_j under factors_j (metric.assign) is codes_j; calibration's dynamic assignment
+  re-picks codes that way as the codebooks train (config.calibrate.assign_target='feedback'), the targets held as
+  they were at its start."""
+  _, codes, targets, factors = _run(kernel, hessian, codebooks, jax.random.key(0), fit='fixed', alive=alive,
+                                    group=group, damping=damping)  # fmt: skip
+  return codes, targets, factors
+
+
+def _run(
+  kernel: jax.Array, hessian: jax.Array, codebooks: jax.Array, key: jax.Array, *, fit: str = 'kmeans',
+  alive: jax.Array | None = None, weights: jax.Array | None = None, iters: int = 25, group: int = 8,
+  damping: float = 0.01, codebook_dtype: str = 'float32',
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+  """`quantize`, plus each position's fed-back target as it was assigned [in_features, out_features] and its
+  conditional whitening [num_subvectors, d, d] (`assignment_targets`).
+  """
   if fit not in FITS:
     raise ValueError(f'fit={fit!r}: expected one of {FITS}')
   in_features, out_features = kernel.shape
@@ -179,21 +210,23 @@ def quantize(
   books_all = jnp.asarray(codebooks, jnp.float32)
   alive_all = jnp.ones((num_codebooks, codebook_size), bool) if alive is None else jnp.asarray(alive, bool)
   weights = jnp.ones((out_features,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
-  out_books, out_codes = [], []
+  out_books, out_codes, out_targets, out_factors = [], [], [], []
   for first in range(0, num_subvectors, group):
     size = min(group, num_subvectors - first)
     rows = slice(first * d, (first + size) * d)
     pick = slice(0, 1) if shared else slice(first, first + size)
     books = jnp.broadcast_to(books_all[pick], (size, codebook_size, d))
     live = jnp.broadcast_to(alive_all[pick], (size, codebook_size))
-    w, books, codes = _group_step(
+    w, books, codes, targets, factors = _group_step(
       w, u[rows], jnp.int32(first * d), books, live, weights, jax.random.fold_in(key, first),
       group=size, d=d, fit=fit, iters=iters, codebook_dtype=codebook_values.dtype_name(codebook_dtype),
     )  # fmt: skip
     out_books.append(books)
     out_codes.append(codes)
+    out_targets.append(targets)
+    out_factors.append(factors)
   books = books_all if shared else jnp.concatenate(out_books)
-  return books, jnp.concatenate(out_codes)
+  return books, jnp.concatenate(out_codes), jnp.concatenate(out_targets), jnp.concatenate(out_factors)
 
 
 def rel_error(kernel: jax.Array, approx: jax.Array, hessian: jax.Array) -> float:

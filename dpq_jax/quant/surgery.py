@@ -188,7 +188,8 @@ def quantize_params(
       code_dtype = packing.code_dtype(spec.codebook_size)
       w = qweight.PQWeight(codebooks, codes.astype(code_dtype))
       if channel_scale:
-        scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype, hessian=hessian)  # [out_features]
+        # [out_features]
+        scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype, hessian=hessian)
         if scale_rule == 'lsq':  # codes for W / s, then s again (of the unscaled codewords): each lowers the objective
           codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
           scale = pq.scale_of(kernel, pq.decode(codebooks, codes), scale_rule, layer_moments, side_dtype)

@@ -25,12 +25,13 @@ from dpq_jax.calibrate import source as source_lib
 from dpq_jax.calibrate import train_step as step_lib
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import load as load_lib
-from dpq_jax.quant import lineage, metric, qweight, storage, surgery
+from dpq_jax.quant import feedback, lineage, metric, qweight, storage, surgery
 from dpq_jax.quant import pq as pq_lib
 from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
 ASSIGNMENTS = ('dynamic', 'ste')
+ASSIGN_TARGETS = ('weight', 'feedback')
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
@@ -52,6 +53,13 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
     errs.append(f'config.calibrate.assign_every={cfg.assign_every}: expected >= 0 (0 keeps the codes fixed)')
   if cfg.assignment not in ASSIGNMENTS:
     errs.append(f'config.calibrate.assignment={cfg.assignment!r}: expected one of {", ".join(ASSIGNMENTS)}')
+  if cfg.assign_target not in ASSIGN_TARGETS:
+    errs.append(f'config.calibrate.assign_target={cfg.assign_target!r}: expected one of {", ".join(ASSIGN_TARGETS)}')
+  elif cfg.assign_target == 'feedback' and not (config.quant.error_feedback and config.quant.objective == 'output'):
+    errs.append("config.calibrate.assign_target='feedback': needs quant.error_feedback=True with quant.objective="
+                f"'output' (got {config.quant.error_feedback}, {config.quant.objective!r})")  # fmt: skip
+  elif cfg.assign_target == 'feedback' and cfg.assignment != 'dynamic':
+    errs.append(f"config.calibrate.assign_target='feedback': needs assignment='dynamic' (got {cfg.assignment!r})")
   if cfg.remat not in step_lib.REMAT_MODES:
     errs.append(f'config.calibrate.remat={cfg.remat!r}: expected one of {", ".join(step_lib.REMAT_MODES)}')
   if cfg.optimizer not in trainable_lib.OPTIMIZERS:
@@ -101,12 +109,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     if cfg.assignment != 'ste':
       raise errors.ConfigError(str(e)) from None
   source = source_lib.resolve(config, workdir, job)
-  metrics = None
+  metrics = latents = None
   if config.quant.objective == 'output':  # argmin in the metric quantize fitted in (quantize's statistics)
-    if job.moments is None:
+    if job.moments is None or (cfg.assign_target == 'feedback' and job.hessians is None):
       dims = surgery.subvector_dims(job.fp_params, rules, 'pq')
-      job.moments, job.grad2 = source_lib.input_moments(config, workdir, job, dims)
+      job.moments, job.grad2, job.hessians = source_lib.layer_statistics(config, workdir, job, dims)
     metrics = {name: metric.factor(job.moments[name], config.quant.damping) for name in q.pq if name in job.moments}
+  if cfg.assign_target == 'feedback':
+    latents, factors, kept = _feedback_targets(q, job.fp_params, job.hessians, config.quant)
+    metrics.update(factors)
+    job.notes.append(f'calibrate: assignment against the fed-back targets of {len(latents)} layers; at the start '
+                     f'they keep {kept:.2%} of the codes')  # fmt: skip
   out = loop_lib.calibrate(
     dynamic_model=dynamic_model,
     frozen_model=frozen_model,
@@ -122,6 +135,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     codebook_dtype=jnp.dtype(config.quant.codebook_dtype),
     fingerprint=lineage.fingerprint(job.links('calibrate')),
     metrics=metrics,
+    latents=latents,
     probe=_probe(job, q, rules),
   )
   q = surgery.QuantizedParams.from_variables(out['params'], out['quant'], q.rtn, q.rows)
@@ -141,6 +155,28 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     job.notes.append(f'calibrate: config.model.scan_blocks, but the blocks ran unrolled: {out["unrolled_because"]}')
   job.quantized = QuantizedModel(q, rules, meta)
   return job
+
+
+def _feedback_targets(
+  q: surgery.QuantizedParams, fp_params: dict, hessians: dict, qcfg: ml_collections.ConfigDict
+) -> tuple[dict, dict, float]:
+  """({layer: latent [in, out]}, {layer: metric factors [num_subvectors, d, d]}, fraction of codes kept) for
+  config.calibrate.assign_target='feedback': each layer's fed-back targets for its starting codebooks
+  (feedback.assignment_targets) times its channel scale (PQDense assigns latent / scale), and their conditional
+  whitening. The fraction is how many of the artifact's codes that assignment keeps (1 for codes that error
+  feedback chose for these codebooks)."""
+  latents, factors, same, total = {}, {}, 0, 0
+  for name, w in q.pq.items():
+    if name not in hessians:
+      continue
+    kernel = tree_utils.get_path(fp_params, name.split('/') + [qweight.KERNEL])
+    codes, targets, t = feedback.assignment_targets(kernel, hessians[name], w.codebooks, w.alive,
+                                                    group=qcfg.feedback_group, damping=qcfg.damping)  # fmt: skip
+    latents[name] = targets if w.scale is None else targets * jnp.asarray(w.scale, jnp.float32)
+    factors[name] = t
+    same += int(np.sum(np.asarray(codes) == np.asarray(w.codes)))
+    total += int(np.size(codes))
+  return latents, factors, same / max(total, 1)
 
 
 def _probe(job: Job, q: surgery.QuantizedParams, rules) -> loop_lib.Probe | None:

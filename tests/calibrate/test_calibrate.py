@@ -169,6 +169,8 @@ def test_optimizer_from_config_matches_optax():
     ({'data.source': 'npz', 'data.path': '/nonexistent.npz'}, "config.data.path='/nonexistent.npz': no such npz"),
     ({'calibrate.assign_every': -1}, 'config.calibrate.assign_every=-1'),
     ({'calibrate.trainable': 'latent'}, "needs assignment='ste'"),
+    ({'calibrate.assign_target': 'x'}, "config.calibrate.assign_target='x': expected one of weight, feedback"),
+    ({'calibrate.assign_target': 'feedback'}, "assign_target='feedback': needs quant.error_feedback=True"),
     ({'quant.method': 'rtn'}, "config.quant.method='rtn': calibrate trains PQ/VQ codebooks"),
   ],
 )

@@ -60,6 +60,29 @@ def test_fixed_codebooks_take_the_reference_codes(shared, group):
   np.testing.assert_array_equal(np.asarray(codes), want)
 
 
+@pytest.mark.parametrize('shared', [False, True])
+@pytest.mark.parametrize('group', [1, 3])
+def test_assignment_targets_keep_the_reference_codes(shared, group):
+  """The fed-back targets and conditional whitening of each position: their nearest live codeword (metric.assign,
+  what calibration's dynamic assignment computes) is the numpy reference's code, dead codewords included; the
+  first position's target is the kernel's own rows (nothing fed back yet), a later one's is not."""
+  rng = np.random.default_rng(5)
+  d, k, in_f, out_f = 4, 8, 32, 40
+  kernel = helpers.heavy_tailed((in_f, out_f), seed=5)
+  h = _hessian(rng, in_f)
+  books = rng.normal(size=(1 if shared else in_f // d, k, d)).astype(np.float32) * np.std(kernel)
+  alive = np.ones(books.shape[:2], bool)
+  alive[:, -2:] = False  # two dead codewords in every codebook
+  codes, targets, factors = feedback.assignment_targets(kernel, h, books, alive, group=group, damping=0.01)
+  dead_free = np.where(alive[..., None], books, 1e3)  # the reference sees the dead ones far away
+  want = _reference(kernel, _damped(h, 0.01), dead_free.astype(np.float64), d)
+  np.testing.assert_array_equal(np.asarray(codes), want)
+  again = metric.assign(pq.to_subvectors(targets, d), books, factors, alive)
+  np.testing.assert_array_equal(np.asarray(again), want)
+  np.testing.assert_allclose(np.asarray(targets)[:d], kernel[:d], rtol=1e-6)
+  assert not np.allclose(np.asarray(targets)[-d:], kernel[-d:], rtol=1e-2)
+
+
 def test_feedback_lowers_the_full_output_error_below_the_per_position_metric():
   rng = np.random.default_rng(1)
   d, k, in_f, out_f = 4, 16, 64, 96
