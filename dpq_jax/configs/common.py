@@ -127,10 +127,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.calibrate.assignment = 'dynamic'  # 'dynamic' (argmin in the forward) | 'ste' (latent weights in params)
   config.calibrate.assign_every = 1  # recompute assignments every n steps; 0 keeps them fixed
   # What the dynamic assignment re-picks codes for: 'weight' (each layer's fp kernel / scale, nearest per position in
-  # quantize's metric) | 'feedback' (with quant.error_feedback: each position's fed-back target and conditional
+  # quantize's metric) | 'feedback' (needs quant.error_feedback: each position's fed-back target and conditional
   # metric as error feedback left them for the starting codebooks, so step 0 keeps the feedback codes;
-  # feedback.assignment_targets).
-  config.calibrate.assign_target = 'weight'
+  # feedback.assignment_targets) | 'auto' ('feedback' where quant.error_feedback is on, else 'weight'; measured
+  # better on the demo, README "Calibration that keeps the feedback codes").
+  config.calibrate.assign_target = 'auto'
   # What the backward pass recomputes instead of keeping: 'none' | 'decoded' (each quantized layer's decoded
   # kernel, re-gathered from codebooks + codes) | 'blocks' (whole DiT blocks, nn.remat: under scan_blocks one
   # block's kernels and activations at a time; unrolled, no saving on XLA:CPU) | 'dots' (per block, keep only the

@@ -95,14 +95,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       'stages': ('quantize', 'compress'),
       'overrides': {'quant': {'method': 'pq', 'k': 256, 'd': 8}, 'compress': {'budget': 24.0}},
     },
-    # ... calibrated with the dynamic assignment re-picking codes for the fed-back targets error feedback left
-    # (calibrate.assign_target='feedback'), not for W / s per position; `:full` and `:curves` (README).
-    'pq-1bit-calibrated-fb': {
+    # ... calibrated with the dynamic assignment re-picking each position's code for W / s alone (as before
+    # calibrate.assign_target 'auto': here it keeps error feedback's targets; README).
+    'pq-1bit-calibrated-assign-weight': {
       'stages': ('quantize', 'compress', 'calibrate'),
       'overrides': {
         'quant': {'method': 'pq', 'k': 256, 'd': 8, 'codebook_dtype': 'int8'},
         'compress': {'budget': 24.0},
-        'calibrate': {'assign_target': 'feedback'},
+        'calibrate': {'assign_target': 'weight'},
       },
     },
     'pq-1bit-calibrated-fp16': {

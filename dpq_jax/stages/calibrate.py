@@ -31,7 +31,7 @@ from dpq_jax.quant import sizes as sizes_lib
 from dpq_jax.stages.job import Job, QuantizedModel
 
 ASSIGNMENTS = ('dynamic', 'ste')
-ASSIGN_TARGETS = ('weight', 'feedback')
+ASSIGN_TARGETS = ('auto', 'weight', 'feedback')
 
 
 def check(config: ml_collections.ConfigDict) -> list[str]:
@@ -111,11 +111,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   source = source_lib.resolve(config, workdir, job)
   metrics = latents = None
   if config.quant.objective == 'output':  # argmin in the metric quantize fitted in (quantize's statistics)
-    if job.moments is None or (cfg.assign_target == 'feedback' and job.hessians is None):
+    if job.moments is None or (assign_target(config) == 'feedback' and job.hessians is None):
       dims = surgery.subvector_dims(job.fp_params, rules, 'pq')
       job.moments, job.grad2, job.hessians = source_lib.layer_statistics(config, workdir, job, dims)
     metrics = {name: metric.factor(job.moments[name], config.quant.damping) for name in q.pq if name in job.moments}
-  if cfg.assign_target == 'feedback':
+  if assign_target(config) == 'feedback':
     latents, factors, kept = _feedback_targets(q, job.fp_params, job.hessians, config.quant)
     metrics.update(factors)
     job.notes.append(f'calibrate: assignment against the fed-back targets of {len(latents)} layers; at the start '
@@ -155,6 +155,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     job.notes.append(f'calibrate: config.model.scan_blocks, but the blocks ran unrolled: {out["unrolled_because"]}')
   job.quantized = QuantizedModel(q, rules, meta)
   return job
+
+
+def assign_target(config: ml_collections.ConfigDict) -> str:
+  """config.calibrate.assign_target with 'auto' resolved: 'feedback' where PQ/VQ codes were chosen with error
+  feedback (quant.error_feedback, objective 'output', dynamic assignment), else 'weight'."""
+  target = config.calibrate.assign_target
+  if target != 'auto':
+    return target
+  feedback_codes = config.quant.error_feedback and config.quant.objective == 'output' and config.quant.method != 'rtn'
+  return 'feedback' if feedback_codes and config.calibrate.assignment == 'dynamic' else 'weight'
 
 
 def _feedback_targets(

@@ -169,7 +169,7 @@ def test_optimizer_from_config_matches_optax():
     ({'data.source': 'npz', 'data.path': '/nonexistent.npz'}, "config.data.path='/nonexistent.npz': no such npz"),
     ({'calibrate.assign_every': -1}, 'config.calibrate.assign_every=-1'),
     ({'calibrate.trainable': 'latent'}, "needs assignment='ste'"),
-    ({'calibrate.assign_target': 'x'}, "config.calibrate.assign_target='x': expected one of weight, feedback"),
+    ({'calibrate.assign_target': 'x'}, "config.calibrate.assign_target='x': expected one of auto, weight, feedback"),
     ({'calibrate.assign_target': 'feedback'}, "assign_target='feedback': needs quant.error_feedback=True"),
     ({'quant.method': 'rtn'}, "config.quant.method='rtn': calibrate trains PQ/VQ codebooks"),
   ],
@@ -183,6 +183,25 @@ def test_bad_config_fails_with_a_clear_line(overrides, message):
     if jax.device_count() == 1:
       pytest.skip('batch divisibility needs more than one device; covered by test_calibrate_sharded.py')
   assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'quant, calibrate, want',
+  [
+    ({'error_feedback': True, 'objective': 'output'}, {}, 'feedback'),
+    ({'error_feedback': False, 'objective': 'output'}, {}, 'weight'),
+    ({'error_feedback': True, 'objective': 'weight'}, {}, 'weight'),
+    ({'error_feedback': True, 'objective': 'output'}, {'assignment': 'ste'}, 'weight'),
+    ({'error_feedback': True, 'objective': 'output'}, {'assign_target': 'weight'}, 'weight'),
+  ],
+)
+def test_assign_target_auto_follows_error_feedback(quant, calibrate, want):
+  from dpq_jax.stages import calibrate as calibrate_stage
+
+  config = runlocal()
+  config.quant.update(quant)
+  config.calibrate.update(calibrate)
+  assert calibrate_stage.assign_target(config) == want
 
 
 def test_bad_config_writes_nothing(tmp_path):
