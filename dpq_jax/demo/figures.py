@@ -115,12 +115,8 @@ def save_sweep_plot(path: str, rows: list[dict], budget: float | None = None) ->
         if not pts:
           continue
         x = [r['effective_bits_per_quantized_weight'] for r in pts]
-        y = [r['metrics'][key] for r in pts]
         style = '-' if objective == 'output' else '--'
-        ax.plot(x, y, style, marker='o', color=colors[method], label=f'{method} ({objective})', zorder=3)
-        if all(r.get('ci95', {}).get(key) for r in pts):
-          lo, hi = zip(*(r['ci95'][key] for r in pts))
-          ax.fill_between(x, lo, hi, color=colors[method], alpha=0.15, linewidth=0)
+        _band(ax, x, pts, key, colors[method], f'{method} ({objective})', style)
       _references(ax, key, fp, budget, f'{key}{" (log)" if key == "fd" else ""}, {("un", "")[calibrated]}calibrated')
   handles, labels = axes[0][0].get_legend_handles_labels()
   for h, lab in zip(*axes[1][0].get_legend_handles_labels()):
@@ -149,15 +145,20 @@ def save_curves(path: str, rows: list[dict]) -> None:
       x = [p['step'] for p in pts]
       bits = row['effective_bits_per_quantized_weight']
       label = f'{row["name"]} ({bits:.2f} bits)' if bits else row['name']
-      ax.plot(x, [p['metrics'][key] for p in pts], marker='o', color=colors[i % len(colors)], label=label, zorder=3)
-      if all(p.get('ci95', {}).get(key) for p in pts):
-        lo, hi = zip(*(p['ci95'][key] for p in pts))
-        ax.fill_between(x, lo, hi, color=colors[i % len(colors)], alpha=0.15, linewidth=0)
+      _band(ax, x, pts, key, colors[i % len(colors)], label)
     ax.set_xscale('symlog', linthresh=10)
     _references(ax, key, fp, None, f'{key}{" (log)" if key == "fd" else ""} vs calibration steps, 95% intervals',
                 xlabel='calibration steps (one run per row)')  # fmt: skip
   handles, labels = axes[0].get_legend_handles_labels()
   _save(fig, path, handles, labels)
+
+
+def _band(ax, x: list[float], pts: list[dict], key: str, color, label: str, style: str = '-') -> None:
+  """A line through the points' metric `key` at `x`, with their 95% intervals as a band where every point has one."""
+  ax.plot(x, [p['metrics'][key] for p in pts], style, marker='o', color=color, label=label, zorder=3)
+  if all(p.get('ci95', {}).get(key) for p in pts):
+    lo, hi = zip(*(p['ci95'][key] for p in pts))
+    ax.fill_between(x, lo, hi, color=color, alpha=0.15, linewidth=0)
 
 
 def _marker(name: str) -> str:
