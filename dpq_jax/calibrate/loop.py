@@ -214,8 +214,7 @@ def calibrate(
     trained = _round_codebooks(
       trainable_lib.merge(params_host, frozen_params), trainable_lib.merge(quant_host, constant_q), codebook_dtype
     )
-    sample = {'latents': source.latents[:1], 'labels': source.labels[:1]}
-    quant_out = step_lib.refresh_codes(dynamic_model, trained, trainable_lib.merge(quant_host, constant_q), sample)
+    quant_out = step_lib.refresh_codes(trained, trainable_lib.merge(quant_host, constant_q))
     quant_out = trainable_lib.pick(quant_host, jax.device_get(quant_out))
     params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
     return params_out, quant_out

@@ -27,6 +27,7 @@ from dpq_jax.calibrate import sharding
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import layers, qweight
+from dpq_jax.quant import pq as pq_lib
 
 # What the backward pass recomputes instead of keeping (config.calibrate.remat):
 #   'none'     nothing: every decoded kernel W_hat [C_in, C_out] and every activation is kept;
@@ -211,13 +212,40 @@ def jit_step(step_fn: Callable, mesh: jax.sharding.Mesh, state: Any, frozen: Any
   return jitted, state_sh, frozen_sh
 
 
-def refresh_codes(dynamic_model: nn.Module, params: dict, quant: dict, sample: dict) -> dict:
-  """The `quant` collection after one dynamic forward: codes = argmin over `params`' codebooks.
+def refresh_codes(params: dict, quant: dict) -> dict:
+  """The `quant` collection with every PQ/VQ layer's codes recomputed as a dynamic forward recomputes them.
 
-  params and quant are per block; a model with scan_blocks runs on them stacked."""
-  x = jnp.asarray(sample['latents'][:1], jnp.float32)
-  t = jnp.zeros((1,), jnp.int32)
-  y = jnp.asarray(sample['labels'][:1], jnp.int32)
-  model, variables, _ = scan_lib.runnable(dynamic_model, {'params': params, 'quant': quant})
-  fn = jax.jit(lambda v: model.apply(v, x, t, y, mutable=['quant'])[1]['quant'])
-  return trainable_lib.pick(quant, scan_lib.unstack_blocks(fn(variables)))
+  PQDense's dynamic assignment (`pq.encode`) depends on the layer's latent weight (`quant/latent`, or
+  `params/latent` for 'ste'), scale, codebooks, alive mask and metric only, not on the input: each layer is
+  assigned alone, by one small program per layer shape, instead of stacking the model and compiling its
+  forward. Trees per block or stacked (models/scan.py: leaves [depth, ...] under `blocks`, assigned block by
+  block, as the scanned forward does); the codes keep their dtype and the rest of `quant` is returned as is."""
+  quant = _copy_dicts(quant)
+  for name in qweight.modules(params):
+    keys = name.split('/')
+    p, q = tree_utils.get_path(params, keys), tree_utils.get_path(quant, keys)
+    if q is None or qweight.CODES not in q:
+      continue
+    latent = q.get(qweight.LATENT, p.get(qweight.LATENT))
+    if latent is None:
+      raise ValueError(f'refresh_codes: layer {name} has no latent weight (train_step.attach_latent)')
+    operands = (latent, p[qweight.CODEBOOKS], q.get(qweight.METRIC), q.get(qweight.ALIVE), p.get(qweight.SCALE))
+    if keys[0] == scan_lib.STACKED:  # [depth, ...]: one block at a time, the scanned forward's per-block program
+      codes = jnp.stack([_assign(*(None if x is None else x[i] for x in operands)) for i in range(len(latent))])
+    else:
+      codes = _assign(*operands)
+    q[qweight.CODES] = codes.astype(q[qweight.CODES].dtype)
+  return quant
+
+
+@jax.jit
+def _assign(latent, codebooks, u, alive, scale) -> jax.Array:
+  """PQDense's dynamic codes [num_subvectors, out_features] of one layer (compiled once per layer shape)."""
+  num_codebooks, codebook_size, subvector_dim = codebooks.shape
+  spec = pq_lib.CodebookSpec(codebook_size, subvector_dim, shared=num_codebooks == 1)  # (one position: the same)
+  return pq_lib.encode(latent, codebooks, spec, u, alive, scale)
+
+
+def _copy_dicts(tree: dict) -> dict:
+  """The nested dicts copied, the leaves shared."""
+  return {k: _copy_dicts(v) if isinstance(v, dict) else v for k, v in tree.items()}

@@ -24,8 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from dpq_jax.models import scan as scan_lib
-from dpq_jax.quant import kmeans as kmeans_lib
-from dpq_jax.quant import metric, packing, pq
+from dpq_jax.quant import packing, pq
 
 ASSIGNMENTS = ('frozen', 'dynamic', 'ste')
 
@@ -120,19 +119,16 @@ class PQDense(nn.Module):
     target = jax.lax.stop_gradient(latent)
     if self.remat:  # the argmin's kernel-sized copies exist only while this layer runs, not all at once
       target = _after(target, x)
-    if self.has_variable('params', 'scale'):  # the layer computes (x @ C[a]) * s: C[a] approximates W / s
-      target = pq.scaled_target(target, jax.lax.stop_gradient(self.get_variable('params', 'scale')))
-    sub = pq.to_subvectors(target, spec.subvector_dim)  # [M, out, d]
+    # The layer computes (x @ C[a]) * s where it has a scale: C[a] approximates W / s.
+    scale = (
+      jax.lax.stop_gradient(self.get_variable('params', 'scale')) if self.has_variable('params', 'scale') else None
+    )
     # After codebook compression the `quant/alive` mask [num_codebooks, K] bool marks the live codewords
     # (dead ones are never assigned); without it every codeword is live, as before compression.
     alive = self.get_variable('quant', 'alive') if self.has_variable('quant', 'alive') else None
-    if self.has_variable('quant', 'metric'):  # the layer-output metric quantize fitted in (metric.py)
-      u = self.get_variable('quant', 'metric')  # [num_subvectors, d, d] whitening factors
-      assigned = metric.assign(sub, jax.lax.stop_gradient(codebooks), u, alive)
-    else:
-      problems = sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
-      assigned = kmeans_lib.assign(problems, jax.lax.stop_gradient(codebooks), alive=alive)
-    assigned = assigned.reshape(num_subvectors, -1)
+    # The layer-output metric quantize fitted in (metric.py): whitening factors [num_subvectors, d, d].
+    u = self.get_variable('quant', 'metric') if self.has_variable('quant', 'metric') else None
+    assigned = pq.encode(target, jax.lax.stop_gradient(codebooks), spec, u, alive, scale)  # [M, out_features]
     # The stored dtype (uint8 for K <= 256): the codes are what a rematerialised product keeps.
     assigned = assigned.astype(codes.value.dtype)
     if self.is_mutable_collection('quant') and not self.is_initializing():

@@ -88,13 +88,27 @@ def _problems(kernel: jax.Array, spec: CodebookSpec) -> jax.Array:
   return sub.reshape(1, -1, spec.subvector_dim) if spec.shared else sub
 
 
-def encode(kernel: jax.Array, codebooks: jax.Array, spec: CodebookSpec, u: jax.Array | None = None) -> jax.Array:
-  """Nearest-codeword codes [num_subvectors, out_features] int32 of a kernel; with whitening factors
-  u [num_subvectors, d, d] (metric.factor) nearest in the layer-output metric instead of Euclidean."""
+def encode(
+  kernel: jax.Array,
+  codebooks: jax.Array,
+  spec: CodebookSpec,
+  u: jax.Array | None = None,
+  alive: jax.Array | None = None,
+  scale: jax.Array | None = None,
+) -> jax.Array:
+  """Nearest-codeword codes [num_subvectors, out_features] int32 of a kernel [in_features, out_features]; with
+  whitening factors u [num_subvectors, d, d] (metric.factor) nearest in the layer-output metric instead of
+  Euclidean. The one argmin of a quantized layer: quantize's final codes and PQDense's dynamic assignment.
+
+  alive: optional [num_codebooks, K] bool live-codeword mask (codebook compression): dead codewords are never
+  chosen. scale: optional per-output-channel scale [out_features]: the codewords then approximate W / s
+  (`scaled_target`)."""
   in_features, out_features = kernel.shape
+  if scale is not None:
+    kernel = scaled_target(kernel, scale)
   if u is not None:
-    return metric.assign(to_subvectors(jnp.asarray(kernel, jnp.float32), spec.subvector_dim), codebooks, u)
-  codes = kmeans_lib.assign(_problems(kernel, spec), codebooks)
+    return metric.assign(to_subvectors(jnp.asarray(kernel, jnp.float32), spec.subvector_dim), codebooks, u, alive)
+  codes = kmeans_lib.assign(_problems(kernel, spec), codebooks, alive=alive)
   return codes.reshape(in_features // spec.subvector_dim, out_features)
 
 
