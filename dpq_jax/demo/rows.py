@@ -34,6 +34,33 @@ def row_config(config: ml_collections.ConfigDict, name: str) -> tuple[ml_collect
   return out, tuple(row.get('stages', ()))
 
 
+def continued(config: ml_collections.ConfigDict) -> dict[str, tuple[str, tuple[str, ...]]]:
+  """{row: (earlier row, the stages it still runs)} for the rows of config.compare.rows that continue an earlier
+  row's model: its `after` (row_defs[...].after: the row's own stages are what is left), or else the latest earlier
+  row with the same effective config (row_config) whose stages are a proper prefix of this row's, so that
+  `pq-1bit-calibrated` calibrates what `pq-1bit-compressed` already quantized and compressed instead of doing both
+  again. An earlier row that itself continues another is not a prefix (its stages are only the rest)."""
+  rows = list(config.compare.rows)
+  made = {name: row_config(config, name) for name in rows if name in config.compare.row_defs}
+  out = {}
+  for i, name in enumerate(rows):
+    if name not in made:
+      continue
+    after = config.compare.row_defs[name].get('after')
+    cfg, stages = made[name]
+    if after:
+      out[name] = (after, stages)
+      continue
+    for earlier in reversed(rows[:i]):
+      if earlier not in made or earlier in out:
+        continue
+      earlier_cfg, done = made[earlier]
+      if done and len(done) < len(stages) and stages[: len(done)] == done and earlier_cfg.to_dict() == cfg.to_dict():
+        out[name] = (earlier, stages[len(done) :])
+        break
+  return out
+
+
 def budget_bits(config: ml_collections.ConfigDict) -> float | None:
   """Effective bits per quantized weight the compressed rows' budget allows (32 / ratio), if a ratio."""
   budgets = [

@@ -4,7 +4,9 @@ Each row is the full-precision model as stage `train` (or `load`) left it, run t
 stages (quantize, compress, calibrate, taken from the stage registry, with the row's config overrides,
 into DIR/rows/<name>/), then scored with the demo metrics on the same labels and starting noise.
 A row whose definition names `after` starts from that earlier row's model instead (the sweep's calibrated rows
-continue their uncalibrated row), and config.compare.sweep.points, when set, are expanded into the rows first
+continue their uncalibrated row), as does a row whose config equals an earlier row's and whose stages extend it
+(demo/rows.continued: the default `pq-1bit-calibrated` calibrates `pq-1bit-compressed`'s model; a note says so),
+and config.compare.sweep.points, when set, are expanded into the rows first
 (demo/sweep.py). report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
 `ci95` (the bootstrap 95% interval of every metric), `timings_s`, and `sweep` for sweep rows);
 DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
@@ -88,7 +90,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
 
   registry = _registry()
   rows, images = [], {}
-  kept = {d.get('after') for d in config.compare.row_defs.values()}  # rows that later rows start from
+  continued = rows_lib.continued(config)  # {row: (the earlier row it starts from, the stages it still runs)}
+  kept = {earlier for earlier, _ in continued.values()}  # rows that later rows start from
   done = {}
 
   def score(row_job: Job, cfg: ml_collections.ConfigDict) -> tuple[dict, dict, object]:
@@ -101,7 +104,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   for name in tqdm(config.compare.rows, desc='compare', unit='row'):
     cfg, stages = rows_lib.row_config(config, name)
     row_def = config.compare.row_defs[name]
-    base = done.pop(row_def['after']) if row_def.get('after') else job  # a row continues where its `after` stopped
+    base = job
+    if name in continued:  # the row continues where an earlier one stopped
+      earlier, stages = continued[name]
+      base = done[earlier]
+      job.notes.append(f'{name}: continued from the model of row {earlier} (ran only {", ".join(stages)})')
     row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None, calibration_probe=None)
     row.report['timings_s'] = {}
     curve = []  # the calibration-budget curve: the row scored after each of config.compare.curve_steps

@@ -79,8 +79,13 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   # point is the row itself.
   curve = rows['pq-1bit-calibrated']['curve']
   assert [p['step'] for p in curve] == [0, 2, 4] and 'curve' not in rows['pq-1bit-compressed']
+  # the calibrated row continued the compressed row's model (demo/rows.continued): step 0 is that model
+  assert set(rows['pq-1bit-calibrated']['timings_s']) == {'calibrate', 'evaluate'}
+  assert (
+    '- pq-1bit-calibrated: continued from the model of row pq-1bit-compressed' in (tmp_path / 'report.md').read_text()
+  )
   for key, value in rows['pq-1bit-compressed']['metrics'].items():
-    assert curve[0]['metrics'][key] == pytest.approx(value, rel=1e-3, abs=1e-6), key
+    assert curve[0]['metrics'][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
   assert curve[-1]['metrics'] == rows['pq-1bit-calibrated']['metrics']
   assert curve[1]['metrics']['eps_rel_error'] != curve[0]['metrics']['eps_rel_error']
   assert any(line.startswith('Calibration budget (pq-1bit-calibrated') for line in reading)
@@ -93,6 +98,23 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   again = json.loads((tmp_path / 'report.json').read_text())
   assert again['train']['cached'] is True
   assert again['rows'][0]['metrics'] == rows['fp']['metrics']
+
+
+def test_rows_continue_an_earlier_row_with_the_same_config():
+  """demo/rows.continued: a row starts from the latest earlier row with its config whose stages it extends; a row
+  with other overrides, or without such a row before it, runs its own stages; `after` is taken as given."""
+  from configs import digits as digits_config
+  from dpq_jax.demo import rows as rows_lib
+
+  config = digits_config.get_config('')
+  assert rows_lib.continued(config) == {'pq-1bit-calibrated': ('pq-1bit-compressed', ('calibrate',))}
+  config.compare.rows = ('fp', 'pq-1bit-calibrated', 'pq-1bit-compressed', 'pq-1bit-calibrated-assign-weight')
+  assert rows_lib.continued(config) == {}  # the compressed row comes after; the last row's calibrate differs
+  config.compare.rows = ('pq-1bit-w', 'pq-1bit', 'pq-1bit-compressed-w', 'pq-1bit-calibrated-w')
+  assert rows_lib.continued(config) == {'pq-1bit-calibrated-w': ('pq-1bit-compressed-w', ('calibrate',))}
+  config.compare.row_defs['pq-1bit-calibrated-w'].stages = ('calibrate',)
+  config.compare.row_defs['pq-1bit-calibrated-w'].after = 'pq-1bit-w'
+  assert rows_lib.continued(config) == {'pq-1bit-calibrated-w': ('pq-1bit-w', ('calibrate',))}
 
 
 def test_bad_compare_row_fails_clearly(tmp_path):
