@@ -3,6 +3,8 @@ stage's `run` needs nothing but its inputs in a Job built by hand (sample: tests
 on a hand-made quantized model: tests/test_calibrate.py)."""
 
 import builtins
+import copy
+import dataclasses
 import importlib
 import json
 import os
@@ -246,35 +248,36 @@ def test_error_feedback_quantizes_and_compresses_with_the_full_input_moments(tmp
   assert all(np.asarray(w.alive).any(axis=1).all() for w in job.quantized.weights.pq.values())
 
 
-@pytest.mark.parametrize('target', ['weight', 'feedback'])
-def test_calibration_assigns_against_the_fed_back_targets(tmp_path, target):
+def test_calibration_assigns_against_the_fed_back_targets(tmp_path):
   """calibrate.assign_target='feedback' after quantize and compress with error feedback: the first dynamic
-  assignment keeps every code feedback chose ('weight' re-picks some: the nearest codeword of W / s per position),
-  and the artifact's final codes are the nearest live codewords, in each position's conditional metric, of the
-  fed-back targets of the starting codebooks (feedback.assignment_targets, tested against a numpy reference) over
-  the final scale."""
+  assignment keeps every code feedback chose ('weight', from the same compressed model, re-picks some: the nearest
+  codeword of W / s per position), and the artifact's final codes are the nearest live codewords, in each
+  position's conditional metric, of the fed-back targets of the starting codebooks (feedback.assignment_targets,
+  tested against a numpy reference) over the final scale."""
   config, spec, params = _tiny(objective='output', stats_batches=2, stats_batch_size=4, error_feedback=True,
                                scale_rule='output_norm')  # fmt: skip
   rng = np.random.default_rng(0)
   data = {'train_images': rng.normal(size=(8, 8, 8, spec.in_channels)).astype(np.float32),
           'train_labels': rng.integers(0, 10, 8).astype(np.int32)}  # fmt: skip
   config.compress.update(budget=12.0)
-  config.calibrate.update(steps=2, batch_size=4, lr=3e-2, warmup=0, log_every=1, assign_target=target)
+  config.calibrate.update(steps=2, batch_size=4, lr=3e-2, warmup=0, log_every=1)
   config.stages = ('quantize', 'compress', 'calibrate')
-  assert REGISTRY['calibrate'].check(config) == []
-  workdir = str(tmp_path)
   job = Job(report=_report(params), spec=spec, fp_params=params, data=data)
   for stage in config.stages[:2]:
-    job = REGISTRY[stage].run(config, workdir, job)
+    job = REGISTRY[stage].run(config, str(tmp_path), job)
   start = job.quantized.weights
-  job = REGISTRY['calibrate'].run(config, workdir, job)
-  first = json.loads((tmp_path / 'metrics.jsonl').read_text().splitlines()[0])
-  if target == 'weight':
-    assert first['changed'] > 0
-    return
-  assert first['changed'] == 0
-  assert any('keep 100.00% of the codes' in note for note in job.notes), job.notes
-  for name, w in job.quantized.weights.pq.items():
+  first, done = {}, {}
+  for target in ('weight', 'feedback'):
+    config.calibrate.assign_target = target
+    assert REGISTRY['calibrate'].check(config) == []
+    workdir = tmp_path / target
+    workdir.mkdir()
+    row = dataclasses.replace(job, report=copy.deepcopy(job.report), notes=[])
+    done[target] = REGISTRY['calibrate'].run(config, str(workdir), row)
+    first[target] = json.loads((workdir / 'metrics.jsonl').read_text().splitlines()[0])['changed']
+  assert first['weight'] > 0 and first['feedback'] == 0, first
+  assert any('keep 100.00% of the codes' in note for note in done['feedback'].notes), done['feedback'].notes
+  for name, w in done['feedback'].quantized.weights.pq.items():
     kernel = tree_utils.get_path(params, name.split('/') + ['kernel'])
     s0, books0 = np.asarray(start.pq[name].scale), start.pq[name].codebooks
     _, targets, factors = feedback.assignment_targets(kernel, job.hessians[name], books0, start.pq[name].alive,
