@@ -110,16 +110,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       raise errors.ConfigError(str(e)) from None
   source = source_lib.resolve(config, workdir, job)
   metrics = latents = None
+  feedback_targets = assign_target(config) == 'feedback'
   if config.quant.objective == 'output':  # argmin in the metric quantize fitted in (quantize's statistics)
-    if job.moments is None or (assign_target(config) == 'feedback' and job.hessians is None):
+    if job.moments is None or (feedback_targets and job.hessians is None):
       dims = surgery.subvector_dims(job.fp_params, rules, 'pq')
       job.moments, job.grad2, job.hessians = source_lib.layer_statistics(config, workdir, job, dims)
-    metrics = {name: metric.factor(job.moments[name], config.quant.damping) for name in q.pq if name in job.moments}
-  if assign_target(config) == 'feedback':
-    latents, factors, kept = _feedback_targets(q, job.fp_params, job.hessians, config.quant)
-    metrics.update(factors)
-    job.notes.append(f'calibrate: assignment against the fed-back targets of {len(latents)} layers; at the start '
-                     f'they keep {kept:.2%} of the codes')  # fmt: skip
+    metrics = {}
+    if feedback_targets:  # their own conditional metrics (assign_target's check: objective 'output')
+      latents, metrics, kept = _feedback_targets(q, job.fp_params, job.hessians, config.quant)
+      job.notes.append(f'calibrate: assignment against the fed-back targets of {len(latents)} layers; at the start '
+                       f'they keep {kept:.2%} of the codes')  # fmt: skip
+    metrics.update({name: metric.factor(job.moments[name], config.quant.damping) for name in q.pq
+                    if name in job.moments and name not in metrics})  # fmt: skip
   out = loop_lib.calibrate(
     dynamic_model=dynamic_model,
     frozen_model=frozen_model,

@@ -15,6 +15,7 @@ per weight (the sweep: a line per method with its interval band).
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import os
@@ -91,7 +92,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   registry = _registry()
   rows, images = [], {}
   continued = rows_lib.continued(config)  # {row: (the earlier row it starts from, the stages it still runs)}
-  kept = {earlier for earlier, _ in continued.values()}  # rows that later rows start from
+  # rows that later rows start from, with how many of them still have to: a row is let go after its last one
+  kept = collections.Counter(earlier for earlier, _ in continued.values())
   done = {}
 
   def score(row_job: Job, cfg: ml_collections.ConfigDict) -> tuple[dict, dict, object]:
@@ -108,6 +110,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     if name in continued:  # the row continues where an earlier one stopped
       earlier, stages = continued[name]
       base = done[earlier]
+      kept[earlier] -= 1
+      if not kept[earlier]:
+        del done[earlier]
       job.notes.append(f'{name}: continued from the model of row {earlier} (ran only {", ".join(stages)})')
     row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None, calibration_probe=None)
     row.report['timings_s'] = {}
