@@ -180,7 +180,7 @@ def quantize_stack(
 
   Returns:
     StackResult; layer i's codes are those of `encode(kernels[i], codebooks[i], spec)` (with scaled_codes:
-    `encode(scaled_target(kernels[i], scale[i]), codebooks[i], spec)`).
+    `encode(kernels[i], codebooks[i], spec, scale=scale[i])`).
   """
   num_layers, in_features, out_features = kernels.shape
   spec.check(in_features, out_features)

@@ -191,10 +191,10 @@ def quantize_params(
         # [out_features]
         scale = pq.scale_of(kernel, w.decode(), scale_rule, layer_moments, side_dtype, hessian=hessian)
         if scale_rule == 'lsq':  # codes for W / s, then s again (of the unscaled codewords): each lowers the objective
-          codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
+          codes = pq.encode(kernel, codebooks, spec, u, scale=scale)
           scale = pq.scale_of(kernel, pq.decode(codebooks, codes), scale_rule, layer_moments, side_dtype)
         if scaled_codes:  # the nearest codewords of W / s, in the metric the codebooks were fitted in
-          codes = pq.encode(pq.scaled_target(kernel, scale), codebooks, spec, u)
+          codes = pq.encode(kernel, codebooks, spec, u, scale=scale)
         w = w.replace(codes=codes.astype(code_dtype), scale=scale)
       nbytes = _pq_bytes(w, spec, codebook_dtype, side_bytes)
       approx = w.decode()
