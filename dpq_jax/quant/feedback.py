@@ -13,7 +13,8 @@ j, fixing w_a to codeword q_a and moving the later rows b optimally, w_b -= U_ab
 following, is (U_aa^T U_aa)^-1, whitened by z = U_aa^-T w. Every output channel of the layer shares it, so a PQ
 codebook is again plain k-means in a whitened space (GPTVQ, van Baalen et al. 2024): positions go in groups of
 `group` (their codebooks fitted together on the group's targets as the earlier groups left them), one by one
-within the group (assignment, then feedback), the later groups updated once per group (GPTQ's lazy batches).
+within the group (assignment, then feedback). GPTQ's lazy batches: the groups of a block of BLOCK_ROWS rows run as
+one program and move only the block's later rows; the rows after the block move once, by the block's errors.
 A shared VQ codebook is not refitted: its codes are assigned one position at a time with the same feedback.
 
 Damping: H + damping * mean(diag H) * I, as metric.damped per block.
@@ -32,6 +33,9 @@ from dpq_jax.quant import kmeans as kmeans_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 FITS = ('kmeans', 'lloyd', 'fixed')  # a group's codebooks: fresh k-means, Lloyd steps from the given ones, as given
+# Rows per lazy batch (GPTQ's block of 128 columns): the groups of a block are one program, feedback within it
+# moves only the block's rows, the rows after it move once per block.
+BLOCK_ROWS = 128
 
 
 def blocks(hessian: np.ndarray, subvector_dim: int) -> np.ndarray:
@@ -45,15 +49,20 @@ def blocks(hessian: np.ndarray, subvector_dim: int) -> np.ndarray:
 @jax.jit
 def inverse_factor(hessian: jax.Array, damping: float) -> jax.Array:
   """U [in_features, in_features] upper triangular with U^T U = (H + damping * mean(diag H) * I)^-1 (the
-  identity's where H is 0)."""
+  identity's where H is 0).
+
+  One Cholesky factorisation and one triangular inverse, with no explicit H^-1 (GPTQ factors the inverse it forms):
+  with P the reversal permutation and P H P = L L^T, H^-1 = (P L^-1 P)^T (P L^-1 P), and P L^-1 P is upper
+  triangular with a positive diagonal, so it is the Cholesky factor U (unique). About a quarter of the flops of
+  factor, invert, factor again, and it never rounds H^-1.
+  """
   h = jnp.asarray(hessian, jnp.float32)
   n = h.shape[0]
   mean_diag = jnp.trace(h) / n
   eye = jnp.eye(n, dtype=jnp.float32)
   h = jnp.where(mean_diag > 0, h + damping * mean_diag * eye, eye)
-  lower = jnp.linalg.cholesky(h)
-  h_inv = jax.scipy.linalg.cho_solve((lower, True), eye)
-  return jnp.swapaxes(jnp.linalg.cholesky((h_inv + h_inv.T) / 2), 0, 1)
+  lower = jnp.linalg.cholesky(h[::-1, ::-1])
+  return jax.scipy.linalg.solve_triangular(lower, eye, lower=True)[::-1, ::-1]
 
 
 def _conditional_whitening(u_rows: jax.Array, start: jax.Array, group: int, d: int) -> jax.Array:
@@ -83,18 +92,17 @@ def _lloyd(z: jax.Array, books: jax.Array, alive: jax.Array, weights: jax.Array,
   return jax.lax.fori_loop(0, steps, step, books)
 
 
-@functools.partial(jax.jit, static_argnames=('group', 'd', 'fit', 'iters', 'codebook_dtype'), donate_argnums=(0,))
-def _group_step(
+def _group(
   w: jax.Array, u_rows: jax.Array, start: jax.Array, books: jax.Array, alive: jax.Array, weights: jax.Array,
   key: jax.Array, *, group: int, d: int, fit: str, iters: int, codebook_dtype: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
   """One group of positions: fit its codebooks, assign them one position at a time with feedback, and update the
   later rows of the targets.
 
   Args:
-    w: [in_features, out_features] the current targets (the kernel, updated by the earlier groups).
-    u_rows: [group * d, in_features] U's rows of the group (inverse_factor).
-    start: first row of the group (traced: one program serves every group of this size).
+    w: [rows, out_features] the current targets of the rows U's columns cover (the block's: `_block_step`).
+    u_rows: [group * d, rows] U's rows of the group (inverse_factor), on those columns.
+    start: first row of the group within `w` (traced: one program serves every group of this size).
     books: [group, K, d] the codebooks (weight space) to start from ('lloyd') or use ('fixed'); 'kmeans' ignores
       their values.
     alive: [group, K] live codewords.
@@ -102,7 +110,8 @@ def _group_step(
     key: k-means seeding ('kmeans').
 
   Returns:
-    (targets with the later rows updated, codebooks [group, K, d] as stored, codes [group, out_features], each
+    (targets with the later rows updated, codebooks [group, K, d] as stored, codes [group, out_features], the
+    group's whitened errors U_aa^-T (w_a - q_a) [group * d, out_features] (what moves rows after `w`'s), each
     position's target as it was assigned [group * d, out_features], its conditional whitening [group, d, d]).
   """
   out_features = w.shape[1]
@@ -139,13 +148,68 @@ def _group_step(
   _, codes, errs, assigned = jax.lax.fori_loop(0, group, position, (w_group, codes, errs, jnp.zeros_like(errs)))
   later = jnp.arange(w.shape[0]) >= start + group * d
   w = w - jnp.where(later[:, None], jnp.einsum('ri,rn->in', u_rows, errs, precision=_HIGHEST), 0.0)
-  return w, books, codes, assigned, t
+  return w, books, codes, errs, assigned, t
+
+
+@functools.partial(
+  jax.jit, static_argnames=('groups', 'group', 'd', 'fit', 'iters', 'codebook_dtype'), donate_argnums=(0,)
+)
+def _block_step(
+  w: jax.Array, u_rows: jax.Array, start: jax.Array, books: jax.Array, alive: jax.Array, weights: jax.Array,
+  key: jax.Array, first: jax.Array, *, groups: int, group: int, d: int, fit: str, iters: int, codebook_dtype: str,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
+  """`groups` consecutive groups of `group` positions (a block of B = groups * group * d rows from row `start`),
+  GPTQ's lazy batch: within the block each group's feedback moves the block's later rows only, the rows after the
+  block move once, by the block's errors together (the same update, summed once instead of per group).
+
+  Args:
+    w: [in_features, out_features] the current targets (donated).
+    u_rows: [B, in_features] U's rows of the block.
+    start: the block's first row (traced).
+    books, alive: [groups * group, K, d], [groups * group, K] as `_group` takes them, per position.
+    weights: [out_features].
+    key: k-means seeding; group g uses fold_in(key, first + g * group).
+    first: the block's first position (traced).
+
+  Returns:
+    (targets with the block's and the later rows updated, codebooks [groups * group, K, d], codes
+    [groups * group, out_features], assigned targets [B, out_features], conditional whitening [groups * group, d, d]).
+  """
+  size = group * d
+  rows = groups * size
+  w_block = jax.lax.dynamic_slice_in_dim(w, start, rows, axis=0)  # [B, out]
+  u_block = jax.lax.dynamic_slice_in_dim(u_rows, start, rows, axis=1)  # [B, B]
+
+  def body(g, carry):
+    w_block, books_out, codes_out, errs, assigned, factors = carry
+    pos = g * group
+    w_block, gbooks, gcodes, gerrs, gassigned, t = _group(
+      w_block, jax.lax.dynamic_slice_in_dim(u_block, g * size, size, axis=0), g * size,
+      jax.lax.dynamic_slice_in_dim(books, pos, group, axis=0), jax.lax.dynamic_slice_in_dim(alive, pos, group, axis=0),
+      weights, jax.random.fold_in(key, first + pos), group=group, d=d, fit=fit, iters=iters,
+      codebook_dtype=codebook_dtype,
+    )  # fmt: skip
+    put = jax.lax.dynamic_update_slice_in_dim
+    return (w_block, put(books_out, gbooks, pos, 0), put(codes_out, gcodes, pos, 0), put(errs, gerrs, g * size, 0),
+            put(assigned, gassigned, g * size, 0), put(factors, t, pos, 0))  # fmt: skip
+
+  out_features = w.shape[1]
+  carry = (
+    w_block, jnp.zeros(books.shape, jnp.float32), jnp.zeros((groups * group, out_features), jnp.int32),
+    jnp.zeros((rows, out_features), jnp.float32), jnp.zeros((rows, out_features), jnp.float32),
+    jnp.zeros((groups * group, d, d), jnp.float32),
+  )  # fmt: skip
+  w_block, books, codes, errs, assigned, factors = jax.lax.fori_loop(0, groups, body, carry)
+  w = jax.lax.dynamic_update_slice_in_dim(w, w_block, start, axis=0)
+  later = jnp.arange(w.shape[0]) >= start + rows
+  w = w - jnp.where(later[:, None], jnp.einsum('ri,rn->in', u_rows, errs, precision=_HIGHEST), 0.0)
+  return w, books, codes, assigned, factors
 
 
 def quantize(
   kernel: jax.Array, hessian: jax.Array, codebooks: jax.Array, key: jax.Array, *, fit: str = 'kmeans',
   alive: jax.Array | None = None, weights: jax.Array | None = None, iters: int = 25, group: int = 8,
-  damping: float = 0.01, codebook_dtype: str = 'float32',
+  damping: float = 0.01, codebook_dtype: str = 'float32', block: int = BLOCK_ROWS,
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
   """Codebooks and codes of one layer by error feedback across its positions (module docstring).
 
@@ -160,19 +224,20 @@ def quantize(
     alive: [num_codebooks, K] live codewords (None: all).
     weights: [out_features] point weight of each output channel in the fit (None: 1).
     group: positions fitted together.
+    block: rows per lazy batch (whole groups, at least one); the codes do not depend on it beyond float rounding.
     codebook_dtype: the stored codebook values (codebook_values.DTYPES); the codes are for the rounded codebooks.
 
   Returns:
     (codebooks [num_codebooks, K, d] float32 as stored, codes [num_subvectors, out_features] int32).
   """
   books, codes, _, _ = _run(kernel, hessian, codebooks, key, fit=fit, alive=alive, weights=weights, iters=iters,
-                            group=group, damping=damping, codebook_dtype=codebook_dtype)  # fmt: skip
+                            group=group, damping=damping, codebook_dtype=codebook_dtype, block=block)  # fmt: skip
   return books, codes
 
 
 def assignment_targets(
   kernel: jax.Array, hessian: jax.Array, codebooks: jax.Array, alive: jax.Array | None = None, *, group: int = 1,
-  damping: float = 0.01,
+  damping: float = 0.01, block: int = BLOCK_ROWS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
   """What a later nearest-codeword assignment needs to keep the codes error feedback chose for `codebooks` (as
   given, fit 'fixed'): (codes [num_subvectors, out_features], targets [in_features, out_features]: each position's
@@ -181,14 +246,14 @@ def assignment_targets(
   re-picks codes that way as the codebooks train (config.calibrate.assign_target='feedback'), the targets held as
   they were at its start."""
   _, codes, targets, factors = _run(kernel, hessian, codebooks, jax.random.key(0), fit='fixed', alive=alive,
-                                    group=group, damping=damping)  # fmt: skip
+                                    group=group, damping=damping, block=block)  # fmt: skip
   return codes, targets, factors
 
 
 def _run(
   kernel: jax.Array, hessian: jax.Array, codebooks: jax.Array, key: jax.Array, *, fit: str = 'kmeans',
   alive: jax.Array | None = None, weights: jax.Array | None = None, iters: int = 25, group: int = 8,
-  damping: float = 0.01, codebook_dtype: str = 'float32',
+  damping: float = 0.01, codebook_dtype: str = 'float32', block: int = BLOCK_ROWS,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
   """`quantize`, plus each position's fed-back target as it was assigned [in_features, out_features] and its
   conditional whitening [num_subvectors, d, d] (`assignment_targets`).
@@ -203,6 +268,8 @@ def _run(
     fit = 'fixed'
   if group < 1:
     raise ValueError(f'group={group}: expected >= 1 positions')
+  if block < 1:
+    raise ValueError(f'block={block}: expected >= 1 rows')
   if np.shape(hessian) != (in_features, in_features):
     raise ValueError(f'hessian: expected [{in_features}, {in_features}], got {np.shape(hessian)}')
   u = inverse_factor(hessian, damping)
@@ -210,21 +277,26 @@ def _run(
   books_all = jnp.asarray(codebooks, jnp.float32)
   alive_all = jnp.ones((num_codebooks, codebook_size), bool) if alive is None else jnp.asarray(alive, bool)
   weights = jnp.ones((out_features,), jnp.float32) if weights is None else jnp.asarray(weights, jnp.float32)
+  dtype = codebook_values.dtype_name(codebook_dtype)
   out_books, out_codes, out_targets, out_factors = [], [], [], []
-  for first in range(0, num_subvectors, group):
-    size = min(group, num_subvectors - first)
-    rows = slice(first * d, (first + size) * d)
-    pick = slice(0, 1) if shared else slice(first, first + size)
-    books = jnp.broadcast_to(books_all[pick], (size, codebook_size, d))
-    live = jnp.broadcast_to(alive_all[pick], (size, codebook_size))
-    w, books, codes, targets, factors = _group_step(
-      w, u[rows], jnp.int32(first * d), books, live, weights, jax.random.fold_in(key, first),
-      group=size, d=d, fit=fit, iters=iters, codebook_dtype=codebook_values.dtype_name(codebook_dtype),
+  per_block = max(1, block // (group * d))  # groups per lazy batch
+  first = 0
+  while first < num_subvectors:
+    size = min(group, num_subvectors - first)  # the last group may be short: a block of its own
+    groups = min(per_block, (num_subvectors - first) // size)
+    count = groups * size
+    pick = slice(0, 1) if shared else slice(first, first + count)
+    w, books, codes, targets, factors = _block_step(
+      w, u[first * d : (first + count) * d], jnp.int32(first * d),
+      jnp.broadcast_to(books_all[pick], (count, codebook_size, d)),
+      jnp.broadcast_to(alive_all[pick], (count, codebook_size)), weights, key, jnp.int32(first),
+      groups=groups, group=size, d=d, fit=fit, iters=iters, codebook_dtype=dtype,
     )  # fmt: skip
     out_books.append(books)
     out_codes.append(codes)
     out_targets.append(targets)
     out_factors.append(factors)
+    first += count
   books = books_all if shared else jnp.concatenate(out_books)
   return books, jnp.concatenate(out_codes), jnp.concatenate(out_targets), jnp.concatenate(out_factors)
 

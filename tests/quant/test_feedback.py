@@ -47,22 +47,26 @@ def _reference(kernel, h, books, d):
   return np.stack(codes)
 
 
-@pytest.mark.parametrize('shared', [False, True])
-@pytest.mark.parametrize('group', [1, 3])
-def test_fixed_codebooks_take_the_reference_codes(shared, group):
+# (shared codebook, positions per group, rows per lazy batch): 128 rows hold every position of these layers in one
+# block; 8 rows (two positions of d=4) split them into blocks whose later rows move once per block.
+CASES = [(False, 1, 128), (True, 1, 128), (False, 3, 128), (True, 3, 128), (False, 1, 8), (True, 3, 8)]
+
+
+@pytest.mark.parametrize(('shared', 'group', 'block'), CASES)
+def test_fixed_codebooks_take_the_reference_codes(shared, group, block):
   rng = np.random.default_rng(0)
   d, k, in_f, out_f = 4, 8, 32, 40
   kernel = helpers.heavy_tailed((in_f, out_f), seed=0)
   h = _hessian(rng, in_f)
   books = rng.normal(size=(1 if shared else in_f // d, k, d)).astype(np.float32) * np.std(kernel)
-  _, codes = feedback.quantize(kernel, h, books, jax.random.key(0), fit='fixed', group=group, damping=0.01)
+  _, codes = feedback.quantize(kernel, h, books, jax.random.key(0), fit='fixed', group=group, damping=0.01,
+                               block=block)  # fmt: skip
   want = _reference(kernel, _damped(h, 0.01), books.astype(np.float64), d)
   np.testing.assert_array_equal(np.asarray(codes), want)
 
 
-@pytest.mark.parametrize('shared', [False, True])
-@pytest.mark.parametrize('group', [1, 3])
-def test_assignment_targets_keep_the_reference_codes(shared, group):
+@pytest.mark.parametrize(('shared', 'group', 'block'), CASES)
+def test_assignment_targets_keep_the_reference_codes(shared, group, block):
   """The fed-back targets and conditional whitening of each position: their nearest live codeword (metric.assign,
   what calibration's dynamic assignment computes) is the numpy reference's code, dead codewords included; the
   first position's target is the kernel's own rows (nothing fed back yet), a later one's is not."""
@@ -73,7 +77,8 @@ def test_assignment_targets_keep_the_reference_codes(shared, group):
   books = rng.normal(size=(1 if shared else in_f // d, k, d)).astype(np.float32) * np.std(kernel)
   alive = np.ones(books.shape[:2], bool)
   alive[:, -2:] = False  # two dead codewords in every codebook
-  codes, targets, factors = feedback.assignment_targets(kernel, h, books, alive, group=group, damping=0.01)
+  codes, targets, factors = feedback.assignment_targets(kernel, h, books, alive, group=group, damping=0.01,
+                                                        block=block)  # fmt: skip
   dead_free = np.where(alive[..., None], books, 1e3)  # the reference sees the dead ones far away
   want = _reference(kernel, _damped(h, 0.01), dead_free.astype(np.float64), d)
   np.testing.assert_array_equal(np.asarray(codes), want)
@@ -95,6 +100,11 @@ def test_feedback_lowers_the_full_output_error_below_the_per_position_metric():
   fb_books, fb_codes = feedback.quantize(kernel, h, np.zeros((in_f // d, k, d), np.float32), key, iters=20, group=4)
   with_feedback = _objective(kernel, pq.decode(fb_books, fb_codes), h)
   assert with_feedback < 0.7 * per_position, (with_feedback, per_position)
+  # lazy batches of one group (16 rows) instead of the whole layer in one block: the same fit up to float rounding
+  blocked_books, blocked_codes = feedback.quantize(kernel, h, np.zeros((in_f // d, k, d), np.float32), key, iters=20,
+                                                   group=4, block=16)  # fmt: skip
+  assert np.mean(np.asarray(blocked_codes) == np.asarray(fb_codes)) > 0.99
+  np.testing.assert_allclose(blocked_books, fb_books, atol=1e-4 * np.abs(kernel).max())
   # the same codebooks, assigned with feedback instead of per position: lower too
   _, fixed_codes = feedback.quantize(kernel, h, books, key, fit='fixed')
   assert _objective(kernel, pq.decode(books, fixed_codes), h) < per_position
@@ -154,5 +164,19 @@ def test_bad_values_fail_with_one_line():
     feedback.quantize(kernel, np.eye(4), books, jax.random.key(0))
   with pytest.raises(ValueError, match='group=0'):
     feedback.quantize(kernel, np.eye(8), books, jax.random.key(0), group=0)
+  with pytest.raises(ValueError, match='block=0'):
+    feedback.quantize(kernel, np.eye(8), books, jax.random.key(0), block=0)
   with pytest.raises(ValueError, match="fit='x'"):
     feedback.quantize(kernel, np.eye(8), books, jax.random.key(0), fit='x')
+
+
+def test_inverse_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+  """U upper triangular with a positive diagonal and U^T U = (H + damping * mean(diag H) * I)^-1: numpy float64's
+  Cholesky factor of that inverse (unique); an all-zero H gives the identity."""
+  rng = np.random.default_rng(6)
+  h = _hessian(rng, 48)
+  u = np.asarray(feedback.inverse_factor(h.astype(np.float32), 0.01), np.float64)
+  want = np.linalg.cholesky(np.linalg.inv(_damped(h, 0.01))).T
+  np.testing.assert_array_equal(np.tril(u, -1), 0.0)
+  np.testing.assert_allclose(u, want, atol=2e-4 * np.abs(want).max())
+  np.testing.assert_array_equal(np.asarray(feedback.inverse_factor(np.zeros((8, 8), np.float32), 0.01)), np.eye(8))
