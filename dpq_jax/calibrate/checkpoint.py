@@ -139,6 +139,10 @@ class Checkpointer:
         "or rerun with that job's config to resume it"
       )
 
+  def in_flight(self) -> bool:
+    """Whether a save was started and not waited for (it may still be writing)."""
+    return self._saving is not None
+
   def wait(self) -> None:
     with self._faults():
       self.manager.wait_until_finished()

@@ -230,6 +230,9 @@ def calibrate(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, desc='calibrate', unit='step')
+  # On CPU orbax's host copy of a state being saved is a view of the state's buffers (np.asarray): while that save is
+  # in flight the next step cannot donate them and holds two states (DiT-XL/2: +0.8 GiB), so there it finishes first.
+  finish_saves = mesh.devices.flat[0].platform == 'cpu'
   compile_s, timed_steps, timed_s = 0.0, 0, 0.0
   tick, tick_step = time.perf_counter(), step
   pending: list[tuple[int, dict]] = []
@@ -238,6 +241,8 @@ def calibrate(
     with ckpt_lib.PreemptionGuard() as guard:
       while step < cfg.steps:
         batch = sharding.global_batch(next(iterator), mesh)
+        if finish_saves and checkpointer.in_flight():
+          checkpointer.wait()
         state, metrics = jstep(state, frozen, batch)
         step += 1
         if step == start + 1:  # the first step of a process includes compilation
