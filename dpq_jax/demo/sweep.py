@@ -172,7 +172,7 @@ def active(config: ml_collections.ConfigDict) -> bool:
 
 def reading(rows: list[dict]) -> list[str]:
   """Per point (best first, a difference called only where 95% intervals separate), then PQ compressed against
-  every other method at the same point, objective and calibration."""
+  every other method at the same point, objective and calibration, on each metric (log p, fd, eps error)."""
   from dpq_jax.demo import rows as rows_lib
 
   swept = [r for r in rows if r.get('sweep')]
@@ -184,16 +184,15 @@ def reading(rows: list[dict]) -> list[str]:
       if at:
         state = 'calibrated' if calibrated else 'uncalibrated'
         out.append(f'{target:g} bits, {state}: {rows_lib.ranked(at)}.')
-  calls: dict[str, list[str]] = {'better': [], 'worse': [], 'not resolved': []}
-  for r in swept:
-    if r['sweep']['method'] != 'pqc':
-      continue
-    for other in swept:
-      s, o = r['sweep'], other['sweep']
-      same = all(s[k] == o[k] for k in ('target_bits', 'objective', 'calibrated'))
-      if same and o['method'] != 'pqc':
-        calls[rows_lib.verdict(r, other, 'class_logprob')].append(f'{other["name"]}')
-  if any(calls.values()):
-    out.append('PQ compressed against the other methods at the same point, objective and calibration, on log p: '
-               + '; '.join(f'{k} than {", ".join(v) if v else "none"}' for k, v in calls.items()) + '.')  # fmt: skip
+  pqc = [r for r in swept if r['sweep']['method'] == 'pqc']
+  for key, label, _ in rows_lib.METRICS:
+    calls: dict[str, list[str]] = {'better': [], 'worse': [], 'not resolved': []}
+    for r in pqc:
+      for other in swept:
+        s, o = r['sweep'], other['sweep']
+        if o['method'] != 'pqc' and all(s[k] == o[k] for k in ('target_bits', 'objective', 'calibrated')):
+          calls[rows_lib.verdict(r, other, key)].append(f'{r["name"]} vs {other["name"]}')
+    if any(calls.values()):
+      out.append(f'PQ compressed against the other methods at the same point, objective and calibration, on {label}: '
+                 + '; '.join(f'{k}: {", ".join(v) if v else "none"}' for k, v in calls.items()) + '.')  # fmt: skip
   return out

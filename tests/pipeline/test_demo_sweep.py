@@ -96,3 +96,31 @@ def test_tiny_sweep_end_to_end_within_budgets_on_disk(tmp_path):
   reading = report['compare']['reading']
   assert any(line.startswith('2 bits, calibrated') and 'pqc@2-cal (log p' in line for line in reading)
   assert (tmp_path / 'compare_plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_reading_calls_pq_compressed_against_each_method_on_every_metric():
+  """A difference is called only where the 95% intervals separate, per metric and in that metric's direction (log p
+  higher is better; fd and eps error lower), and only against rows of the same point, objective and calibration."""
+
+  def row(name, method, target, logp, fd, eps, calibrated=False):
+    metrics = {'class_logprob': logp[0], 'fd': fd[0], 'eps_rel_error': eps[0], 'class_accuracy': 1.0}
+    ci = {'class_logprob': logp[1:], 'fd': fd[1:], 'eps_rel_error': eps[1:], 'class_accuracy': (1.0, 1.0)}
+    sweep_def = {'method': method, 'objective': 'output', 'target_bits': target, 'calibrated': calibrated}
+    return {'name': name, 'metrics': metrics, 'ci95': ci, 'sweep': sweep_def,
+            'effective_bits_per_quantized_weight': target}  # fmt: skip
+
+  rows = [
+    row('pqc@1', 'pqc', 1.0, (-0.001, -0.002, -0.0005), (7.0, 6.0, 8.0), (0.05, 0.04, 0.06)),
+    row('vq@1', 'vq', 1.0, (-0.010, -0.020, -0.005), (7.5, 6.5, 8.5), (0.03, 0.025, 0.035)),
+    row('vq@2', 'vq', 2.0, (-0.5, -0.6, -0.4), (50.0, 45.0, 55.0), (0.5, 0.4, 0.6)),  # another point: no call
+    row('vq@1-cal', 'vq', 1.0, (-0.5, -0.6, -0.4), (50.0, 45.0, 55.0), (0.5, 0.4, 0.6), calibrated=True),
+  ]
+  lines = {line.split(':')[0]: line for line in sweep.reading(rows) if line.startswith('PQ compressed')}
+
+  def on(label):
+    return lines[f'PQ compressed against the other methods at the same point, objective and calibration, on {label}']
+
+  assert 'better: pqc@1 vs vq@1;' in on('log p')
+  assert 'worse: pqc@1 vs vq@1;' in on('eps err.')
+  assert 'not resolved: pqc@1 vs vq@1.' in on('fd')
+  assert all('vq@2' not in line and 'vq@1-cal' not in line for line in lines.values())
