@@ -35,7 +35,7 @@ def test_steps_hold_one_state(tmp_path, monkeypatch):
   monkeypatch.setattr(step_lib, 'jit_step', recording_jit_step)
   model = fp.clone(scan_blocks=True)
   x, y = tiny_data(8)
-  out = loop.calibrate(
+  loop.calibrate(
     dynamic_model=model.clone(dense=layers.dense_factory(rules, 'dynamic')),
     frozen_model=model.clone(dense=layers.dense_factory(rules, 'frozen')),
     params=q.variables()['params'],
