@@ -156,7 +156,7 @@ def _group(
 )
 def _block_step(
   w: jax.Array, u_rows: jax.Array, start: jax.Array, books: jax.Array, alive: jax.Array, weights: jax.Array,
-  key: jax.Array, first: jax.Array, *, groups: int, group: int, d: int, fit: str, iters: int, codebook_dtype: str,
+  key: jax.Array, *, groups: int, group: int, d: int, fit: str, iters: int, codebook_dtype: str,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]:  # fmt: skip
   """`groups` consecutive groups of `group` positions (a block of B = groups * group * d rows from row `start`),
   GPTQ's lazy batch: within the block each group's feedback moves the block's later rows only, the rows after the
@@ -168,8 +168,7 @@ def _block_step(
     start: the block's first row (traced).
     books, alive: [groups * group, K, d], [groups * group, K] as `_group` takes them, per position.
     weights: [out_features].
-    key: k-means seeding; group g uses fold_in(key, first + g * group).
-    first: the block's first position (traced).
+    key: k-means seeding; group g uses fold_in(key, its first position).
 
   Returns:
     (targets with the block's and the later rows updated, codebooks [groups * group, K, d], codes
@@ -177,6 +176,7 @@ def _block_step(
   """
   size = group * d
   rows = groups * size
+  first = start // d  # the block's first position
   w_block = jax.lax.dynamic_slice_in_dim(w, start, rows, axis=0)  # [B, out]
   u_block = jax.lax.dynamic_slice_in_dim(u_rows, start, rows, axis=1)  # [B, B]
 
@@ -289,7 +289,7 @@ def _run(
     w, books, codes, targets, factors = _block_step(
       w, u[first * d : (first + count) * d], jnp.int32(first * d),
       jnp.broadcast_to(books_all[pick], (count, codebook_size, d)),
-      jnp.broadcast_to(alive_all[pick], (count, codebook_size)), weights, key, jnp.int32(first),
+      jnp.broadcast_to(alive_all[pick], (count, codebook_size)), weights, key,
       groups=groups, group=size, d=d, fit=fit, iters=iters, codebook_dtype=dtype,
     )  # fmt: skip
     out_books.append(books)
