@@ -18,6 +18,7 @@ import contextlib
 import os
 import shutil
 import signal
+import threading
 import types
 from typing import Any, Iterator
 
@@ -157,10 +158,13 @@ class PreemptionGuard:
   """Context manager: SIGTERM/SIGINT set `signum` instead of killing the process.
 
   The train loop checks `requested()` after each step, saves, and stops. Across processes the
-  request is OR-ed, so every host stops at the same step.
+  request is OR-ed, so every host stops at the same step. Signal handlers can only be installed by the
+  main thread: a guard entered on another thread (the demo's rows run in parallel, stages/compare.py) installs
+  none and is told of a signal by the main thread's guard, which tells every guard entered at the time.
   """
 
   SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  _entered: list[PreemptionGuard] = []  # the guards entered now, on any thread
 
   def __init__(self):
     self.signum: int | None = None
@@ -168,14 +172,18 @@ class PreemptionGuard:
 
   def _handler(self, signum: int, frame: types.FrameType | None) -> None:
     del frame
-    self.signum = signum
+    for guard in list(PreemptionGuard._entered) + [self]:
+      guard.signum = signum
 
   def __enter__(self) -> PreemptionGuard:
-    for s in self.SIGNALS:
-      self._old[s] = signal.signal(s, self._handler)
+    if threading.current_thread() is threading.main_thread():
+      for s in self.SIGNALS:
+        self._old[s] = signal.signal(s, self._handler)
+    PreemptionGuard._entered.append(self)
     return self
 
   def __exit__(self, *exc) -> None:
+    PreemptionGuard._entered.remove(self)
     for s, h in self._old.items():
       signal.signal(s, h)
 

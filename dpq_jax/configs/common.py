@@ -173,6 +173,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Calibration-budget curves: every calibrated row also scored after these calibration steps (0: before the first)
   # of its one run, and after its last (report.json rows[i].curve, DIR/compare_curves.png); () none.
   config.compare.curve_steps = ()
+  # Rows run at a time, on threads (groups of rows that continue one another run in order on one): 0 = one per core,
+  # at most stages/compare.AUTO_WORKERS. The results do not depend on it.
+  config.compare.workers = 0
   config.compare.bootstrap_resamples = 1000  # resamples of every metric's 95% interval (demo/intervals.py)
   # The rate-distortion sweep (demo/sweep.py): {method: (target bits per quantized weight, ...)} expanded into rows
   # (each also as '-cal' after calibration, and per objective); empty: config.compare.rows as given.

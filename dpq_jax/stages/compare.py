@@ -7,7 +7,8 @@ A row whose definition names `after` starts from that earlier row's model instea
 continue their uncalibrated row), as does a row whose config equals an earlier row's and whose stages extend it
 (demo/rows.continued: the default `pq-1bit-calibrated` calibrates `pq-1bit-compressed`'s model; a note says so),
 and config.compare.sweep.points, when set, are expanded into the rows first
-(demo/sweep.py). report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
+(demo/sweep.py). Rows run config.compare.workers at a time on threads (a row and those continuing it in order on
+one); the report keeps the config's order and the results do not depend on the number. report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
 `ci95` (the bootstrap 95% interval of every metric), `timings_s`, and `sweep` for sweep rows);
 DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
 per weight (the sweep: a line per method with its interval band).
@@ -20,15 +21,23 @@ import copy
 import dataclasses
 import os
 import resource
+import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent import futures
 
 import ml_collections
 
+from dpq_jax.calibrate import checkpoint as ckpt_lib
 from dpq_jax.demo import figures
 from dpq_jax.demo import metrics as demo_metrics
 from dpq_jax.demo import rows as rows_lib
 from dpq_jax.demo import sweep as sweep_lib
 from dpq_jax.stages.job import Job
+
+# Rows at a time where config.compare.workers is 0 (auto): measured on the 2-core machine (README, the demo).
+AUTO_WORKERS = 2
 
 
 def _registry():
@@ -66,6 +75,8 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
         errors += [f'row {name}: {e}' for e in _registry()[stage].check(row_cfg)]
   if any(not isinstance(s, int) or s < 0 for s in cfg.curve_steps):
     errors.append(f'config.compare.curve_steps={tuple(cfg.curve_steps)}: expected calibration steps, integers >= 0')
+  if not isinstance(cfg.workers, int) or cfg.workers < 0:
+    errors.append(f'config.compare.workers={cfg.workers!r}: expected rows at a time, an integer >= 1 (0: auto)')
   if cfg.bootstrap_resamples < 2:
     errors.append(f'config.compare.bootstrap_resamples={cfg.bootstrap_resamples}: expected >= 2')
   if cfg.num_samples < 2:
@@ -73,6 +84,82 @@ def check(config: ml_collections.ConfigDict) -> list[str]:
       f'config.compare.num_samples={cfg.num_samples}: expected >= 2 (the Frechet distance needs a covariance)'
     )
   return errors
+
+
+class _Stopped(Exception):
+  """A row stopped before its next stage: the main thread was signalled (compare runs rows in parallel)."""
+
+
+def resolve_workers(workers: int) -> int:
+  """config.compare.workers: rows run at a time; 0: one per core, at most AUTO_WORKERS."""
+  return workers if workers > 0 else max(1, min(AUTO_WORKERS, os.cpu_count() or 1))
+
+
+def _groups(names: list[str], continued: dict[str, tuple[str, tuple[str, ...]]]) -> list[list[str]]:
+  """The rows grouped by the row whose model they start from (through any chain of continued rows), each group in
+  the config's order: a group runs on one thread, one row after another."""
+  root: dict[str, str] = {}
+  groups: dict[str, list[str]] = {}
+  for name in names:
+    root[name] = root[continued[name][0]] if name in continued else name
+    groups.setdefault(root[name], []).append(name)
+  return list(groups.values())
+
+
+def _cost(config: ml_collections.ConfigDict, names: list[str]) -> float:
+  """A rough relative cost of a group of rows, for the order the groups start in (the longest first): one for each
+  row's evaluation, two for each quantize or compress stage, one per 50 calibration steps."""
+  total = 0.0
+  for name in names:
+    cfg, stages = rows_lib.row_config(config, name)
+    total += 1 + 2 * sum(s in ('quantize', 'compress') for s in stages)
+    total += cfg.calibrate.steps / 50 if 'calibrate' in stages else 0
+  return total
+
+
+def _run_groups(
+  run_group: Callable, groups: list[list[str]], workers: int, stop: threading.Event, rows_dir: str
+) -> dict[str, tuple[dict, object, list[str]]]:
+  """run_group(names, row_done) of every group, `workers` at a time (threads: XLA releases the GIL, the rows share
+  the compiled programs), with a progress bar over the rows.
+
+  On SIGTERM/SIGINT the main thread's guard tells every calibration running on a worker (which saves a checkpoint
+  and stops, as alone) and the other rows stop before their next stage; an error in one row stops the others the
+  same way, and is raised once they have."""
+  from tqdm.auto import tqdm
+
+  bar = tqdm(total=sum(map(len, groups)), desc='compare', unit='row')
+  out: dict = {}
+  try:
+    if workers <= 1:
+      for names in groups:
+        out.update(run_group(names, bar.update))
+      return out
+    with (
+      ckpt_lib.PreemptionGuard() as guard,
+      futures.ThreadPoolExecutor(workers, thread_name_prefix='compare-row') as pool,
+    ):
+      pending = {pool.submit(run_group, names, bar.update) for names in groups}
+      try:
+        while pending:
+          finished, pending = futures.wait(pending, timeout=0.5, return_when=futures.FIRST_EXCEPTION)
+          for f in finished:
+            out.update(f.result())
+          if guard.signum is not None:
+            stop.set()
+      except BaseException:
+        stop.set()
+        for f in pending:
+          f.cancel()  # (those not started yet)
+        futures.wait(pending)
+        if guard.signum is not None and not isinstance(sys.exc_info()[1], ckpt_lib.Preempted):
+          print(f'compare: signal {guard.signum}: the rows stopped before their next stage; the finished ones are '
+                f'in {rows_dir}', file=sys.stderr)  # fmt: skip
+          raise ckpt_lib.Preempted(128 + guard.signum) from None
+        raise
+    return out
+  finally:
+    bar.close()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
@@ -87,14 +174,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   sample_cfg.batch_size = min(config.compare.num_samples, config.compare.batch_size)
   sample_cfg.labels = 'balanced'
 
-  from tqdm.auto import tqdm
-
   registry = _registry()
-  rows, images = [], {}
   continued = rows_lib.continued(config)  # {row: (the earlier row it starts from, the stages it still runs)}
-  # rows that later rows start from, with how many of them still have to: a row is let go after its last one
-  kept = collections.Counter(earlier for earlier, _ in continued.values())
-  done = {}
+  stop = threading.Event()  # set by the main thread on a signal: the rows stop before their next stage
 
   def score(row_job: Job, cfg: ml_collections.ConfigDict) -> tuple[dict, dict, object]:
     row_model, row_variables = row_job.runtime(cfg)
@@ -103,52 +185,77 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
       config.compare.bootstrap_resamples,
     )  # fmt: skip
 
-  for name in tqdm(config.compare.rows, desc='compare', unit='row'):
-    cfg, stages = rows_lib.row_config(config, name)
-    row_def = config.compare.row_defs[name]
-    base = job
-    if name in continued:  # the row continues where an earlier one stopped
-      earlier, stages = continued[name]
-      base = done[earlier]
-      kept[earlier] -= 1
-      if not kept[earlier]:
-        del done[earlier]
-      job.notes.append(f'{name}: continued from the model of row {earlier} (ran only {", ".join(stages)})')
-    row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None, calibration_probe=None)
-    row.report['timings_s'] = {}
-    curve = []  # the calibration-budget curve: the row scored after each of config.compare.curve_steps
-    if 'calibrate' in stages and config.compare.curve_steps:
+  def run_group(names: list[str], row_done: Callable[[], object]) -> dict[str, tuple[dict, object, list[str]]]:
+    """The rows of one group in order ({row: (its report.json entry, its images, its notes)}); a row that continues
+    an earlier one starts from that row's model, which is let go after the last row that needs it."""
+    kept = collections.Counter(continued[n][0] for n in names if n in continued)
+    done, out = {}, {}
+    for name in names:
+      cfg, stages = rows_lib.row_config(config, name)
+      row_def = config.compare.row_defs[name]
+      base, notes = job, []
+      if name in continued:  # the row continues where an earlier one stopped
+        earlier, stages = continued[name]
+        base = done[earlier]
+        kept[earlier] -= 1
+        if not kept[earlier]:
+          del done[earlier]
+        notes.append(f'{name}: continued from the model of row {earlier} (ran only {", ".join(stages)})')
+      row = dataclasses.replace(base, report=copy.deepcopy(base.report), notes=[], chain=None, calibration_probe=None)
+      row.report['timings_s'] = {}
+      curve = []  # the calibration-budget curve: the row scored after each of config.compare.curve_steps
+      if 'calibrate' in stages and config.compare.curve_steps:
 
-      def probe(step: int, probe_job: Job, cfg=cfg, curve=curve) -> None:
+        def probe(step: int, probe_job: Job, cfg=cfg, curve=curve) -> None:
+          start = time.perf_counter()
+          metrics, ci, _ = score(probe_job, cfg)
+          curve.append({'step': step, 'metrics': metrics, 'ci95': ci, 'seconds': round(time.perf_counter() - start, 2)})
+
+        steps = tuple(s for s in config.compare.curve_steps if s < cfg.calibrate.steps)
+        row.calibration_probe = (steps, probe)
+      row_dir = os.path.join(workdir, 'rows', name)
+      for stage in stages:
+        if stop.is_set():
+          raise _Stopped()
         start = time.perf_counter()
-        metrics, ci, _ = score(probe_job, cfg)
-        curve.append({'step': step, 'metrics': metrics, 'ci95': ci, 'seconds': round(time.perf_counter() - start, 2)})
-
-      steps = tuple(s for s in config.compare.curve_steps if s < cfg.calibrate.steps)
-      row.calibration_probe = (steps, probe)
-    row_dir = os.path.join(workdir, 'rows', name)
-    for stage in stages:
+        row = registry[stage].run(cfg, row_dir, row)
+        row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
       start = time.perf_counter()
-      row = registry[stage].run(cfg, row_dir, row)
-      row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
-    start = time.perf_counter()
-    metrics, ci, images[name] = score(row, cfg)
-    row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
-    rep = row.report
-    rows.append({'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics,
-                 'ci95': ci, 'timings_s': rep['timings_s']})  # fmt: skip
-    if row_def.get('sweep'):
-      rows[-1]['sweep'] = row_def['sweep'].to_dict()
-    if row.calibration_probe is not None:  # the last point: the row itself, after all its calibration steps
-      rows[-1]['curve'] = curve + [{'step': rep['calibrate']['steps'], 'metrics': metrics, 'ci95': ci}]
-      missed = sorted(set(row.calibration_probe[0]) - {p['step'] for p in curve})
-      if missed:
-        job.notes.append(f'{name}: no calibration-budget point at steps {missed}: its calibration resumed from a '
-                         f'checkpoint in {row_dir} after them')  # fmt: skip
-      row.calibration_probe = None
-    if name in kept:
-      done[name] = row
-    job.notes += [f'{name}: {n}' for n in row.notes]
+      metrics, ci, image = score(row, cfg)
+      row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
+      rep = row.report
+      entry = {'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics, 'ci95': ci,
+               'timings_s': rep['timings_s']}  # fmt: skip
+      if row_def.get('sweep'):
+        entry['sweep'] = row_def['sweep'].to_dict()
+      if row.calibration_probe is not None:  # the last point: the row itself, after all its calibration steps
+        entry['curve'] = curve + [{'step': rep['calibrate']['steps'], 'metrics': metrics, 'ci95': ci}]
+        missed = sorted(set(row.calibration_probe[0]) - {p['step'] for p in curve})
+        if missed:
+          notes.append(f'{name}: no calibration-budget point at steps {missed}: its calibration resumed from a '
+                       f'checkpoint in {row_dir} after them')  # fmt: skip
+        row.calibration_probe = None
+      if name in kept:
+        done[name] = row
+      out[name] = (entry, image, notes + [f'{name}: {n}' for n in row.notes])
+      row_done()
+    return out
+
+  names = list(config.compare.rows)
+  groups = _groups(names, continued)
+  workers = min(resolve_workers(config.compare.workers), len(groups))
+  if workers > 1:  # the groups in parallel, the longest first
+    groups = sorted(groups, key=lambda g: _cost(config, g), reverse=True)
+  else:  # one after another, in the config's order
+    groups = [names]
+  results = _run_groups(run_group, groups, workers, stop, os.path.join(workdir, 'rows'))
+  rows, images = [], {}
+  for name in config.compare.rows:  # report order: the config's, whichever row finished first
+    entry, images[name], notes = results[name]
+    rows.append(entry)
+    job.notes += notes
+  if workers > 1:
+    job.notes.append(f'compare: the rows ran {workers} at a time (config.compare.workers)')
   job.report['rows'] = rows
   peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
   job.report['compare'] = {

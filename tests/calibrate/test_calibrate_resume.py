@@ -149,3 +149,41 @@ def test_incompatible_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(errors.CheckpointError, match=r'c/1 cannot be restored'):
     ckpt.restore({'w': good})
   ckpt.close()
+
+
+def test_a_guard_on_another_thread_hears_the_main_threads_signal():
+  """PreemptionGuard entered on a worker thread (the demo's rows in parallel) installs no handler (only the main
+  thread may); a SIGTERM the main thread's guard catches sets every guard entered at the time, and the handlers
+  in place before are back once the main thread's guard exits."""
+  import threading
+
+  before = signal.getsignal(signal.SIGTERM)
+  entered, release, seen = threading.Event(), threading.Event(), []
+
+  def worker():
+    with ckpt_lib.PreemptionGuard() as guard:
+      entered.set()
+      release.wait(10)
+      seen.append(guard.signum)
+
+  with ckpt_lib.PreemptionGuard() as main_guard:
+    thread = threading.Thread(target=worker)
+    thread.start()
+    assert entered.wait(10)
+    os.kill(os.getpid(), signal.SIGTERM)
+    release.set()
+    thread.join(10)
+    assert main_guard.signum == signal.SIGTERM
+  assert seen == [signal.SIGTERM]
+  assert signal.getsignal(signal.SIGTERM) is before
+  # alone on a thread, a guard touches no handler
+  out = []
+
+  def alone():
+    with ckpt_lib.PreemptionGuard() as guard:
+      out.append(guard._old)
+
+  thread = threading.Thread(target=alone)
+  thread.start()
+  thread.join(10)
+  assert out == [{}] and signal.getsignal(signal.SIGTERM) is before and not ckpt_lib.PreemptionGuard._entered

@@ -1,6 +1,7 @@
 """The digits demo: data split, classifier, stage `train` with its cache, stage `compare` end to end."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -46,9 +47,10 @@ def _main(workdir, *overrides):
 
 @pytest.mark.slow
 def test_tiny_demo_end_to_end_and_cache(tmp_path):
-  # The default tiny rows, the compressed row the calibrated one starts from, and its calibration-budget curve.
-  r = _main(tmp_path, '--config.compare.rows=fp,rtn-1bit,vq-1bit,pq-1bit,pq-1bit-compressed,pq-1bit-calibrated',
-            '--config.compare.curve_steps=0,2')  # fmt: skip
+  # The default tiny rows, the compressed row the calibrated one starts from, and its calibration-budget curve; the
+  # rows two at a time (threads), the compressed and calibrated rows in order on one.
+  rows_arg = '--config.compare.rows=fp,rtn-1bit,vq-1bit,pq-1bit,pq-1bit-compressed,pq-1bit-calibrated'
+  r = _main(tmp_path, rows_arg, '--config.compare.curve_steps=0,2', '--config.compare.workers=2')
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.loads((tmp_path / 'report.json').read_text())
   names = [row['name'] for row in report['rows']]
@@ -92,12 +94,22 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   for png in ('compare_grid.png', 'compare_plot.png', 'compare_curves.png'):
     assert (tmp_path / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   assert report['train']['cached'] is False
-  # A rerun reuses the trained model and classifier: same fp metrics, no training.
-  r = _main(tmp_path, "--config.compare.rows=('fp',)")
+  assert '- compare: the rows ran 2 at a time (config.compare.workers)' in md
+  # A rerun reuses the trained model and classifier (no training) and, with the rows' directories gone (a calibration
+  # resumes from its checkpoints there), runs rows again one after another: the same metrics, intervals and curve as
+  # two at a time.
+  shutil.rmtree(tmp_path / 'rows')
+  r = _main(tmp_path, '--config.compare.rows=fp,pq-1bit-compressed,pq-1bit-calibrated', '--config.compare.curve_steps=0,2',
+            '--config.compare.workers=1')  # fmt: skip
   assert r.returncode == 0, r.stderr[-3000:]
   again = json.loads((tmp_path / 'report.json').read_text())
   assert again['train']['cached'] is True
-  assert again['rows'][0]['metrics'] == rows['fp']['metrics']
+  assert [row['name'] for row in again['rows']] == ['fp', 'pq-1bit-compressed', 'pq-1bit-calibrated']
+  for one in again['rows']:
+    row = rows[one['name']]
+    assert (one['metrics'], one['ci95']) == (row['metrics'], row['ci95']), row['name']
+    assert [p['metrics'] for p in one.get('curve', [])] == [p['metrics'] for p in row.get('curve', [])], row['name']
+  assert 'at a time' not in (tmp_path / 'report.md').read_text()
 
 
 def test_rows_continue_an_earlier_row_with_the_same_config():
@@ -120,3 +132,62 @@ def test_rows_continue_an_earlier_row_with_the_same_config():
 def test_bad_compare_row_fails_clearly(tmp_path):
   r = _main(tmp_path / 'run', "--config.compare.rows=('fp','pq-3bit')")
   helpers.assert_refused(r, tmp_path / 'run', "config.compare.rows: unknown row 'pq-3bit'")
+
+
+def test_rows_are_grouped_by_the_row_they_continue():
+  """compare._groups: a row that continues another (directly or through a chain) runs after it on its thread; the
+  sweep's calibrated rows each join their own uncalibrated row; auto workers is one per core, at most AUTO_WORKERS."""
+  from configs import digits as digits_config
+  from dpq_jax.demo import rows as rows_lib
+  from dpq_jax.demo import sweep
+  from dpq_jax.stages import compare
+
+  config = digits_config.get_config('')
+  names = list(config.compare.rows)
+  groups = compare._groups(names, rows_lib.continued(config))
+  assert groups == [[n] for n in names if 'compressed' not in n and 'calibrated' not in n] + [
+    ['pq-1bit-compressed', 'pq-1bit-calibrated']
+  ]
+  chain = {'b': ('a', ('compress',)), 'c': ('b', ('calibrate',)), 'e': ('a', ('calibrate',))}
+  assert compare._groups(['a', 'd', 'b', 'c', 'e'], chain) == [['a', 'b', 'c', 'e'], ['d']]
+  config, _ = sweep.expand(digits_config.get_config('sweep'))
+  groups = compare._groups(list(config.compare.rows), rows_lib.continued(config))
+  assert sum(len(g) == 2 for g in groups) == sum(n.endswith('-cal') for n in config.compare.rows) > 0
+  assert all(len(g) == 1 or (len(g) == 2 and g[1] == f'{g[0]}-cal') for g in groups), groups
+  assert compare.resolve_workers(3) == 3 and 1 <= compare.resolve_workers(0) <= compare.AUTO_WORKERS
+
+
+def test_parallel_rows_stop_on_a_signal_or_an_error(capsys):
+  """compare._run_groups with two workers: a SIGTERM to the process stops the rows before their next stage and exits
+  128 + 15 with one line; a row's error stops the other rows and is the one raised."""
+  import os
+  import signal
+  import threading
+
+  from dpq_jax.calibrate import checkpoint as ckpt_lib
+  from dpq_jax.stages import compare
+
+  stop = threading.Event()
+  started = threading.Barrier(3)
+
+  def run_group(names, row_done):
+    started.wait(10)
+    if names == ['bad']:
+      raise ValueError('row bad failed')
+    for _ in names:
+      while not stop.wait(0.05):  # a stage that runs until told to stop, then the check before the next one
+        pass
+      raise compare._Stopped()
+
+  threading.Timer(0.3, lambda: (started.wait(10), os.kill(os.getpid(), signal.SIGTERM))).start()
+  with pytest.raises(ckpt_lib.Preempted) as e:
+    compare._run_groups(run_group, [['a'], ['b', 'c']], 2, stop, '/w/rows')
+  assert e.value.code == 128 + signal.SIGTERM
+  assert 'compare: signal 15: the rows stopped before their next stage; the finished ones are in /w/rows' in (
+    capsys.readouterr().err
+  )
+  stop.clear()
+  started = threading.Barrier(2)
+  with pytest.raises(ValueError, match='row bad failed'):
+    compare._run_groups(run_group, [['bad'], ['b']], 2, stop, '/w/rows')
+  assert stop.is_set()
