@@ -8,8 +8,9 @@ continue their uncalibrated row), as does a row whose config equals an earlier r
 (demo/rows.continued: the default `pq-1bit-calibrated` calibrates `pq-1bit-compressed`'s model; a note says so),
 and config.compare.sweep.points, when set, are expanded into the rows first
 (demo/sweep.py). Rows run config.compare.workers at a time on threads (a row and those continuing it in order on
-one); the report keeps the config's order and the results do not depend on the number. report.json gets one entry per row under `rows` (the single-run size keys + `name`, `metrics`,
-`ci95` (the bootstrap 95% interval of every metric), `timings_s`, and `sweep` for sweep rows);
+one); the report keeps the config's order and the results do not depend on the number. report.json gets one entry
+per row under `rows` (the single-run size keys + `name`, `metrics`, `ci95` (the bootstrap 95% interval of every
+metric), `timings_s`, and `sweep` for sweep rows);
 DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
 per weight (the sweep: a line per method with its interval band).
 """
