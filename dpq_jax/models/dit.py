@@ -23,6 +23,21 @@ import numpy as np
 
 from dpq_jax.models import scan as scan_lib
 
+# Values a rematerialised block keeps whatever its policy (jax.ad_checkpoint.checkpoint_name): small, and dear to
+# recompute. A dynamic assignment's codes (quant/layers.py) are 1 byte per sub-vector, and recomputing them is the
+# whole argmin again in the backward pass (measured on the demo's calibration step: 2x the assignment's cost).
+REMAT_KEEP = 'remat_keep'
+
+
+def remat_policy(name: str | None) -> Callable:
+  """The jax.checkpoint policy of a rematerialised block: `name` (a `jax.checkpoint_policies` name; None: nothing
+  saved), plus the values tagged REMAT_KEEP."""
+  keep = jax.checkpoint_policies.save_only_these_names(REMAT_KEEP)
+  if name is None:
+    return keep
+  return jax.checkpoint_policies.save_from_both_policies(getattr(jax.checkpoint_policies, name), keep)
+
+
 Array = jax.Array
 DenseFactory = Callable[..., nn.Module]
 
@@ -324,8 +339,7 @@ class DiT(nn.Module):
   def _remat(self, block: type[nn.Module], **kwargs) -> type[nn.Module]:
     if not self.remat:
       return block
-    policy = None if self.remat_policy is None else getattr(jax.checkpoint_policies, self.remat_policy)
-    return nn.remat(block, policy=policy, **kwargs)
+    return nn.remat(block, policy=remat_policy(self.remat_policy), **kwargs)
 
   def unpatchify(self, x: Array) -> Array:
     """(B, T, p*p*C) -> (B, H, W, C); features are ordered (row in patch, column in patch, channel)."""

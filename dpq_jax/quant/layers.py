@@ -22,7 +22,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from dpq_jax.models import dit
 from dpq_jax.models import scan as scan_lib
 from dpq_jax.quant import packing, pq
 
@@ -131,6 +133,8 @@ class PQDense(nn.Module):
     assigned = pq.encode(target, jax.lax.stop_gradient(codebooks), spec, u, alive, scale)  # [M, out_features]
     # The stored dtype (uint8 for K <= 256): the codes are what a rematerialised product keeps.
     assigned = assigned.astype(codes.value.dtype)
+    # Kept by a rematerialised block (models/dit.py): its backward pass then re-gathers, not re-assigns.
+    assigned = checkpoint_name(assigned, dit.REMAT_KEEP)
     if self.is_mutable_collection('quant') and not self.is_initializing():
       codes.value = assigned
     return codebooks, assigned, latent if self.assignment == 'ste' else None

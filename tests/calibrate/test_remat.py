@@ -192,6 +192,41 @@ def test_decoded_mode_keeps_no_decoded_kernel_and_no_second_forward_matmul():
   assert counts['decoded'] == counts['none'], counts
 
 
+def _count(jaxpr, primitive: str) -> int:
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == primitive
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count(sub, primitive)
+  return n
+
+
+def test_rematerialised_blocks_keep_the_assigned_codes_and_assign_once():
+  """A block recomputed in the backward pass ('blocks', 'dots') keeps each dynamic assignment's codes
+  (dit.REMAT_KEEP): the argmin's loop over the codewords runs once per layer, as in 'none', not again."""
+  fp, rules, params, q = tiny.tiny_setup()
+  _, qn = step_lib.attach_latent(q.variables()['params'], q.variables()['quant'], params, 'dynamic')
+  x, y = tiny.tiny_data(B)
+  t = jnp.arange(B) * 300
+  loops, residuals = {}, {}
+  for remat in ('none', 'blocks', 'dots'):
+    dyn, _ = step_lib.calibration_models(fp, rules, 'dynamic', remat)
+
+    def loss(p, dyn=dyn):
+      out, _ = dyn.apply({'params': p, 'quant': qn}, jnp.asarray(x), t, jnp.asarray(y), mutable=['quant'])
+      return jnp.mean(jnp.square(out))
+
+    loops[remat] = _count(jax.make_jaxpr(jax.grad(loss))(q.variables()['params']).jaxpr, 'scan')
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+      jax.ad_checkpoint.print_saved_residuals(loss, q.variables()['params'])
+    residuals[remat] = {ln.split(' ')[0] for ln in buf.getvalue().splitlines()}
+  assert loops['none'] >= 10, loops  # one argmin loop per quantized layer (5 per block, 2 blocks) at least
+  assert loops['blocks'] == loops['dots'] == loops['none'], loops
+  codes = {'u8[8,96]', 'u8[8,32]', 'u8[8,128]', 'u8[32,32]', 'u8[8,192]'}  # [C_in / d, C_out] of every layer
+  assert codes <= residuals['blocks'] and codes <= residuals['dots'], residuals
+
+
 def test_pqdense_decoded_residuals_are_its_inputs():
   """One PQDense: 'none' keeps W_hat [64, 48]; 'decoded' keeps only its inputs x, codebooks, codes."""
   spec = pq.CodebookSpec(16, 4)
