@@ -10,9 +10,12 @@ the model). Streaming (one batch in memory), sharded over a data mesh like calib
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Callable, Iterator
 
 import jax
@@ -329,23 +332,89 @@ def split(stats: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str
   return moments, grad2
 
 
+@dataclasses.dataclass
+class _Shared:
+  lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+  digest: str = ''  # the key `stats` was collected under
+  stats: dict[str, np.ndarray] | None = None
+
+
+_shared: dict[str, _Shared] | None = None  # by the digest of the key asked for, while `shared()` is entered
+_shared_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def shared() -> Iterator[None]:
+  """Within it, the statistics `load_or_collect` collects or reads stay in memory and serve every later call for
+  the same key in this process, from any workdir and any thread; a thread asking for a key another thread is
+  collecting waits for it. The compare stage's rows quantize one model on one data set, so the rows with the same
+  statistics settings (the demo: every row with error feedback) collect them once. Each workdir still gets its
+  DIR/stats/ file. The arrays are read-only."""
+  global _shared
+  with _shared_lock:
+    outer = _shared
+    if outer is None:
+      _shared = {}
+  try:
+    yield
+  finally:
+    with _shared_lock:
+      _shared = outer
+
+
 def load_or_collect(
   workdir: str, keys: list[dict[str, Any]], collect: Callable[[], dict[str, np.ndarray]]
 ) -> dict[str, np.ndarray]:
   """DIR/stats/input_moments.npz when it was written for one of `keys` (JSON-able dicts of everything that
   decides the statistics; any of them serves), else `collect()` (what the last key describes), written there
-  under the last key (process 0, atomically) and returned."""
+  under the last key (process 0, atomically) and returned; within `shared()` first what this process already
+  holds for one of the keys."""
+  digests = [hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24] for key in keys]
+  path = os.path.join(workdir, STATS_DIR, MOMENTS_FILE)
+  share = _shared
+  if share is None:
+    return _load_or_collect(path, digests, collect)[1]
+  with _shared_lock:
+    entry = share.setdefault(digests[-1], _Shared())
+  with entry.lock:
+    held = next((share[d] for d in digests if d in share and share[d].stats is not None), None)
+    if held is None:
+      entry.digest, stats = _load_or_collect(path, digests, collect)
+      for value in stats.values():
+        value.setflags(write=False)
+      entry.stats, held = stats, entry
+    elif not _holds(path, [held.digest]):
+      _write(path, held.digest, held.stats)
+  return dict(held.stats)
+
+
+def _holds(path: str, digests: list[str]) -> bool:
+  from dpq_jax import io_utils
+
+  if not io_utils.exists(path):
+    return False
+  with io_utils.load_npz(path) as f:
+    return str(f['__key__']) in digests
+
+
+def _write(path: str, digest: str, stats: dict[str, np.ndarray]) -> None:
   from dpq_jax import distributed, io_utils
 
-  digests = [hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24] for key in keys]
-  digest = digests[-1]
-  path = os.path.join(workdir, STATS_DIR, MOMENTS_FILE)
+  if distributed.is_writer():
+    io_utils.makedirs(os.path.dirname(path))
+    io_utils.write_npz(path, __key__=np.asarray(digest), **stats)
+
+
+def _load_or_collect(
+  path: str, digests: list[str], collect: Callable[[], dict[str, np.ndarray]]
+) -> tuple[str, dict[str, np.ndarray]]:
+  """(the digest the statistics are kept under, the statistics) of `load_or_collect` without `shared()`."""
+  from dpq_jax import io_utils
+
   if io_utils.exists(path):
     with io_utils.load_npz(path) as f:
       if str(f['__key__']) in digests:
-        return {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
-  moments = collect()
-  if distributed.is_writer():
-    io_utils.makedirs(os.path.dirname(path))
-    io_utils.write_npz(path, __key__=np.asarray(digest), **moments)
-  return moments
+        return str(f['__key__']), {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
+  stats = collect()
+  _write(path, digests[-1], stats)
+  return digests[-1], stats

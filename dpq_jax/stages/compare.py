@@ -35,6 +35,7 @@ from dpq_jax.demo import figures
 from dpq_jax.demo import metrics as demo_metrics
 from dpq_jax.demo import rows as rows_lib
 from dpq_jax.demo import sweep as sweep_lib
+from dpq_jax.quant import statistics
 from dpq_jax.stages.job import Job
 
 # Rows at a time where config.compare.workers is 0 (auto): measured on the 2-core machine (README, the demo).
@@ -249,7 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
     groups = sorted(groups, key=lambda g: _cost(config, g), reverse=True)
   else:  # one after another, in the config's order
     groups = [names]
-  results = _run_groups(run_group, groups, workers, stop, os.path.join(workdir, 'rows'))
+  with statistics.shared():  # the rows' input statistics collected once per settings, not once per row
+    results = _run_groups(run_group, groups, workers, stop, os.path.join(workdir, 'rows'))
   rows, images = [], {}
   for name in config.compare.rows:  # report order: the config's, whichever row finished first
     entry, images[name], notes = results[name]

@@ -1,6 +1,9 @@
 """Input statistics of the quantized layers (quant/statistics.py): the streamed, sharded second moments equal
 one numpy pass over every token; the calibration inputs tile the schedule; the workdir cache; bad values."""
 
+import threading
+from concurrent import futures
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -101,6 +104,44 @@ def test_moments_are_kept_in_the_workdir_and_recollected_for_other_inputs(tmp_pa
   served = statistics.load_or_collect(str(tmp_path), [{'a': 3, 'g': True}, {'a': 3, 'g': False}], collect(5.0))
   assert calls == [1.0, 3.0, 4.0] and float(served['blocks_0/attn/qkv'][0, 0, 0]) == 4.0
   assert (tmp_path / statistics.STATS_DIR / statistics.MOMENTS_FILE).exists()
+
+
+def test_shared_statistics_are_collected_once_across_workdirs_and_threads(tmp_path):
+  """Within statistics.shared() one key is collected once for every workdir and thread (a second thread waits for
+  the first), each workdir still gets its file, and the arrays are read-only; outside it nothing is kept."""
+  calls, started, release = [], threading.Event(), threading.Event()
+
+  def collect(value, wait=False):
+    def fn():
+      calls.append(value)
+      started.set()
+      if wait:
+        release.wait(10)
+      return {'blocks_0/attn/qkv': np.full((2, 4, 4), value, np.float32)}
+
+    return fn
+
+  dirs = [str(tmp_path / name) for name in ('a', 'b', 'c', 'd')]
+  with statistics.shared():
+    with futures.ThreadPoolExecutor(2) as pool:
+      first = pool.submit(statistics.load_or_collect, dirs[0], [{'a': 1}], collect(1.0, wait=True))
+      assert started.wait(10)
+      second = pool.submit(statistics.load_or_collect, dirs[1], [{'a': 1}], collect(2.0))
+      release.set()
+      got = [first.result(), second.result()]
+    # a superset already held serves a call that accepts it; another key is collected
+    served = statistics.load_or_collect(dirs[2], [{'a': 0}, {'a': 1}], collect(3.0))
+    other = statistics.load_or_collect(dirs[2], [{'a': 2}], collect(4.0))
+  assert calls == [1.0, 4.0]
+  for stats in got + [served]:
+    assert float(stats['blocks_0/attn/qkv'][0, 0, 0]) == 1.0
+    assert not stats['blocks_0/attn/qkv'].flags.writeable
+  assert float(other['blocks_0/attn/qkv'][0, 0, 0]) == 4.0
+  for d in dirs[:3]:  # each workdir has the file a rerun of it alone reads back
+    again = statistics.load_or_collect(d, [{'a': 2}, {'a': 1}] if d != dirs[2] else [{'a': 2}], collect(5.0))
+    assert float(again['blocks_0/attn/qkv'][0, 0, 0]) == (1.0 if d != dirs[2] else 4.0)
+  statistics.load_or_collect(dirs[3], [{'a': 1}], collect(6.0))  # outside shared(): collected again
+  assert calls == [1.0, 4.0, 6.0]
 
 
 @pytest.mark.parametrize(
