@@ -69,7 +69,8 @@ def check_finite(pending: list[tuple[int, dict]], state: Any, lr: float) -> None
 
 
 def _host(state: dict) -> tuple[dict, dict]:
-  """(trainable params, mutable quant) of the train state on the host, per block."""
+  """(params, quant) of the train state (trainable params, mutable quant) or of the frozen trees (frozen params,
+  latent weights and metrics) on the host, per block."""
   return (
     scan_lib.unstack_blocks(distributed.to_host(state['params'])),
     scan_lib.unstack_blocks(distributed.to_host(state['quant'])),
@@ -127,8 +128,10 @@ def calibrate(
 
   metrics: {module path: whitening factors [num_subvectors, d, d]}: the dynamic assignment's metric
   (train_step.attach_latent), as quantize fitted in; None: Euclidean.
-  latents: {module path: [in_features, out_features]} the dynamic assignment's latent weight where it is not the
-  fp kernel (config.calibrate.assign_target='feedback').
+  latents: {module path: [in_features, out_features]} the dynamic assignment's latent weight where it is not taken
+  from fp_params: fed-back targets (config.calibrate.assign_target='feedback'), or the fp kernels a caller lends
+  the loop so that they are held once (stacked with the blocks) instead of beside the stacked copy. The loop takes
+  them over: it empties the dict once they are in its own trees; out['latents'] gives them back per block.
 
   probe: (steps, fn): fn(step, params, quant) is called with the model as it stands after each of `steps` that this
   run passes through, exactly as it would be returned if calibration stopped there, and for step 0 with the model
@@ -141,7 +144,9 @@ def calibrate(
     {'params': calibrated params (no latent weights), 'quant': the `quant` collection with the
     final codes, 'history': logged metric rows, 'start_step': the step this run started at,
     'step_time_s': mean seconds per step after compilation, 'compile_s', 'num_trainable', 'unrolled_because':
-    why a model with scan_blocks ran its blocks unrolled (the blocks' trees differ), or None}.
+    why a model with scan_blocks ran its blocks unrolled (the blocks' trees differ), or None, 'latents':
+    {module path: latent weight [in_features, out_features]} of the dynamic assignment per block on the host, the
+    values it was given (on CPU views of the loop's copy: nothing copied)}.
 
   Models with `scan_blocks` run the step on trees stacked per block (models/scan.py), checkpoints included;
   what goes in and comes out is per block.
@@ -150,8 +155,11 @@ def calibrate(
 
   diffusion = diffusion or diffusion_lib.create_diffusion()
   params_l, quant_l = step_lib.attach_latent(params, quant, fp_params, cfg.assignment, metrics, latents)
+  if latents:
+    latents.clear()  # taken over (see above): held by the loop's trees from here on
   mutable_q, constant_q = step_lib.split_quant(quant_l)
   trainable, frozen_params = trainable_lib.split_trainable(params_l, trainable_lib.trainable_patterns(cfg.trainable))
+  num_trainable = trainable_lib.count(trainable)
   tx = trainable_lib.optimizer(cfg)
   mesh = sharding.make_mesh(tuple(tuple(a) for a in cfg.mesh))
   dp = sharding.data_parallel_size(mesh)
@@ -177,7 +185,9 @@ def calibrate(
   )  # fmt: skip
   state = step_lib.init_state(parts['trainable'], parts['quant'], tx, seed)
   frozen = {'params': parts['frozen'], 'quant': parts['constant'], 'fp': parts.get('fp', {})}
-  del parts
+  # The per-block trees go: with stacked blocks the latent weights (DiT-XL/2: 2.35 GiB) are held once, in `frozen`;
+  # `finish` reads them back from there.
+  del parts, params_l, quant_l, mutable_q, constant_q, trainable, frozen_params
   jstep, state_sh, frozen_sh = step_lib.jit_step(step_fn, mesh, state, frozen)
   frozen = jax.device_put(frozen, frozen_sh)
 
@@ -208,13 +218,14 @@ def calibrate(
   def data_state() -> dict:
     return {'iterator': iterator.get_state().decode(), 'fingerprint': fingerprint}
 
-  def finish(params_host: dict, quant_host: dict) -> tuple[dict, dict]:
-    """(params without latent weights, quant) of the model the state holds: codebooks rounded to what the
-    artifact stores and the codes refreshed against them."""
-    trained = _round_codebooks(
-      trainable_lib.merge(params_host, frozen_params), trainable_lib.merge(quant_host, constant_q), codebook_dtype
-    )
-    quant_out = step_lib.refresh_codes(trained, trainable_lib.merge(quant_host, constant_q))
+  def finish(params_host: dict, quant_host: dict, frozen_host: tuple[dict, dict]) -> tuple[dict, dict]:
+    """(params without latent weights, quant) of the model the state (its host copy `_host`) holds with the
+    frozen trees (`_host(frozen)`): codebooks rounded to what the artifact stores and the codes refreshed against
+    them."""
+    fixed_params, constant = frozen_host
+    quant_all = trainable_lib.merge(quant_host, constant)
+    trained = _round_codebooks(trainable_lib.merge(params_host, fixed_params), quant_all, codebook_dtype)
+    quant_out = step_lib.refresh_codes(trained, quant_all)
     quant_out = trainable_lib.pick(quant_host, jax.device_get(quant_out))
     params_out, _ = trainable_lib.split(trained, lambda path, _: not qweight.is_latent(path))
     return params_out, quant_out
@@ -252,7 +263,7 @@ def calibrate(
         pending.append((step, metrics))
         if probe_fn is not None and step in probe_steps:
           probe_start = time.perf_counter()
-          probe_fn(step, *finish(*_host(state)))
+          probe_fn(step, *finish(*_host(state), _host(frozen)))
           tick += time.perf_counter() - probe_start  # the probe's time is not a step's
         if step == cfg.steps or checkpointer.should_save(step):
           check_finite(pending, state, cfg.lr)  # no checkpoint holds a diverged state
@@ -289,9 +300,9 @@ def calibrate(
   finally:
     _finish(([bar.close] if bar is not None else []) + [checkpointer.wait, checkpointer.close], failed)
 
-  host = _host(state)
+  host, frozen_host = _host(state), _host(frozen)
   del state, frozen
-  params_out, quant_out = finish(*host)
+  params_out, quant_out = finish(*host, frozen_host)
   return {
     'params': params_out,
     'quant': quant_out,
@@ -300,9 +311,20 @@ def calibrate(
     'steps': step,
     'compile_s': compile_s,
     'step_time_s': timed_s / timed_steps if timed_steps else None,
-    'num_trainable': trainable_lib.count(trainable),
+    'num_trainable': num_trainable,
     'unrolled_because': unrolled_because,
+    'latents': _latents(frozen_host[1]),
   }
+
+
+def _latents(constant_host: dict) -> dict[str, Any]:
+  """{module path: latent weight} of the host copy of the constant `quant` tree (per block)."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(constant_host):
+    keys = [str(k.key) for k in path]
+    if keys[-1] == qweight.LATENT:
+      out['/'.join(keys[:-1])] = leaf
+  return out
 
 
 def check_checkpoints(workdir: str, fingerprint: str | None) -> None:

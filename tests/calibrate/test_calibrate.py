@@ -18,7 +18,7 @@ from dpq_jax import pipeline
 from dpq_jax.calibrate import trainable as trainable_lib
 from dpq_jax.quant import pq
 from tests import helpers
-from tests.calibrate.tiny import NUM_CLASSES, build, calib_config, dense_step_reference, runlocal, tiny_data, tiny_setup
+from tests.calibrate.tiny import TinySpec, build, calib_config, dense_step_reference, runlocal, tiny_data, tiny_setup
 
 
 def test_trainable_sets_and_their_errors():
@@ -225,20 +225,6 @@ def test_distillation_term_is_zero_against_itself():
   np.testing.assert_allclose(float(m['loss']), float(m['mse'] + m['vb'] + m['distill']), rtol=1e-5)
 
 
-class _TinySpec:
-  """Stands in for models.spec.ModelSpec: the stage builds its modules with spec.create(...)."""
-
-  name = 'tiny'
-  num_classes = NUM_CLASSES
-
-  def __init__(self, module):
-    self.module = module
-    self.in_channels = module.in_channels
-
-  def create(self, dtype=jnp.float32, dense=None):
-    return self.module.clone(dtype=dtype, **({'dense': dense} if dense else {}))
-
-
 def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   """Stage `calibrate` on data-free samples: metrics.jsonl, report keys, and DIR/quantized holding
   the calibrated codebooks with codes that are their argmin of the latent weights; a calibration probe sees the
@@ -263,7 +249,7 @@ def test_stage_calibrates_rewrites_the_artifact_and_reports(tmp_path):
   config.model.init = 'checkpoint'  # no smoke caps
   config.model.input_size = 8
   report = {'num_params': 1000, **sizes_lib.summary(q.rows, sizes, 1000)}
-  job = Job(report=report, spec=_TinySpec(fp), fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'tiny'}))
+  job = Job(report=report, spec=TinySpec(fp), fp_params=params, quantized=QuantizedModel(q, rules, {'name': 'tiny'}))
   config.data.source = 'data_free'
   assert calibrate_stage.check(config) == []
   probed = []  # (step, the probed job's quantized params)
@@ -362,7 +348,7 @@ def _diverging_run(tmp_path, monkeypatch, poison, message, **calibrate):
   config.model.init, config.model.input_size, config.data.source = 'checkpoint', 8, 'data_free'
   job = Job(
     report={'num_params': 1000},
-    spec=_TinySpec(fp),
+    spec=TinySpec(fp),
     fp_params=params,
     quantized=QuantizedModel(q, rules, {'name': 'tiny'}),
   )

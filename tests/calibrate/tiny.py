@@ -54,6 +54,20 @@ def tiny_setup(k: int = 16, d: int = 4, seed: int = 0):
   return fp, rules, params, surgery.QuantizedParams.from_variables(qparams, quant, rows=rows)
 
 
+class TinySpec:
+  """Stands in for models.spec.ModelSpec: the stage builds its modules with spec.create(...)."""
+
+  name = 'tiny'
+  num_classes = NUM_CLASSES
+
+  def __init__(self, module):
+    self.module = module
+    self.in_channels = module.in_channels
+
+  def create(self, dtype=jnp.float32, dense=None):
+    return self.module.clone(dtype=dtype, **({'dense': dense} if dense else {}))
+
+
 def calib_config(**overrides) -> ml_collections.ConfigDict:
   """config.calibrate for the tiny problem: constant lr 1e-3, no warmup or clipping, a data-parallel mesh."""
   cfg = common.base_config().calibrate
