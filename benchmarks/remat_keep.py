@@ -61,7 +61,8 @@ def main() -> None:
   _common.print_header(['remat', 'step', 'first call (compile) s', 'step s', 'assignment s', 'vs again', 'loss'])
   frozen_s, again_s = {}, {}
   for (remat, label), first, step_s, loss in zip(names, compile_s, medians, losses):
-    frozen_s.setdefault(remat, step_s) if label == 'frozen' else None
+    if label == 'frozen':
+      frozen_s[remat] = step_s
     if label == 'dynamic, again':
       again_s[remat] = step_s
     assign = '-' if label == 'frozen' else f'{step_s - frozen_s[remat]:.3f}'

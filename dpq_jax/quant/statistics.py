@@ -383,18 +383,19 @@ def load_or_collect(
       for value in stats.values():
         value.setflags(write=False)
       entry.stats, held = stats, entry
-    elif not _holds(path, [held.digest]):
+    elif _key_of(path) != held.digest:
       _write(path, held.digest, held.stats)
   return dict(held.stats)
 
 
-def _holds(path: str, digests: list[str]) -> bool:
+def _key_of(path: str) -> str | None:
+  """The key digest DIR/stats/input_moments.npz was written under, or None where there is none."""
   from dpq_jax import io_utils
 
   if not io_utils.exists(path):
-    return False
+    return None
   with io_utils.load_npz(path) as f:
-    return str(f['__key__']) in digests
+    return str(f['__key__'])
 
 
 def _write(path: str, digest: str, stats: dict[str, np.ndarray]) -> None:
@@ -411,10 +412,10 @@ def _load_or_collect(
   """(the digest the statistics are kept under, the statistics) of `load_or_collect` without `shared()`."""
   from dpq_jax import io_utils
 
-  if io_utils.exists(path):
+  key = _key_of(path)
+  if key in digests:
     with io_utils.load_npz(path) as f:
-      if str(f['__key__']) in digests:
-        return str(f['__key__']), {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
+      return key, {name: np.asarray(f[name]) for name in f.files if name != '__key__'}
   stats = collect()
   _write(path, digests[-1], stats)
   return digests[-1], stats

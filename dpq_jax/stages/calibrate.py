@@ -208,7 +208,7 @@ def _feedback_targets(
   for name, w in q.pq.items():
     if name not in hessians:
       continue
-    kernel = tree_utils.get_path(fp_params, name.split('/') + [qweight.KERNEL])
+    kernel = _kernel(fp_params, name)
     codes, targets, t = feedback.assignment_targets(kernel, hessians[name], w.codebooks, w.alive,
                                                     group=qcfg.feedback_group, damping=qcfg.damping)  # fmt: skip
     latents[name] = targets if w.scale is None else targets * jnp.asarray(w.scale, jnp.float32)
@@ -238,7 +238,7 @@ def _layer_rows(q: surgery.QuantizedParams, fp_params: dict) -> list[dict]:
   for row in q.rows:
     w = q.pq.get(row['name'])
     if w is not None:
-      kernel = tree_utils.get_path(fp_params, row['name'].split('/') + [qweight.KERNEL])
+      kernel = _kernel(fp_params, row['name'])
       row = dict(row, rel_mse=pq_lib.rel_mse(kernel, pq_lib.decode(w.codebooks, w.codes)))
     new.append(row)
   return new
