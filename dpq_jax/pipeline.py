@@ -19,7 +19,7 @@ import time
 import ml_collections
 from absl import logging
 
-from dpq_jax import compile_cache, distributed, errors, io_utils
+from dpq_jax import compile_cache, distributed, errors, host_memory, io_utils
 from dpq_jax import workdir as workdir_lib
 from dpq_jax.calibrate import loop as calibrate_loop
 from dpq_jax.evaluate import report as report_lib
@@ -58,6 +58,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   errors = [
     f'config.stages: unknown stage {s!r}; expected one of {", ".join(REGISTRY)}' for s in stages if s not in REGISTRY
   ]
+  errors += host_memory.check(config.get('malloc_mmap_threshold', host_memory.DEFAULT))
   if stages != ['evaluate']:  # scoring an existing sample batch alone needs no model
     errors += REGISTRY['load'].check(config)  # config.model, whichever stage makes the model
   for stage in dict.fromkeys(stages):
@@ -74,6 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config = with_stages(config)
   check_config(config)
   compile_cache.setup(config.get('compile_cache', ''))  # before the first compile of the job
+  host_memory.configure(config.get('malloc_mmap_threshold', host_memory.DEFAULT))  # before the large buffers
   writer = distributed.is_writer()  # process 0 writes every output; the others compute alongside it
   if not writer:
     return _run_stages(config, workdir, writer)

@@ -27,6 +27,9 @@ def base_config() -> ml_collections.ConfigDict:
   # JAX's persistent compilation cache (dpq_jax/compile_cache.py): '' a cache already set up (JAX_COMPILATION_CACHE_DIR)
   # or else $XDG_CACHE_HOME/dpq_jax/jax; 'off'; or a directory. Reruns and later stages load what was compiled.
   config.compile_cache = ''
+  # glibc's mmap threshold in bytes (dpq_jax/host_memory.py): buffers of at least this size are unmapped when freed
+  # instead of staying in the heap (DiT-XL/2 chain peak RSS 8.32 -> 7.56 GiB); 0 leaves glibc's dynamic threshold.
+  config.malloc_mmap_threshold = 65536
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'DiT-XL/2'
