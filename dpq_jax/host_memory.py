@@ -6,9 +6,11 @@ each time a mmapped block is freed it rises to that block's size (up to 32 MiB o
 per-block kernel of DiT-XL/2 (e.g. 1152 x 4608 float32 = 20 MiB) therefore serves every later buffer of up to that
 size from the heap, and the heap's freed pieces stay resident: the DiT-XL/2 smoke chain's peak RSS was 8.32 GiB with
 3.6 GiB of live arrays (README, "Measured again"). A fixed threshold (mallopt, which also turns the dynamic rule off)
-keeps every buffer of 64 KiB or more in its own mapping: 7.56 GiB on the same chain.
+keeps every buffer of at least that size in its own mapping: 7.41 GiB at 64 KiB, 7.84 GiB at 4 MiB on the same chain.
+Each mapping costs page faults and zeroing (sys time) when it is made: on the DiT-S/8 smoke chain 64 KiB took 1.22x
+the dynamic rule's wall time, 4 MiB 1.06x (README, "glibc's mmap threshold"), so the default is 4 MiB.
 
-`config.malloc_mmap_threshold` (bytes) chooses it: 65536 (the default), 0 to leave glibc's own rule. Where the
+`config.malloc_mmap_threshold` (bytes) chooses it: 4194304 (the default), 0 to leave glibc's own rule. Where the
 environment already sets MALLOC_MMAP_THRESHOLD_ (glibc reads it at start-up) that setting stays. Not glibc (macOS,
 musl): nothing is done.
 """
@@ -23,7 +25,7 @@ import platform
 ENV = 'MALLOC_MMAP_THRESHOLD_'
 M_MMAP_THRESHOLD = -3  # <malloc.h>
 MAX = 32 * 1024 * 1024  # glibc refuses a threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit)
-DEFAULT = 64 * 1024
+DEFAULT = 4 * 1024 * 1024
 
 
 def check(value) -> list[str]:
@@ -31,7 +33,7 @@ def check(value) -> list[str]:
   if isinstance(value, bool) or not isinstance(value, int) or not (value == 0 or 4096 <= value <= MAX):
     return [
       f'config.malloc_mmap_threshold={value!r}: expected 0 (glibc decides) or a byte count in 4096..{MAX}'
-      ' (default 65536)'
+      f' (default {DEFAULT})'
     ]
   return []
 
