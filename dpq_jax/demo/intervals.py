@@ -40,6 +40,11 @@ def bootstrap_interval(
   return float(lo), float(hi)
 
 
+def excludes_zero(interval: tuple[float, float]) -> bool:
+  """Whether the interval of a paired difference leaves 0 out: the rule for the `*_vs_fp` metrics."""
+  return interval[0] > 0 or interval[1] < 0
+
+
 def separated(a: tuple[float, float], b: tuple[float, float]) -> bool:
   """Whether two intervals do not overlap: the only case in which the reading calls a difference."""
   return a[1] < b[0] or b[1] < a[0]

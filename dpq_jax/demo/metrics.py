@@ -9,11 +9,17 @@ against the full-precision model; each with a bootstrap 95% interval (intervals.
   class_accuracy  fraction of generated digits the classifier labels as the class they were asked for.
   eps_rel_error   ||eps_q - eps_fp|| / ||eps_fp|| of the predicted noise on fixed noisy held-out digits
                   (t spread over 0..999, the labels given): how far the quantized denoiser strays.
+  class_logprob_vs_fp, fd_vs_fp
+                  the row's log p and fd minus the full-precision model's on its digits from the same noise and
+                  labels (given the fp model's classifier outputs as `reference`): paired differences.
 
 Intervals: percentile bootstrap over the generated digits (class_logprob, class_accuracy, and fd with the
 held-out reference statistics kept fixed, shifted by the bootstrap's bias estimate: resamples repeat digits,
 which raises their fd) or over the fixed noisy inputs (eps_rel_error, a ratio of sums
-resampled as a whole), `num_resamples` resamples.
+resampled as a whole), `num_resamples` resamples. The paired differences resample a row's digits and the fp
+model's together (digit i of both from the same starting noise and label), so what the two share (the noise's
+draw, the labels' mix) cancels: their interval is far narrower than either metric's own, and a difference is
+called where it excludes 0 (intervals.excludes_zero).
 """
 
 from __future__ import annotations
@@ -61,9 +67,11 @@ def scores(
   reference_eps: np.ndarray,
   num_resamples: int = 1000,
   seed: int = 0,
+  reference: dict | None = None,
 ) -> tuple[dict, dict]:
   """(metrics, their 95% intervals {key: [low, high]}) of one row from its samples' classifier outputs and its
-  denoiser's predictions on the fixed inputs; pure numpy."""
+  denoiser's predictions on the fixed inputs; pure numpy. reference: the fp model's {'feats', 'logits'} on its
+  digits from the same noise and labels (sample i of both from the same draw), for the paired `*_vs_fp` metrics."""
   logp = class_logprob(logits, labels)  # [N]
   correct = (np.argmax(logits, -1) == labels).astype(np.float64)  # [N]
   fd = intervals.FixedReferenceFD(real_feats)
@@ -86,7 +94,26 @@ def scores(
       lambda i: np.sqrt(num[i].sum() / den[i].sum()), m, num_resamples, seed
     ),
   }
+  if reference is not None:
+    ref_feats, ref_logp = np.asarray(reference['feats']), class_logprob(reference['logits'], labels)
+    if ref_feats.shape != feats.shape:
+      raise ValueError(f"reference feats {ref_feats.shape}: expected the row's shape {feats.shape} (paired samples)")
+    diff = logp - ref_logp  # [N] per-digit difference
+    metrics['class_logprob_vs_fp'] = float(diff.mean())
+    metrics['fd_vs_fp'] = fd(feats) - fd(ref_feats)
+    ci['class_logprob_vs_fp'] = intervals.bootstrap_interval(lambda i: diff[i].mean(), n, num_resamples, seed)
+    ci['fd_vs_fp'] = intervals.bootstrap_interval(
+      lambda i: fd(feats[i]) - fd(ref_feats[i]), n, num_resamples, seed, debias=True
+    )
   return metrics, {k: [round(lo, 6), round(hi, 6)] for k, (lo, hi) in ci.items()}
+
+
+def sample_outputs(model, variables, sample_cfg: ml_collections.ConfigDict, clf_params: dict) -> dict:
+  """Generated digits {'images' [N, 8, 8, 1] in [-1, 1], 'labels' [N], and the classifier's 'feats', 'logits'}."""
+  images, labels = sample_lib.generate(model, variables, sample_cfg, progress=False)
+  images = np.clip(images, -1.0, 1.0)
+  feats, logits = classifier.apply(clf_params, images)
+  return {'images': images, 'labels': np.asarray(labels), 'feats': np.asarray(feats), 'logits': np.asarray(logits)}
 
 
 def evaluate(
@@ -98,13 +125,17 @@ def evaluate(
   reference_eps: np.ndarray,
   inputs: tuple[jax.Array, ...],
   num_resamples: int = 1000,
+  reference: dict | None = None,
+  outputs: dict | None = None,
 ) -> tuple[dict, dict, np.ndarray]:
-  """(metrics {'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error'}, their 95% intervals, generated images
-  [N, 8, 8, 1] in [-1, 1])."""
-  images, labels = sample_lib.generate(model, variables, sample_cfg, progress=False)
-  images = np.clip(images, -1.0, 1.0)
-  feats, logits = classifier.apply(clf_params, images)
+  """(metrics {'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error'} and, with the fp model's `reference`
+  (sample_outputs), the paired '*_vs_fp'; their 95% intervals; generated images [N, 8, 8, 1] in [-1, 1]).
+  outputs: this model's sample_outputs where already generated (the fp row is the reference itself)."""
+  outputs = outputs or sample_outputs(model, variables, sample_cfg, clf_params)
   real_feats, _ = classifier.apply(clf_params, heldout_images)
   eps = eps_prediction(model, variables, inputs)
-  metrics, ci = scores(feats, logits, np.asarray(labels), real_feats, eps, reference_eps, num_resamples)
-  return metrics, ci, images
+  metrics, ci = scores(
+    outputs['feats'], outputs['logits'], outputs['labels'], real_feats, eps, reference_eps, num_resamples,
+    reference=reference,
+  )  # fmt: skip
+  return metrics, ci, outputs['images']

@@ -139,6 +139,9 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
       out.append('Not told apart from fp on log p and fd (95% intervals overlap on both): '
                  + (', '.join(same) if same else 'no row')
                  + '; every other row is separated from fp on at least one.')  # fmt: skip
+    paired = paired_reading(rows)
+    if paired:
+      out.append(paired)
   overrides = {r['name']: config.compare.row_defs[r['name']].get('overrides', {}) for r in rows}
   for r in rows:
     if 'calibrate' not in stages[r['name']]:
@@ -151,6 +154,30 @@ def reading(config: ml_collections.ConfigDict, rows: list[dict]) -> list[str]:
                  for key, label, spec in METRICS]  # fmt: skip
       out.append(f'Calibration ({r["name"]} vs {b["name"]}): ' + ', '.join(changes) + '.')
   return out + curve_reading(rows)
+
+
+# The paired differences from fp (demo/metrics.py): row minus fp on digits from the same noise and labels.
+PAIRED = (('class_logprob_vs_fp', 'log p', '.4f'), ('fd_vs_fp', 'fd', '.2f'))
+
+
+def paired_reading(rows: list[dict]) -> str | None:
+  """The rows told apart from fp by their paired differences (the 95% interval of row minus fp leaves 0 out on
+  log p or fd) and those not, each with its differences; None where the rows have no paired metrics."""
+  apart, same = [], []
+  for r in rows:
+    if r['name'] == 'fp' or not all(k in r['metrics'] for k, _, _ in PAIRED):
+      continue
+    cells = []
+    for key, label, spec in PAIRED:
+      lo, hi = _interval(r, key)
+      cells.append(f'{label} {r["metrics"][key]:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]')
+    told = any(intervals.excludes_zero(_interval(r, key)) for key, _, _ in PAIRED)
+    (apart if told else same).append(f'{r["name"]} ({", ".join(cells)})')
+  if not apart and not same:
+    return None
+  return ("Paired with fp (every row's digits come from the same noise and labels as fp's; row minus fp, with the "
+          '95% bootstrap interval of the difference): told apart from fp, the interval leaving 0 out on log p or fd: '
+          + ('; '.join(apart) or 'no row') + '; not told apart: ' + ('; '.join(same) or 'no row') + '.')  # fmt: skip
 
 
 CURVE_KEYS = ('class_logprob', 'fd')

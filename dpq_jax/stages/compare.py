@@ -9,7 +9,8 @@ continue their uncalibrated row), as does a row whose config equals an earlier r
 and config.compare.sweep.points, when set, are expanded into the rows first
 (demo/sweep.py). Rows run config.compare.workers at a time on threads (a row and those continuing it in order on
 one); the report keeps the config's order and the results do not depend on the number. report.json gets one entry
-per row under `rows` (the single-run size keys + `name`, `metrics`, `ci95` (the bootstrap 95% interval of every
+per row under `rows` (the single-run size keys + `name`, `metrics` (with the paired `class_logprob_vs_fp` and
+`fd_vs_fp`: differences from the fp model's digits of the same noise), `ci95` (the bootstrap 95% interval of every
 metric), `timings_s`, and `sweep` for sweep rows);
 DIR/compare_grid.png shows the rows side by side and DIR/compare_plot.png the metrics against effective bits
 per weight (the sweep: a line per method with its interval band).
@@ -180,11 +181,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
   continued = rows_lib.continued(config)  # {row: (the earlier row it starts from, the stages it still runs)}
   stop = threading.Event()  # set by the main thread on a signal: the rows stop before their next stage
 
-  def score(row_job: Job, cfg: ml_collections.ConfigDict) -> tuple[dict, dict, object]:
+  # The fp model's digits (the same noise and labels as every row's): each row's log p and fd are also given as paired
+  # differences from them (demo/metrics.py); a row that runs no stage is this model, and reuses them.
+  reference = demo_metrics.sample_outputs(model, variables, sample_cfg, job.classifier)
+
+  def score(row_job: Job, cfg: ml_collections.ConfigDict, is_fp: bool = False) -> tuple[dict, dict, object]:
     row_model, row_variables = row_job.runtime(cfg)
     return demo_metrics.evaluate(
       row_model, row_variables, sample_cfg, job.classifier, data['heldout_images'], reference_eps, inputs,
-      config.compare.bootstrap_resamples,
+      config.compare.bootstrap_resamples, reference=reference, outputs=reference if is_fp else None,
     )  # fmt: skip
 
   def run_group(names: list[str], row_done: Callable[[], object]) -> dict[str, tuple[dict, object, list[str]]]:
@@ -223,7 +228,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, job: Job) -> Job:
         row = registry[stage].run(cfg, row_dir, row)
         row.report['timings_s'][stage] = round(time.perf_counter() - start, 2)
       start = time.perf_counter()
-      metrics, ci, image = score(row, cfg)
+      is_fp = not stages and name not in continued and not row_def.get('overrides')  # the job's own model
+      metrics, ci, image = score(row, cfg, is_fp)
       row.report['timings_s']['evaluate'] = round(time.perf_counter() - start, 2)
       rep = row.report
       entry = {'name': name, **{k: rep.get(k) for k in rows_lib.ROW_KEYS}, 'metrics': metrics, 'ci95': ci,

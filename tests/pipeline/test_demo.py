@@ -57,11 +57,22 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   assert names[0] == 'fp' and {'rtn-1bit', 'vq-1bit', 'pq-1bit'} <= set(names)
   for row in report['rows']:
     assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-    assert set(row['metrics']) == set(row['ci95']) == {'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error'}
+    assert set(row['metrics']) == set(row['ci95']) == {
+      'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error', 'class_logprob_vs_fp', 'fd_vs_fp'
+    }
     assert np.isfinite(list(row['metrics'].values())).all() and np.isfinite(list(row['ci95'].values())).all()
     assert all(lo <= hi for lo, hi in row['ci95'].values())
   rows = {row['name']: row for row in report['rows']}
   assert rows['fp']['metrics']['eps_rel_error'] == 0.0 and rows['fp']['effective_bits_per_weight'] == 32.0
+  # Paired with fp's digits (the same noise and labels): fp against itself is 0, and a row's mean per-digit difference
+  # in log p is the difference of the two rows' means; fd's is the difference of the two rows' fd (up to the rounding
+  # of the two Frechet distance routines, intervals.FixedReferenceFD and evaluate.metrics).
+  assert rows['fp']['metrics']['class_logprob_vs_fp'] == 0 and rows['fp']['ci95']['fd_vs_fp'] == [0, 0]
+  for row in rows.values():
+    for key in ('class_logprob', 'fd'):
+      want = row['metrics'][key] - rows['fp']['metrics'][key]
+      assert row['metrics'][f'{key}_vs_fp'] == pytest.approx(want, rel=1e-6, abs=1e-5), (row['name'], key)
+  assert any(line.startswith('Paired with fp') for line in report['compare']['reading'])
   for name in ('rtn-1bit', 'vq-1bit', 'pq-1bit'):
     assert rows[name]['index_bits_per_weight'] == 1.0
     assert rows[name]['metrics']['eps_rel_error'] > 0

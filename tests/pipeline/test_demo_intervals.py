@@ -91,3 +91,76 @@ def test_debiased_fd_interval_is_centred_on_the_estimate():
   estimate = fd(gen)
   assert plain[0] > estimate and shifted[0] < estimate < shifted[1]
   np.testing.assert_allclose(shifted[1] - shifted[0], plain[1] - plain[0])
+
+
+def test_paired_difference_interval_covers_and_resolves_what_overlapping_intervals_cannot():
+  # Two rows scored on the same draws: y = x + delta + small noise. The paired interval of mean(y - x) covers delta
+  # at about the stated rate and has the closed-form width 2 * 1.96 * sd(y - x) / sqrt(n); at delta = 0.05 it
+  # leaves 0 out in every trial, where the rows' own intervals (width ~0.18) overlap.
+  rng = np.random.default_rng(4)
+  n, delta, noise, trials = 500, 0.05, 0.1, 100
+  covered = apart = overlapped = 0
+  for trial in range(trials):
+    x = rng.normal(0.0, 1.0, n)
+    y = x + delta + rng.normal(0.0, noise, n)
+    paired = intervals.bootstrap_interval(lambda i: (y[i] - x[i]).mean(), n, num_resamples=300, seed=trial)
+    covered += paired[0] <= delta <= paired[1]
+    apart += intervals.excludes_zero(paired)
+    own = [intervals.bootstrap_interval(lambda i, v=v: v[i].mean(), n, 300, seed=trial) for v in (x, y)]
+    overlapped += not intervals.separated(*own)
+  assert 0.88 <= covered / trials <= 1.0, covered
+  assert apart == trials and overlapped == trials, (apart, overlapped)
+  np.testing.assert_allclose(paired[1] - paired[0], 2 * 1.96 * noise / np.sqrt(n), rtol=0.25)
+
+
+def test_excludes_zero():
+  assert intervals.excludes_zero((0.1, 0.2)) and intervals.excludes_zero((-0.2, -0.1))
+  assert not intervals.excludes_zero((-0.1, 0.2)) and not intervals.excludes_zero((0.0, 0.2))
+
+
+def test_paired_scores_against_numpy():
+  rng = np.random.default_rng(5)
+  n, m = 150, 20
+  labels = rng.integers(0, 10, n)
+  ref = {'logits': rng.normal(size=(n, 10)) * 3, 'feats': rng.normal(size=(n, 8))}
+  logits, feats = ref['logits'] + 0.5 * rng.normal(size=(n, 10)), ref['feats'] + 0.2 * rng.normal(size=(n, 8))
+  real, ref_eps = rng.normal(0.2, 1.0, size=(90, 8)), rng.normal(size=(m, 4))
+  metrics, ci = demo_metrics.scores(feats, logits, labels, real, ref_eps, ref_eps, 200, reference=ref)
+  logp = scipy.special.log_softmax(logits, -1)[np.arange(n), labels]
+  ref_logp = scipy.special.log_softmax(ref['logits'], -1)[np.arange(n), labels]
+  np.testing.assert_allclose(metrics['class_logprob_vs_fp'], np.mean(logp - ref_logp), rtol=1e-12)
+
+  def fd(f):
+    return metrics_lib.frechet_distance(*metrics_lib.gaussian_statistics(f), *metrics_lib.gaussian_statistics(real))
+
+  np.testing.assert_allclose(metrics['fd_vs_fp'], fd(feats) - fd(ref['feats']), rtol=1e-6)
+  for key in ('class_logprob_vs_fp', 'fd_vs_fp'):
+    assert ci[key][0] < metrics[key] < ci[key][1], (key, ci[key], metrics[key])
+  # the paired interval of log p is about the normal-theory one of the mean per-digit difference
+  half = 1.96 * (logp - ref_logp).std(ddof=1) / np.sqrt(n)
+  lo, hi = ci['class_logprob_vs_fp']
+  np.testing.assert_allclose(hi - lo, 2 * half, rtol=0.2)
+  # the reference against itself: exactly 0, a zero-width interval
+  same, same_ci = demo_metrics.scores(ref['feats'], ref['logits'], labels, real, ref_eps, ref_eps, 50, reference=ref)
+  assert same['class_logprob_vs_fp'] == 0 and same['fd_vs_fp'] == 0
+  assert same_ci['class_logprob_vs_fp'] == [0, 0] and same_ci['fd_vs_fp'] == [0, 0]
+  with pytest.raises(ValueError, match='paired samples'):
+    demo_metrics.scores(feats[:-1], logits[:-1], labels[:-1], real, ref_eps, ref_eps, 50, reference=ref)
+
+
+def test_paired_reading_splits_rows_by_their_difference_intervals():
+  def row(name, lp, lp_ci, fd, fd_ci):
+    return {'name': name, 'metrics': {'class_logprob_vs_fp': lp, 'fd_vs_fp': fd},
+            'ci95': {'class_logprob_vs_fp': lp_ci, 'fd_vs_fp': fd_ci}}  # fmt: skip
+
+  rows = [
+    {'name': 'fp', 'metrics': {'class_logprob_vs_fp': 0.0, 'fd_vs_fp': 0.0}, 'ci95': {}},
+    row('a', -0.01, [-0.02, -0.005], 0.1, [-0.3, 0.5]),  # log p apart
+    row('b', -0.001, [-0.004, 0.002], 0.8, [0.2, 1.4]),  # fd apart
+    row('c', -0.001, [-0.004, 0.002], 0.1, [-0.3, 0.5]),  # neither
+  ]
+  text = rows_lib.paired_reading(rows)
+  told, not_told = text.split('not told apart: ')
+  assert 'a (log p -0.0100 [-0.0200, -0.0050], fd +0.10 [-0.30, +0.50])' in told and 'b (' in told
+  assert 'c (' in not_told and 'a (' not in not_told and 'fp (log p' not in text  # fp is in neither list
+  assert rows_lib.paired_reading([{'name': 'x', 'metrics': {}, 'ci95': {}}]) is None
