@@ -57,9 +57,11 @@ def test_tiny_demo_end_to_end_and_cache(tmp_path):
   assert names[0] == 'fp' and {'rtn-1bit', 'vq-1bit', 'pq-1bit'} <= set(names)
   for row in report['rows']:
     assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-    assert set(row['metrics']) == set(row['ci95']) == {
-      'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error', 'class_logprob_vs_fp', 'fd_vs_fp'
-    }
+    assert (
+      set(row['metrics'])
+      == set(row['ci95'])
+      == {'class_logprob', 'fd', 'class_accuracy', 'eps_rel_error', 'class_logprob_vs_fp', 'fd_vs_fp'}
+    )
     assert np.isfinite(list(row['metrics'].values())).all() and np.isfinite(list(row['ci95'].values())).all()
     assert all(lo <= hi for lo, hi in row['ci95'].values())
   rows = {row['name']: row for row in report['rows']}
