@@ -8,11 +8,13 @@ size from the heap, and the heap's freed pieces stay resident: the DiT-XL/2 smok
 3.6 GiB of live arrays (README, "Measured again"). A fixed threshold (mallopt, which also turns the dynamic rule off)
 keeps every buffer of at least that size in its own mapping: 7.41 GiB at 64 KiB, 7.84 GiB at 4 MiB on the same chain.
 Each mapping costs page faults and zeroing (sys time) when it is made: on the DiT-S/8 smoke chain 64 KiB took 1.22x
-the dynamic rule's wall time, 4 MiB 1.06x (README, "glibc's mmap threshold"), so the default is 4 MiB.
+the dynamic rule's wall time, 4 MiB 1.06x, and the digits demo's training (a 16M-parameter model whose 6-10 MB
+kernels and Adam moments are new buffers every step) 1.11x at 4 MiB (README, "glibc's mmap threshold").
 
-`config.malloc_mmap_threshold` (bytes) chooses it: 4194304 (the default), 0 to leave glibc's own rule. Where the
-environment already sets MALLOC_MMAP_THRESHOLD_ (glibc reads it at start-up) that setting stays. Not glibc (macOS,
-musl): nothing is done.
+`config.malloc_mmap_threshold` (bytes) chooses it: 0 (DEFAULT: glibc's own rule) in the base config, FIXED (4 MiB) in
+the DiT-XL/2 jobs (configs/common.py quant_job), whose host memory is what limits them. Where the environment already
+sets MALLOC_MMAP_THRESHOLD_ (glibc reads it at start-up) that setting stays. Not glibc (macOS, musl): nothing is
+done.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import platform
 ENV = 'MALLOC_MMAP_THRESHOLD_'
 M_MMAP_THRESHOLD = -3  # <malloc.h>
 MAX = 32 * 1024 * 1024  # glibc refuses a threshold above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit)
-DEFAULT = 4 * 1024 * 1024
+DEFAULT = 0  # glibc's dynamic rule
+FIXED = 4 * 1024 * 1024  # the DiT-XL/2 jobs
 
 
 def check(value) -> list[str]:

@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from dpq_jax import host_memory
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """Parses 'variant=XL/2,bits=1,runlocal' (big_vision style) over typed defaults."""
@@ -28,9 +30,9 @@ def base_config() -> ml_collections.ConfigDict:
   # or else $XDG_CACHE_HOME/dpq_jax/jax; 'off'; or a directory. Reruns and later stages load what was compiled.
   config.compile_cache = ''
   # glibc's mmap threshold in bytes (dpq_jax/host_memory.py): buffers of at least this size are unmapped when freed
-  # instead of staying in the heap (DiT-XL/2 chain peak RSS 8.32 -> 7.84 GiB; 64 KiB: 7.41 GiB but 1.22x the wall time
-  # of the dynamic rule on the DiT-S/8 chain, 4 MiB 1.06x); 0 leaves glibc's dynamic threshold.
-  config.malloc_mmap_threshold = 4 * 1024 * 1024
+  # instead of staying in the heap, at a cost in page faults; 0 leaves glibc's dynamic threshold (the DiT-XL/2 jobs
+  # set 4 MiB: quant_job).
+  config.malloc_mmap_threshold = host_memory.DEFAULT
 
   config.model = ml_collections.ConfigDict()
   config.model.name = 'DiT-XL/2'
@@ -229,6 +231,9 @@ def quant_job(name: str, args: ml_collections.ConfigDict) -> ml_collections.Conf
   )
   config.model.name = 'DiT-XL/2'
   config.model.input_size = 32
+  # Host memory limits these jobs on a CPU: freed buffers of 4 MiB or more leave the process (the XL smoke chain's
+  # peak RSS 8.32 -> 7.84 GiB), at 1.06x the wall time on the DiT-S/8 chain (host_memory.py).
+  config.malloc_mmap_threshold = host_memory.FIXED
   config.quant.method = args.method
   config.quant.k = args.k
   config.quant.d = args.d

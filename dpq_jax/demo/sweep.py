@@ -171,13 +171,17 @@ def active(config: ml_collections.ConfigDict) -> bool:
 
 
 def reading(rows: list[dict]) -> list[str]:
-  """Per point (best first, a difference called only where 95% intervals separate), then PQ compressed against
-  every other method at the same point, objective and calibration, on each metric (log p, fd, eps error)."""
+  """Per point (best first, a difference called only where 95% intervals separate), the rows told apart from fp by
+  their paired differences, then PQ compressed against every other method at the same point, objective and
+  calibration, on each metric (log p, fd, eps error)."""
   from dpq_jax.demo import rows as rows_lib
 
   swept = [r for r in rows if r.get('sweep')]
   out = [f'Every point below: {rows_lib.RANK_RULE}.']
   out += [f'Full precision: {rows_lib.describe_row(r)}.' for r in rows if r['name'] == 'fp']
+  paired = rows_lib.paired_reading(rows)  # the rows told apart from fp on digits of the same noise and labels
+  if paired:
+    out.append(paired)
   for target in sorted({r['sweep']['target_bits'] for r in swept}, reverse=True):
     for calibrated in (False, True):
       at = [r for r in swept if r['sweep']['target_bits'] == target and r['sweep']['calibrated'] == calibrated]

@@ -95,6 +95,8 @@ def test_tiny_sweep_end_to_end_within_budgets_on_disk(tmp_path):
     'calibrate', 'evaluate'}  # fmt: skip
   reading = report['compare']['reading']
   assert any(line.startswith('2 bits, calibrated') and 'pqc@2-cal (log p' in line for line in reading)
+  paired = next(line for line in reading if line.startswith('Paired with fp'))
+  assert all(f'{name} (log p ' in paired for name in rows if name != 'fp')
   assert (tmp_path / 'compare_plot.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
