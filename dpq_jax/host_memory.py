@@ -9,7 +9,8 @@ size from the heap, and the heap's freed pieces stay resident: the DiT-XL/2 smok
 keeps every buffer of at least that size in its own mapping: 7.41 GiB at 64 KiB, 7.84 GiB at 4 MiB on the same chain.
 Each mapping costs page faults and zeroing (sys time) when it is made: on the DiT-S/8 smoke chain 64 KiB took 1.22x
 the dynamic rule's wall time, 4 MiB 1.06x, and the digits demo's training (a 16M-parameter model whose 6-10 MB
-kernels and Adam moments are new buffers every step) 1.11x at 4 MiB (README, "glibc's mmap threshold").
+kernels and Adam moments are new buffers every step) 1.11x at 4 MiB (README, "The DiT-XL/2 jobs now set it
+themselves").
 
 `config.malloc_mmap_threshold` (bytes) chooses it: 0 (DEFAULT: glibc's own rule) in the base config, FIXED (4 MiB) in
 the DiT-XL/2 jobs (configs/common.py quant_job), whose host memory is what limits them. Where the environment already

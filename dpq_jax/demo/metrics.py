@@ -98,6 +98,8 @@ def scores(
     ref_feats, ref_logp = np.asarray(reference['feats']), class_logprob(reference['logits'], labels)
     if ref_feats.shape != feats.shape:
       raise ValueError(f"reference feats {ref_feats.shape}: expected the row's shape {feats.shape} (paired samples)")
+    if 'labels' in reference and not np.array_equal(reference['labels'], labels):
+      raise ValueError("reference labels differ from the row's: expected digits of the same labels (paired samples)")
     diff = logp - ref_logp  # [N] per-digit difference
     metrics['class_logprob_vs_fp'] = float(diff.mean())
     metrics['fd_vs_fp'] = fd(feats) - fd(ref_feats)

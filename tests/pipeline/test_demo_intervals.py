@@ -146,6 +146,8 @@ def test_paired_scores_against_numpy():
   assert same_ci['class_logprob_vs_fp'] == [0, 0] and same_ci['fd_vs_fp'] == [0, 0]
   with pytest.raises(ValueError, match='paired samples'):
     demo_metrics.scores(feats[:-1], logits[:-1], labels[:-1], real, ref_eps, ref_eps, 50, reference=ref)
+  with pytest.raises(ValueError, match='same labels'):
+    demo_metrics.scores(feats, logits, labels, real, ref_eps, ref_eps, 50, reference={**ref, 'labels': labels[::-1]})
 
 
 def test_paired_reading_splits_rows_by_their_difference_intervals():
