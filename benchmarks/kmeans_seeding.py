@@ -14,6 +14,7 @@ the final k-means objective (total squared error) over ours (T = 7).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -60,7 +61,7 @@ def main(argv=None) -> None:
     c_in, c_out = LAYERS[name]
     w = _common.heavy_tailed(rng, (BLOCKS, c_in // args.d, args.d, c_out)).transpose(0, 1, 3, 2)
     x = jnp.asarray(w.reshape(-1, c_out, args.d), jnp.float32)  # [problems, points, d]
-    lloyd = jax.jit(lambda x, init: kmeans_lib._lloyd(x, init, args.iters, x.shape[1]))
+    lloyd = functools.partial(kmeans_lib.kmeans, codebook_size=args.k, key=key, iters=args.iters)  # Lloyd from init
     ours = None
     for label, trials in seedings:
       if trials:
@@ -69,7 +70,7 @@ def main(argv=None) -> None:
         pick = jax.random.permutation(key, c_out)[: args.k]
         seed = jax.jit(lambda x, pick=pick: x[:, pick])
       seed_s, init = _best(lambda seed=seed: seed(x), args.repeats)
-      lloyd_s, result = _best(lambda init=init: lloyd(x, init), args.repeats)
+      lloyd_s, result = _best(lambda init=init: lloyd(x, init=init), args.repeats)
       objective = float(result.objective[-1])
       ours = ours or objective
       rows.append((f'{name} [{x.shape[0]}, {c_out}, {args.d}]', label, seed_s, lloyd_s, objective / ours))
