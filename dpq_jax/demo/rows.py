@@ -167,11 +167,11 @@ def paired_reading(rows: list[dict]) -> str | None:
   for r in rows:
     if r['name'] == 'fp' or not all(k in r['metrics'] for k, _, _ in PAIRED):
       continue
-    cells = []
+    cells, told = [], False
     for key, label, spec in PAIRED:
       lo, hi = _interval(r, key)
       cells.append(f'{label} {r["metrics"][key]:+{spec}} [{lo:+{spec}}, {hi:+{spec}}]')
-    told = any(intervals.excludes_zero(_interval(r, key)) for key, _, _ in PAIRED)
+      told = told or intervals.excludes_zero((lo, hi))
     (apart if told else same).append(f'{r["name"]} ({", ".join(cells)})')
   if not apart and not same:
     return None

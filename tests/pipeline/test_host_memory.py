@@ -47,7 +47,8 @@ def test_fixed_threshold_returns_freed_buffers_that_glibcs_dynamic_one_keeps():
   assert fixed['done'] == f'mmap threshold {host_memory.FIXED} bytes'
   # glibc's own rule keeps the 23 freed 8 MiB buffers in the heap (184 MiB): the behaviour the setting is for.
   assert dynamic['growth_mib'] > 150, dynamic
-  # Fixed at 4 MiB (the DiT-XL/2 jobs' setting) each 8 MiB buffer is its own mapping: only the live one (8 MiB) stays resident.
+  # Fixed at 4 MiB (the DiT-XL/2 jobs' setting) each 8 MiB buffer is its own mapping: only the live one (8 MiB) stays
+  # resident.
   assert fixed['growth_mib'] < 40, fixed
 
 
