@@ -64,6 +64,45 @@ def test_objective_never_increases_and_is_the_final_error():
   np.testing.assert_allclose(objective[-1], final, rtol=1e-5)
 
 
+def test_lloyd_stops_at_a_fixed_point_with_the_full_runs_result():
+  # Few points per codeword: the codebooks stop moving after a few steps. The full run, step by step outside the
+  # loop (the same arithmetic as the loop's body), must give the early-stopped result bit for bit.
+  x = jnp.asarray(_heavy((6, 48, 4), seed=12))
+  init = kmeans.kmeans_plusplus_init(x, 16, jax.random.key(2))
+  iters = 30
+  result = kmeans.kmeans(x, 16, jax.random.key(2), iters=iters)
+  steps = int(result.steps)
+  assert 1 <= steps < iters, steps
+
+  mean = jnp.mean(x, axis=1, keepdims=True)
+  xt, x_ones = (x - mean).transpose(0, 2, 1), kmeans._with_ones(x - mean)
+
+  @jax.jit
+  def step(codebooks):
+    codes = kmeans._nearest(xt, codebooks)
+    err = kmeans._sq_error(xt, codebooks, codes)
+    return kmeans._update(x_ones, codes, err, codebooks), jnp.sum(err)
+
+  codebooks, objective, moved = init - mean, [], []
+  for _ in range(iters):
+    updated, total = step(codebooks)
+    moved.append(not np.array_equal(np.asarray(updated).view(np.int32), np.asarray(codebooks).view(np.int32)))
+    codebooks, objective = updated, objective + [float(total)]
+  # The loop ran up to and including the first step that returned its input, and no step after it moved.
+  assert moved.index(False) == steps - 1 and not any(moved[steps - 1 :])
+  np.testing.assert_array_equal(
+    np.asarray(result.codebooks).view(np.int32), np.asarray(codebooks + mean).view(np.int32)
+  )
+  np.testing.assert_array_equal(result.codes, kmeans.assign(x, codebooks + mean))
+  np.testing.assert_allclose(result.objective[:iters], objective, rtol=1e-6)
+  assert len(set(np.asarray(result.objective[steps - 1 : iters]).tolist())) == 1
+  # And the float64 reference agrees with the stopped codebooks: one more step does not move them.
+  ref = _np_lloyd_step(np.asarray(x), np.asarray(result.codebooks))
+  np.testing.assert_allclose(ref, result.codebooks, rtol=1e-5, atol=1e-6)
+  # Problems that keep moving run every iteration.
+  assert int(kmeans.kmeans(x, 16, jax.random.key(2), iters=2).steps) == 2
+
+
 def test_assign_is_exact_argmin_even_with_an_offset():
   x = _heavy((2, 300, 4), seed=3) + 1000.0  # ||x||^2 - 2xc + ||c||^2 in float32 would lose the distances
   codebooks = _heavy((2, 16, 4), seed=4) + 1000.0
