@@ -152,7 +152,8 @@ def test_cost_order_distorts_less_than_importance_order():
   centres = rng.standard_normal((64, 12, 4))  # 12 clusters per codebook
   x = centres[np.arange(64)[:, None], rng.integers(0, 12, (64, 256))] + 0.15 * rng.standard_normal((64, 256, 4))
   x = jnp.asarray(x, jnp.float32)
-  cb, codes, _ = kmeans.kmeans(x, 32, jax.random.key(0), iters=5)
+  fit = kmeans.kmeans(x, 32, jax.random.key(0), iters=5)
+  cb, codes = fit.codebooks, fit.codes
   live = jnp.full((64,), 8)
   got = {}
   for order in ('importance', 'cost'):
