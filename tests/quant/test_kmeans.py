@@ -208,6 +208,42 @@ def test_chunked_equals_unchunked():
       np.testing.assert_array_equal(got, want)
 
 
+def test_default_chunks_are_equal_and_within_the_cache_budget(monkeypatch):
+  for num_problems, num_points, d in [(576, 2304, 8), (2304, 384, 8), (1, 6912 * 1152 // 4, 4), (4, 300, 4)]:
+    chunk = kmeans._chunk(num_problems, num_points, d, None)
+    num_chunks = -(-num_points // chunk)
+    assert num_chunks * chunk - num_points < num_chunks  # equal chunks: padding under one point per chunk
+    assert chunk == num_points or 4 * num_problems * d * chunk <= kmeans.CHUNK_BYTES or chunk == kmeans.MIN_CHUNK
+  assert kmeans._chunk(4, 300, 4, None) == 300  # small problems stay whole
+  assert kmeans._chunk(2304, 384, 8, None) == 64  # many problems: MIN_CHUNK points
+  monkeypatch.setattr(kmeans, 'CHUNK_BYTES', 4 * 4 * 4 * 128)  # at most 128 points: three chunks of 100
+  monkeypatch.setattr(kmeans, 'MIN_CHUNK', 1)
+  assert kmeans._chunk(4, 300, 4, None) == 100
+  x = _heavy((4, 300, 4), seed=10)
+  split = jax.jit(lambda x, key: kmeans.kmeans.__wrapped__(x, 16, key, iters=5))(x, jax.random.key(3))  # traced anew
+  whole = kmeans.kmeans(x, 16, jax.random.key(3), iters=5, chunk_size=300)
+  for got, want in zip(split, whole):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_seeding_kernels_kept_apart_give_the_fused_programs_seeds(monkeypatch):
+  # _apart only changes which kernels XLA builds: the plain composition is the reference, bit for bit.
+  x, key = _heavy((3, 500, 4), seed=12), jax.random.key(5)
+
+  def compiled():  # a new function each time: traced with the _keeps_apart of the moment
+    def seeding(x, key):
+      return kmeans._kmeans_pp.__wrapped__(x, 32, key, 4)
+
+    return jax.jit(seeding).lower(x, key).compile()
+
+  apart = compiled()
+  monkeypatch.setattr(kmeans, '_keeps_apart', lambda: False)
+  fused = compiled()
+  assert apart.as_text().count(' conditional(') == (2 if jax.default_backend() == 'cpu' else 0)
+  assert ' conditional(' not in fused.as_text()
+  np.testing.assert_array_equal(np.asarray(apart(x, key)).view(np.int32), np.asarray(fused(x, key)).view(np.int32))
+
+
 def test_jittable_with_static_sizes():
   x = jnp.asarray(_heavy((2, 64, 4), seed=11))
 
