@@ -33,12 +33,17 @@ import jax.numpy as jnp
 # points vs 0.05 s on 64K, with the final error equal within run-to-run variation.
 SEED_POINTS_PER_CODEWORD = 256
 
-# Bytes of points [num_problems, subvector_dim, chunk_size] float32 in one chunk of the assignment by default. Every
-# block of CODEWORD_BLOCK codewords reads the chunk again, so a chunk that stays in cache (a few MiB) is what the
-# loop can run from: on the DiT-S/2 stacks (2 CPU cores, 32 MiB L3) 4 MiB chunks made the Lloyd iterations ~15-25%
-# faster than whole problems (7-42 MiB). At least MIN_CHUNK points (the minor axis that the kernels vectorise).
+# On CPU, bytes of points [num_problems, subvector_dim, chunk_size] float32 in one chunk of the assignment by
+# default. Every block of CODEWORD_BLOCK codewords reads the chunk again, so a chunk that stays in cache (a few MiB)
+# is what the loop can run from: on the DiT-S/2 and DiT-XL/2 stacks (2 cores, 32 MiB L3) 4 MiB chunks made the Lloyd
+# iterations 15-25% faster than whole problems (7-85 MiB). At least MIN_CHUNK points (the minor axis that the
+# kernels vectorise).
 CHUNK_BYTES = 4 * 2**20
 MIN_CHUNK = 64
+
+# Elsewhere (GPU, TPU: one wide kernel beats a sequence of small ones), bytes of the running-distance buffer
+# [num_problems, chunk_size] float32 that the default chunk keeps within; every DiT-XL/2 layer fits in one chunk.
+DISTANCE_BUDGET_BYTES = 64 * 2**20
 
 
 class KMeansResult(NamedTuple):
@@ -60,12 +65,16 @@ def _check(x: jax.Array, codebook_size: int, iters: int = 0) -> None:
 
 
 def _chunk(num_problems: int, num_points: int, subvector_dim: int, chunk_size: int | None) -> int:
-  """Points per chunk: `chunk_size`, or equal chunks of at most CHUNK_BYTES (MIN_CHUNK points or more)."""
+  """Points per chunk: `chunk_size`, or equal chunks of at most CHUNK_BYTES of points (MIN_CHUNK points or more)
+  on CPU, DISTANCE_BUDGET_BYTES of running distances elsewhere."""
   if chunk_size is not None:
     if chunk_size < 1:
       raise ValueError(f'chunk_size={chunk_size}: expected >= 1 or None')
     return min(chunk_size, num_points)
-  most = max(MIN_CHUNK, CHUNK_BYTES // (4 * num_problems * subvector_dim))
+  if jax.default_backend() == 'cpu':
+    most = max(MIN_CHUNK, CHUNK_BYTES // (4 * num_problems * subvector_dim))
+  else:
+    most = max(1, DISTANCE_BUDGET_BYTES // (4 * num_problems))
   return -(-num_points // -(-num_points // most))  # as many chunks as needed, of equal size (the last one padded)
 
 
@@ -184,7 +193,7 @@ def assign(
   Args:
     x: [num_problems, num_points, subvector_dim].
     codebooks: [num_problems, codebook_size, subvector_dim].
-    chunk_size: points per chunk (static; None: chunks of at most `CHUNK_BYTES`).
+    chunk_size: points per chunk (static; None: `_chunk`'s default, cache-sized chunks on CPU).
       The codes do not depend on it.
     alive: optional [num_problems, codebook_size] bool mask of live codewords (codebook compression);
       dead codewords are never chosen. Every problem needs at least one live codeword.

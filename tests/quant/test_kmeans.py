@@ -216,6 +216,10 @@ def test_default_chunks_are_equal_and_within_the_cache_budget(monkeypatch):
     assert chunk == num_points or 4 * num_problems * d * chunk <= kmeans.CHUNK_BYTES or chunk == kmeans.MIN_CHUNK
   assert kmeans._chunk(4, 300, 4, None) == 300  # small problems stay whole
   assert kmeans._chunk(2304, 384, 8, None) == 64  # many problems: MIN_CHUNK points
+  with monkeypatch.context() as patched:  # accelerators: whole problems while the distances fit the budget
+    patched.setattr(jax, 'default_backend', lambda: 'gpu')
+    assert kmeans._chunk(576, 2304, 8, None) == 2304
+    assert kmeans._chunk(1, 2**25, 4, None) == 2**24  # 128 MiB of distances: two chunks
   monkeypatch.setattr(kmeans, 'CHUNK_BYTES', 4 * 4 * 4 * 128)  # at most 128 points: three chunks of 100
   monkeypatch.setattr(kmeans, 'MIN_CHUNK', 1)
   assert kmeans._chunk(4, 300, 4, None) == 100
