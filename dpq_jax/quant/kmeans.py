@@ -333,7 +333,7 @@ def _apart(i: jax.Array, fn, *args):
   XLA's CPU fusion put the draw's index search inside the gather of the candidates, where it ran once per
   gathered coordinate (8x), and wrote the potential's four point slices out in full for the reduction to read.
   A conditional's branches are compiled apart and its result is a buffer (`optimization_barrier` is removed
-  before fusion on CPU). The seeds are the same bits; the seeding of the DiT-S/2 stacks ran 25-30% faster (fc2
+  before fusion on CPU). The seeds are the same bits; the seeding of the DiT-S/2 stacks ran 28-33% faster (fc2
   [2304, 384]: 5.7 -> 3.8 s, adaLN [576, 2304]: 5.4 -> 3.9 s, best of 4). The predicate holds on every trip:
   the zeros branch never runs.
   """
