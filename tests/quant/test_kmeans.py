@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dpq_jax.quant import kmeans
+from dpq_jax.quant import kmeans, seeding
 from tests import helpers
 
 _heavy = functools.partial(helpers.heavy_tailed, scale=1.0)  # k-means is scale-free: plain Student-t points
@@ -235,13 +235,13 @@ def test_seeding_kernels_kept_apart_give_the_fused_programs_seeds(monkeypatch):
   x, key = _heavy((3, 500, 4), seed=12), jax.random.key(5)
 
   def compiled():  # a new function each time: traced with the _keeps_apart of the moment
-    def seeding(x, key):
-      return kmeans._kmeans_pp.__wrapped__(x, 32, key, 4)
+    def seed(x, key):
+      return seeding._kmeans_pp.__wrapped__(x, 32, key, 4)
 
-    return jax.jit(seeding).lower(x, key).compile()
+    return jax.jit(seed).lower(x, key).compile()
 
   apart = compiled()
-  monkeypatch.setattr(kmeans, '_keeps_apart', lambda: False)
+  monkeypatch.setattr(seeding, '_keeps_apart', lambda: False)
   fused = compiled()
   assert apart.as_text().count(' conditional(') == (2 if jax.default_backend() == 'cpu' else 0)
   assert ' conditional(' not in fused.as_text()
